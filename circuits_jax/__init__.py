@@ -1,1 +1,21 @@
-"""circuits_jax."""
+"""circuits_jax: circuit experiments on transformers that are pure JAX pytrees.
+
+The public surface; implementation lives in private modules.
+"""
+
+from ._checkpoint import load_model, restore, save, save_model, tree_allclose
+from ._config import Config
+from ._interventions import Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
+from ._model import Blocks, RunOutput, Transformer, init_model, run, run_with_cache
+from ._sites import Site, all_site_names, parse_site
+from ._tokenizer import Tokenizer
+from .loaders._gguf import load_gguf
+from .loaders._hf import export_hf, load_hf
+from .loaders._registry import cache_dir, load, smollm2_path
+
+__all__ = [
+    "Add", "Apply", "Blocks", "Compose", "Config", "Hook", "Intervention", "Mean", "Replace", "RunOutput",
+    "Scale", "Site", "Tokenizer", "Transformer", "Zero", "all_site_names", "cache_dir", "export_hf",
+    "init_model", "load", "load_gguf", "load_hf", "load_model", "parse_site", "restore", "run",
+    "run_with_cache", "save", "save_model", "smollm2_path", "tree_allclose",
+]  # fmt: skip
