@@ -11,11 +11,12 @@ from ._sites import Site, all_site_names, parse_site
 from ._tokenizer import Tokenizer
 from .loaders._gguf import load_gguf
 from .loaders._hf import export_hf, load_hf
+from .loaders._penzai import from_penzai
 from .loaders._registry import cache_dir, load, smollm2_path
 
 __all__ = [
     "Add", "Apply", "Blocks", "Compose", "Config", "Hook", "Intervention", "Mean", "Replace", "RunOutput",
-    "Scale", "Site", "Tokenizer", "Transformer", "Zero", "all_site_names", "cache_dir", "export_hf",
+    "Scale", "Site", "Tokenizer", "Transformer", "Zero", "all_site_names", "cache_dir", "export_hf", "from_penzai",
     "init_model", "load", "load_gguf", "load_hf", "load_model", "parse_site", "restore", "run",
     "run_with_cache", "save", "save_model", "smollm2_path", "tree_allclose",
 ]  # fmt: skip

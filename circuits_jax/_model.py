@@ -282,6 +282,7 @@ def positions_from_mask(attention_mask: Array | None, batch: int, pos: int) -> A
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+@eqx.filter_jit
 def run(
     model: Transformer,
     tokens: Array,
@@ -303,6 +304,11 @@ def run(
         traced integers. With `start_layer > 0`, pass `resid`, the residual stream entering
         `start_layer` (`blocks.{start}.hook_resid_pre`).
     Logits are computed unless `stop_layer` is a Python int below `n_layers`.
+
+    Compiled with `equinox.filter_jit`: arrays (weights, tokens, patch values, traced
+    layer indices) are traced, everything else (site names, Python-int layers,
+    intervention functions) is static, so repeated calls of the same shapes reuse
+    one program. Inside an outer `jit`/`vmap`/`grad` it simply inlines.
     """
     cfg = model.cfg
     tokens = jnp.asarray(tokens)

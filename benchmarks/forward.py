@@ -1,0 +1,322 @@
+"""Forward-pass benchmark: circuits_jax (JAX, jitted) against Hugging Face transformers (PyTorch).
+
+Everything runs in one process on the same weights: SmolLM2-135M-Instruct is loaded
+with `circuits_jax.load("smollm2")`, exported with `circuits_jax.export_hf` to a
+temporary directory and loaded from there by `transformers.LlamaForCausalLM`
+(eager attention, float32, eval mode, `torch.inference_mode`).
+
+For every (batch, seq) shape it reports
+  * JAX first call (trace + lower + compile + run) and, separately, ahead-of-time
+    trace+lower and compile times (`jax.jit(f).trace(...).lower().compile()`);
+  * JAX steady state (median of --repeats calls, `block_until_ready`);
+  * torch steady state (median of --repeats calls after one warm-up);
+  * tokens/s for both, the torch/JAX time ratio (> 1: JAX is faster);
+  * the max |logit difference| between the two;
+  * achieved FLOP/s of each forward as a fraction of a large float32 JAX matmul
+    measured in the same run.
+
+    .venv/bin/python benchmarks/forward.py
+    .venv/bin/python benchmarks/forward.py --batch 1 4 --seq 16 128 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+import circuits_jax as cj
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Mechanistic interpretability studies the "
+    "circuits inside neural networks: attention heads that copy names, MLP neurons that store "
+    "facts, and the residual stream that carries information from layer to layer."
+)
+
+
+# ---------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's `model name` from /proc/cpuinfo, with the number of logical CPUs."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    names = [l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")]
+    return f"{names[0] if names else 'unknown'} ({len(names)} logical CPUs)"
+
+
+def busy_fraction(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs' time spent busy over `seconds` while this process sleeps (None off Linux).
+
+    Anything well above 0 means other processes compete for the cores and the timings are not clean;
+    torch's OpenMP threads in particular slow down many-fold when a core is taken.
+    """
+    def sample():
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def load_models(tmp: str):
+    """(jax model, tokenizer, torch model) holding the same float32 weights."""
+    model, tok = cj.load("smollm2")
+    cj.export_hf(model, tmp)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager")
+    hf.eval()
+    return model, tok, hf
+
+
+def make_tokens(tok, batch: int, seq: int) -> np.ndarray:
+    """int32 [batch, seq] of real text, tiled to length and rotated per row so the rows differ."""
+    ids = np.asarray(tok.to_tokens(TEXT)[0])
+    ids = np.tile(ids, -(-(seq + batch) // len(ids)))
+    return np.stack([ids[b : b + seq] for b in range(batch)]).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# Timing helpers
+# ---------------------------------------------------------------------------
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall-clock seconds of `fn()` over `repeats` calls (fn must block until done)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def forward_fn():
+    """A fresh jitted forward: a new function object, so nothing is reused from an earlier compile."""
+    return jax.jit(lambda m, t: m(t))
+
+
+def warm_up_jax(model) -> float:
+    """Seconds of the process's first jitted forward (B=1, T=2): one-time JAX/equinox set-up plus a small compile.
+
+    Done before the table so that the first shape's numbers are not inflated by it.
+    """
+    t0 = time.perf_counter()
+    forward_fn()(model, jnp.zeros((1, 2), jnp.int32)).block_until_ready()
+    return time.perf_counter() - t0
+
+
+def time_jax(model, tokens: np.ndarray, repeats: int) -> dict:
+    tokens = jnp.asarray(tokens)
+    fwd = forward_fn()
+    t0 = time.perf_counter()
+    logits = fwd(model, tokens).block_until_ready()
+    first_call = time.perf_counter() - t0
+
+    aot = forward_fn()  # the same work split into phases, ahead of time
+    t0 = time.perf_counter()
+    lowered = aot.trace(model, tokens).lower()
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+
+    steady = median_time(lambda: fwd(model, tokens).block_until_ready(), repeats)
+    return dict(
+        first_call_s=first_call, trace_lower_s=t1 - t0, compile_s=t2 - t1, steady_s=steady, logits=np.asarray(logits)
+    )
+
+
+def time_torch(hf, tokens: np.ndarray, repeats: int) -> dict:
+    ids = torch.from_numpy(tokens.astype(np.int64))
+
+    def fwd():
+        return hf(input_ids=ids, use_cache=False).logits
+
+    with torch.inference_mode():
+        logits = fwd()  # warm-up
+        steady = median_time(fwd, repeats)
+    return dict(steady_s=steady, logits=logits.numpy())
+
+
+def matmul_flops(n: int, repeats: int) -> dict:
+    """FLOP/s of an n x n @ n x n float32 matmul (2 n^3 FLOP) in JAX, and in torch for reference."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), jnp.float32)
+    b = jax.random.normal(key_b, (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    jax_s = median_time(lambda: mm(a, b).block_until_ready(), repeats)
+    ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))  # writable copies
+    with torch.inference_mode():
+        ta @ tb
+        torch_s = median_time(lambda: ta @ tb, repeats)
+    flop = 2 * n**3
+    return dict(n=n, jax_s=jax_s, jax_flops=flop / jax_s, torch_s=torch_s, torch_flops=flop / torch_s)
+
+
+# ---------------------------------------------------------------------------
+# FLOP count
+# ---------------------------------------------------------------------------
+
+
+def forward_flop(cfg, batch: int, seq: int) -> int:
+    """Multiply-add FLOP of one forward pass (elementwise work — norms, RoPE, softmax, SiLU — is ignored).
+
+    FLOP = B*T * (2*P + 2*D*V) + B*L * 4*H*E*T^2, where
+      P       = L * (D*H*E + 2*D*K*E + H*E*D + 3*D*M)   non-embedding matmul parameters
+                 (W_Q, W_K + W_V, W_O, and the gated MLP's gate, up and down projections);
+      2*D*V   = the unembedding per token (the embedding is a gather, 0 FLOP);
+      4*H*E*T^2 per layer and sequence = Q K^T (2*H*T*T*E) plus pattern @ V (2*H*T*T*E),
+                 counted over the full T x T square because both implementations compute it
+                 (the causal mask zeroes half of it; the useful work is about half this term).
+    """
+    L, D, H, K, E, M, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab
+    params = L * (D * H * E + 2 * D * K * E + H * E * D + 3 * D * M)
+    return batch * seq * (2 * params + 2 * D * V) + batch * L * 4 * H * E * seq * seq
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def bench_shape(model, tok, hf, batch: int, seq: int, repeats: int, peak: float) -> dict:
+    tokens = make_tokens(tok, batch, seq)
+    j = time_jax(model, tokens, repeats)
+    t = time_torch(hf, tokens, repeats)
+    flop = forward_flop(model.cfg, batch, seq)
+    n_tok = batch * seq
+    return dict(
+        batch=batch,
+        seq=seq,
+        flop=flop,
+        jax_first_call_s=j["first_call_s"],
+        jax_trace_lower_s=j["trace_lower_s"],
+        jax_compile_s=j["compile_s"],
+        jax_steady_ms=1e3 * j["steady_s"],
+        torch_steady_ms=1e3 * t["steady_s"],
+        torch_over_jax=t["steady_s"] / j["steady_s"],
+        jax_tok_s=n_tok / j["steady_s"],
+        torch_tok_s=n_tok / t["steady_s"],
+        jax_frac_peak=flop / j["steady_s"] / peak,
+        torch_frac_peak=flop / t["steady_s"] / peak,
+        max_abs_diff=float(np.max(np.abs(j["logits"] - t["logits"]))),
+        max_abs_logit=float(np.max(np.abs(t["logits"]))),
+    )
+
+
+COLUMNS = [  # (header, key, format)
+    ("B", "batch", "{:d}"),
+    ("T", "seq", "{:d}"),
+    ("jax 1st call s", "jax_first_call_s", "{:.2f}"),
+    ("jax compile s", "jax_compile_s", "{:.2f}"),
+    ("jax ms", "jax_steady_ms", "{:.1f}"),
+    ("torch ms", "torch_steady_ms", "{:.1f}"),
+    ("torch/jax", "torch_over_jax", "{:.2f}"),
+    ("jax tok/s", "jax_tok_s", "{:.0f}"),
+    ("torch tok/s", "torch_tok_s", "{:.0f}"),
+    ("jax %mm", "jax_frac_peak", "{:.0%}"),
+    ("torch %mm", "torch_frac_peak", "{:.0%}"),
+    ("max|dlogit|", "max_abs_diff", "{:.1e}"),
+]
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the per-shape results."""
+    head = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---:" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(f.format(r[k]) for _, k, f in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (default: 1 4)")
+    p.add_argument("--seq", type=int, nargs="+", default=[16, 128], help="sequence lengths (default: 16 128)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median is reported")
+    p.add_argument("--matmul", type=int, default=2048, help="n of the n x n float32 reference matmul")
+    p.add_argument("--json", type=Path, help="write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    env = dict(
+        cpu=cpu_model(),
+        jax=jax.__version__,
+        jax_devices=[str(d) for d in jax.devices()],
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        transformers=transformers.__version__,
+        repeats=args.repeats,
+        busy_before=busy_fraction(),
+    )
+    print(f"CPU: {env['cpu']}")
+    print(f"jax {env['jax']} on {', '.join(env['jax_devices'])}")
+    print(f"torch {env['torch']} with {env['torch_threads']} threads; transformers {env['transformers']}")
+    if env["busy_before"] is not None:
+        print(f"CPU busy before start (other processes): {env['busy_before']:.0%}")
+        if env["busy_before"] > 0.1:
+            print("WARNING: the machine is busy; the timings below are contaminated by other processes")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok, hf = load_models(tmp)
+    print(f"model: SmolLM2-135M-Instruct, L={model.cfg.n_layers} D={model.cfg.d_model}, float32 in both")
+
+    mm = matmul_flops(args.matmul, args.repeats)
+    print(
+        f"matmul {mm['n']}x{mm['n']} @ {mm['n']}x{mm['n']} float32: jax {mm['jax_flops'] / 1e9:.1f} GFLOP/s "
+        f"({1e3 * mm['jax_s']:.1f} ms), torch {mm['torch_flops'] / 1e9:.1f} GFLOP/s ({1e3 * mm['torch_s']:.1f} ms)"
+    )
+
+    warm = warm_up_jax(model)
+    print(f"first jitted forward of the process (B=1 T=2, one-time set-up + compile): {warm:.2f} s")
+
+    rows = []
+    with torch.inference_mode():
+        for batch in args.batch:
+            for seq in args.seq:
+                row = bench_shape(model, tok, hf, batch, seq, args.repeats, mm["jax_flops"])
+                rows.append(row)
+                print(
+                    f"  B={batch} T={seq}: jax first call {row['jax_first_call_s']:.2f} s "
+                    f"(trace+lower {row['jax_trace_lower_s']:.2f} s, compile {row['jax_compile_s']:.2f} s), "
+                    f"jax {row['jax_steady_ms']:.1f} ms, torch {row['torch_steady_ms']:.1f} ms",
+                    flush=True,
+                )
+    print()
+    print(table(rows))
+    print(
+        "\njax %mm / torch %mm: the forward's FLOP/s (see forward_flop) as a fraction of the JAX matmul rate above; "
+        f"max|dlogit| is against logits up to {max(r['max_abs_logit'] for r in rows):.1f} in magnitude."
+    )
+
+    env["load_average_end"] = os.getloadavg()
+    results = dict(env=env, matmul=mm, jax_process_warm_up_s=warm, shapes=rows)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

