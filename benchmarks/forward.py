@@ -60,23 +60,43 @@ def cpu_model() -> str:
     return f"{names[0] if names else 'unknown'} ({len(names)} logical CPUs)"
 
 
-def busy_fraction(seconds: float = 1.0) -> float | None:
-    """Fraction of all CPUs' time spent busy over `seconds` while this process sleeps (None off Linux).
-
-    Anything well above 0 means other processes compete for the cores and the timings are not clean;
-    torch's OpenMP threads in particular slow down many-fold when a core is taken.
-    """
-    def sample():
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
+def system_busy_s() -> float | None:
+    """CPU-seconds all processes have spent busy since boot, from /proc/stat (None where unreadable)."""
     try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
         return None
-    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f  # guest time is already inside user
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Context manager: the share of the machine's CPU time that *other* processes took while the block ran.
+
+    Well above 0 means something else competed for the cores and the timings are not clean; torch's
+    OpenMP threads in particular slow down many-fold when one of their cores is taken. `fraction` is None
+    where /proc/stat is unreadable.
+    """
+
+    def __enter__(self):
+        self.busy0, self.cpu0, self.t0 = system_busy_s(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        busy1 = system_busy_s()
+        if self.busy0 is None or busy1 is None:
+            self.fraction = None
+            return
+        other = (busy1 - self.busy0) - (time.process_time() - self.cpu0)
+        self.fraction = max(other, 0.0) / (wall * (os.cpu_count() or 1))
+
+
+def idle_check(seconds: float = 1.0) -> float | None:
+    """Share of the CPUs other processes used over `seconds` while this one slept."""
+    with OtherLoad() as load:
+        time.sleep(seconds)
+    return load.fraction
 
 
 def load_models(tmp: str):
@@ -201,8 +221,10 @@ def forward_flop(cfg, batch: int, seq: int) -> int:
 
 def bench_shape(model, tok, hf, batch: int, seq: int, repeats: int, peak: float) -> dict:
     tokens = make_tokens(tok, batch, seq)
-    j = time_jax(model, tokens, repeats)
-    t = time_torch(hf, tokens, repeats)
+    with OtherLoad() as jax_load:
+        j = time_jax(model, tokens, repeats)
+    with OtherLoad() as torch_load:
+        t = time_torch(hf, tokens, repeats)
     flop = forward_flop(model.cfg, batch, seq)
     n_tok = batch * seq
     return dict(
@@ -221,6 +243,9 @@ def bench_shape(model, tok, hf, batch: int, seq: int, repeats: int, peak: float)
         torch_frac_peak=flop / t["steady_s"] / peak,
         max_abs_diff=float(np.max(np.abs(j["logits"] - t["logits"]))),
         max_abs_logit=float(np.max(np.abs(t["logits"]))),
+        other_cpu_jax=jax_load.fraction,
+        other_cpu_torch=torch_load.fraction,
+        other_cpu=max(jax_load.fraction or 0.0, torch_load.fraction or 0.0),
     )
 
 
@@ -237,6 +262,7 @@ COLUMNS = [  # (header, key, format)
     ("jax %mm", "jax_frac_peak", "{:.0%}"),
     ("torch %mm", "torch_frac_peak", "{:.0%}"),
     ("max|dlogit|", "max_abs_diff", "{:.1e}"),
+    ("other CPU", "other_cpu", "{:.0%}"),
 ]
 
 
@@ -268,24 +294,25 @@ def main(argv=None) -> dict:
         torch_threads=torch.get_num_threads(),
         transformers=transformers.__version__,
         repeats=args.repeats,
-        busy_before=busy_fraction(),
+        other_cpu_before=idle_check(),
     )
     print(f"CPU: {env['cpu']}")
     print(f"jax {env['jax']} on {', '.join(env['jax_devices'])}")
     print(f"torch {env['torch']} with {env['torch_threads']} threads; transformers {env['transformers']}")
-    if env["busy_before"] is not None:
-        print(f"CPU busy before start (other processes): {env['busy_before']:.0%}")
-        if env["busy_before"] > 0.1:
-            print("WARNING: the machine is busy; the timings below are contaminated by other processes")
+    if env["other_cpu_before"] is not None:
+        print(f"CPU used by other processes before the start: {env['other_cpu_before']:.0%}")
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tok, hf = load_models(tmp)
     print(f"model: SmolLM2-135M-Instruct, L={model.cfg.n_layers} D={model.cfg.d_model}, float32 in both")
 
-    mm = matmul_flops(args.matmul, args.repeats)
+    with OtherLoad() as mm_load:
+        mm = matmul_flops(args.matmul, args.repeats)
+    mm["other_cpu"] = mm_load.fraction
     print(
         f"matmul {mm['n']}x{mm['n']} @ {mm['n']}x{mm['n']} float32: jax {mm['jax_flops'] / 1e9:.1f} GFLOP/s "
         f"({1e3 * mm['jax_s']:.1f} ms), torch {mm['torch_flops'] / 1e9:.1f} GFLOP/s ({1e3 * mm['torch_s']:.1f} ms)"
+        + (f"; other processes' CPU {mm['other_cpu']:.0%}" if mm["other_cpu"] is not None else "")
     )
 
     warm = warm_up_jax(model)
@@ -307,8 +334,11 @@ def main(argv=None) -> dict:
     print(table(rows))
     print(
         "\njax %mm / torch %mm: the forward's FLOP/s (see forward_flop) as a fraction of the JAX matmul rate above; "
-        f"max|dlogit| is against logits up to {max(r['max_abs_logit'] for r in rows):.1f} in magnitude."
+        f"max|dlogit| is against logits up to {max(r['max_abs_logit'] for r in rows):.1f} in magnitude; "
+        "other CPU is the share of the machine other processes used while that row was timed."
     )
+    if any(r["other_cpu"] > 0.1 for r in rows) or (mm["other_cpu"] or 0) > 0.1:
+        print("WARNING: other processes used over 10% of the CPUs during some measurements; rerun on a quiet machine.")
 
     env["load_average_end"] = os.getloadavg()
     results = dict(env=env, matmul=mm, jax_process_warm_up_s=warm, shapes=rows)
