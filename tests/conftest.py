@@ -22,8 +22,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _need_reference():
+    if not REFERENCE.exists():
+        pytest.skip(f"reference fixtures not found at {REFERENCE} (set CIRCUITS_JAX_SHARED)")
+
+
 @pytest.fixture(scope="session")
 def reference():
+    _need_reference()
     return REFERENCE
 
 
@@ -36,6 +42,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_expected():
+    _need_reference()
     return json.loads((REFERENCE / "smollm2_expected.json").read_text()), np.load(REFERENCE / "smollm2_expected.npz")
 
 
