@@ -6,7 +6,10 @@ The public surface; implementation lives in private modules.
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
 from ._config import Config
 from ._interventions import Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
-from ._model import Blocks, RunOutput, Transformer, init_model, run, run_with_cache
+from ._metrics import AnswerProb, CrossEntropy, KLFrom, LogitDiff, normalise
+from ._patching import SITES as PATCH_SITES
+from ._patching import PatchResult, patch_sweep
+from ._model import Blocks, RunOutput, Transformer, init_model, run, run_with_cache, unembed
 from ._sites import Site, all_site_names, parse_site
 from ._tokenizer import Tokenizer
 from .loaders._gguf import load_gguf
@@ -15,8 +18,9 @@ from .loaders._penzai import from_penzai
 from .loaders._registry import cache_dir, load, smollm2_path
 
 __all__ = [
+    "AnswerProb", "CrossEntropy", "KLFrom", "LogitDiff", "normalise", "PATCH_SITES", "PatchResult", "patch_sweep",
     "Add", "Apply", "Blocks", "Compose", "Config", "Hook", "Intervention", "Mean", "Replace", "RunOutput",
     "Scale", "Site", "Tokenizer", "Transformer", "Zero", "all_site_names", "cache_dir", "export_hf", "from_penzai",
     "init_model", "load", "load_gguf", "load_hf", "load_model", "parse_site", "restore", "run",
-    "run_with_cache", "save", "save_model", "smollm2_path", "tree_allclose",
+    "run_with_cache", "unembed", "save", "save_model", "smollm2_path", "tree_allclose",
 ]  # fmt: skip

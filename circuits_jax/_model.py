@@ -293,6 +293,7 @@ def run(
     start_layer: int | Array = 0,
     stop_layer: int | Array | None = None,
     resid: Array | None = None,
+    return_logits: bool = True,
 ) -> RunOutput:
     """Pure forward pass with interventions and a cache of the requested sites only.
 
@@ -303,7 +304,8 @@ def run(
     start_layer, stop_layer: run blocks `start_layer .. stop_layer - 1` only; both may be
         traced integers. With `start_layer > 0`, pass `resid`, the residual stream entering
         `start_layer` (`blocks.{start}.hook_resid_pre`).
-    Logits are computed unless `stop_layer` is a Python int below `n_layers`.
+    Logits are computed unless `stop_layer` is a Python int below `n_layers` or
+    `return_logits=False` (sweeps unembed only the positions they score, see `unembed`).
 
     Compiled with `equinox.filter_jit`: arrays (weights, tokens, patch values, traced
     layer indices) are traced, everything else (site names, Python-int layers,
@@ -379,11 +381,17 @@ def run(
             out_cache[f"blocks.{l}.{kind}"] = buffers[kind][j]
 
     logits = None
-    if not (isinstance(stop_layer, int) and stop_layer < cfg.n_layers):
+    if return_logits and not (isinstance(stop_layer, int) and stop_layer < cfg.n_layers):
         h = _norm(cfg, x, model.lnf_w, model.lnf_b, "ln_final", gtap)
         logits = _add(h @ model.W_U, model.b_U)
     out_cache.update({k: v for k, v in gtap.seen.items()})
     return RunOutput(logits, x, {s.name: out_cache[s.name] for s in wanted})
+
+
+def unembed(model: Transformer, resid: Array) -> Array:
+    """Final norm and unembedding of a residual stream `[..., D]` (no hooks): logits `[..., V]`."""
+    h = _norm(model.cfg, resid, model.lnf_w, model.lnf_b, "ln_final", lambda kind, x: x)
+    return _add(h @ model.W_U, model.b_U)
 
 
 def run_with_cache(model: Transformer, tokens: Array, names: Iterable[Any], **kwargs) -> tuple[Array, dict[str, Array]]:

@@ -1,0 +1,60 @@
+"""Patching metrics: pure functions of the logits at the scored position, `[B, V] -> scalar`.
+
+Each is an `equinox.Module` holding its per-example targets, so a dataset of
+prompt pairs with its own answers is just a batch. Any user function of the
+same form works too. `normalise` maps a metric to clean = 1, corrupt = 0.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+
+def _rows(logits: Array, ids: Array) -> Array:
+    return jnp.take_along_axis(logits, jnp.asarray(ids, jnp.int32).reshape(-1, 1), axis=-1)[:, 0]
+
+
+class LogitDiff(eqx.Module):
+    """Mean over the batch of `logit[answer] - logit[wrong]`."""
+
+    answer: Array  # [B]
+    wrong: Array  # [B]
+
+    def __call__(self, logits):
+        return jnp.mean(_rows(logits, self.answer) - _rows(logits, self.wrong))
+
+
+class AnswerProb(eqx.Module):
+    """Mean probability of the answer token."""
+
+    answer: Array
+
+    def __call__(self, logits):
+        return jnp.mean(_rows(jax.nn.softmax(logits, axis=-1), self.answer))
+
+
+class CrossEntropy(eqx.Module):
+    """Mean `-log p(answer)`."""
+
+    answer: Array
+
+    def __call__(self, logits):
+        return -jnp.mean(_rows(jax.nn.log_softmax(logits, axis=-1), self.answer))
+
+
+class KLFrom(eqx.Module):
+    """Mean KL(reference || patched) over the batch; `reference` is e.g. the clean run's logits."""
+
+    reference: Array  # [B, V]
+
+    def __call__(self, logits):
+        ref = jax.nn.log_softmax(self.reference, axis=-1)
+        return jnp.mean(jnp.sum(jnp.exp(ref) * (ref - jax.nn.log_softmax(logits, axis=-1)), axis=-1))
+
+
+def normalise(value, clean, corrupt):
+    """`(value - corrupt) / (clean - corrupt)`: 1 where the clean behaviour is restored, 0 at corrupt."""
+    return (value - corrupt) / (clean - corrupt)
