@@ -146,6 +146,7 @@ def patch_sweep(
     memory_budget: int = 4 * 2**30,
     progress: bool = True,
     skip_unchanged: bool = True,
+    layers: Sequence[int] | None = None,
 ) -> PatchResult:
     """Patch every index of `site` along `by` and score each with `metric` (normalised: clean 1, corrupt 0).
 
@@ -155,6 +156,7 @@ def patch_sweep(
     attention_mask: bool `[B, T]` for padded batches (shared by both runs).
     answer_pos: position scored (default: the last real token of each row).
     chunk_size: patches per compiled call (default: from `memory_budget` bytes).
+    layers: patch only these layers (the result's layer axis follows this order); default all.
     skip_unchanged: patches whose source value equals the target's (e.g. every position before the
         first token where clean and corrupt differ, in a causal model) leave the target run exactly
         as it is; they get the target metric without being run.
@@ -185,14 +187,18 @@ def patch_sweep(
     free = by[1:]
     sizes = [act_shape[axes[a]] for a in free]
     axis_of = tuple(axes[a] for a in free)
-    rows = np.indices((L, *sizes)).reshape(1 + len(sizes), -1).T.astype(np.int32)  # layer-major
+    chosen = np.arange(L) if layers is None else np.asarray(list(layers), np.int32)
+    if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= L:
+        raise ValueError(f"layers {list(chosen)} out of range: the model has layers 0..{L - 1}")
+    grid = np.indices((len(chosen), *sizes)).reshape(1 + len(sizes), -1).T.astype(np.int32)  # layer-major
+    rows = np.concatenate([chosen[grid[:, :1]], grid[:, 1:]], axis=1)
     target_metric = corrupt_metric if not noising else clean_metric
     raw = np.full(rows.shape[0], target_metric, np.float32)
     todo = np.arange(rows.shape[0])
     if skip_unchanged:
         target_site = run(model, target_tokens, attention_mask=mask, cache=[f"blocks.{l}.{kind}" for l in range(L)])
         target_site = jnp.stack([target_site.cache[f"blocks.{l}.{kind}"] for l in range(L)])
-        todo = np.flatnonzero(_changed(source, target_site, axis_of).reshape(-1))
+        todo = np.flatnonzero(_changed(source, target_site, axis_of)[chosen].reshape(-1))
     chunk = chunk_size or auto_chunk(cfg, B, T, memory_budget)
     chunk = max(1, min(chunk, max(len(todo), 1)))
     n_chunks = math.ceil(len(todo) / chunk)
@@ -205,7 +211,7 @@ def patch_sweep(
         raw[ids] = np.asarray(vals)[: len(ids)]
         bar.update(1)
     bar.close()
-    raw = raw.reshape(L, *sizes)
+    raw = raw.reshape(len(chosen), *sizes)
     return PatchResult(
         result=np.asarray(normalise(raw, clean_metric, corrupt_metric), np.float32),
         raw=raw,
