@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import equinox as eqx
@@ -206,14 +207,18 @@ def patch_sweep(
     for c in range(n_chunks):
         ids = todo[c * chunk : (c + 1) * chunk]
         part = rows[np.concatenate([ids, np.repeat(ids[-1:], chunk - len(ids))])]
-        vals = _score_chunk(model, target_tokens, mask, positions, resid, source, metric, jnp.int32(part[0, 0]),
+        vals = _score_chunk(model, target_tokens, mask, positions, resid, source, metric, jnp.int32(part[:, 0].min()),
                             part, kind, axis_of, act_shape)  # fmt: skip
         raw[ids] = np.asarray(vals)[: len(ids)]
         bar.update(1)
     bar.close()
     raw = raw.reshape(len(chosen), *sizes)
+    if clean_metric == corrupt_metric:
+        warnings.warn(f"clean and corrupt metrics are equal ({clean_metric}); the normalised result is NaN")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result = np.asarray(normalise(raw, clean_metric, corrupt_metric), np.float32)
     return PatchResult(
-        result=np.asarray(normalise(raw, clean_metric, corrupt_metric), np.float32),
+        result=result,
         raw=raw,
         clean_metric=clean_metric,
         corrupt_metric=corrupt_metric,

@@ -1,0 +1,144 @@
+"""Patching sweeps: the vmapped program equals the Python loop of single patches, plus invariants."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+import circuits_jax as cj
+from circuits_jax._patching import SITES
+from circuits_jax._sites import Site, site_shape
+
+from conftest import tiny_configs
+
+CLEAN = np.array([[3, 7, 1, 9, 4, 2, 8], [5, 5, 0, 11, 21, 6, 1]], np.int32)
+CORRUPT = CLEAN.copy()
+CORRUPT[:, 3] = [12, 2]
+METRIC = cj.LogitDiff(np.array([4, 7]), np.array([9, 2]))
+
+SWEEPS = [
+    ("resid_pre", ("layer", "pos")), ("resid_mid", ("layer", "pos")), ("resid_post", ("layer", "pos")),
+    ("attn_out", ("layer", "pos")), ("mlp_out", ("layer", "pos")),
+    ("z", ("layer", "pos", "head")), ("z", ("layer", "head")), ("q", ("layer", "pos", "head")),
+    ("k", ("layer", "head")), ("v", ("layer", "pos", "head")),
+    ("pattern", ("layer", "head")), ("pattern", ("layer", "head", "dest")), ("pattern", ("layer", "head", "dest", "src")),
+    ("mlp_post", ("layer", "neuron")), ("mlp_post", ("layer", "pos", "neuron")),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["gpt2like", "llamalike"])
+def model(request):
+    return cj.init_model(tiny_configs()[request.param], key=jax.random.key(7), std=0.4)
+
+
+def _loop(model, site, by, noising=False, layers=None):
+    """Reference: one full forward per patch, a plain Python loop."""
+    kind, axes = SITES[site]
+    src_tokens, tgt_tokens = (CORRUPT, CLEAN) if noising else (CLEAN, CORRUPT)
+    L = model.cfg.n_layers
+    src = cj.run(model, src_tokens, cache=[f"blocks.{l}.{kind}" for l in range(L)]).cache
+    shape = site_shape(Site(kind, 0), model.cfg, *CLEAN.shape)[1:]
+    free = by[1:]
+    sizes = [shape[axes[a]] for a in free]
+    clean_m = float(METRIC(model(CLEAN)[:, -1]))
+    corrupt_m = float(METRIC(model(CORRUPT)[:, -1]))
+    layers = range(L) if layers is None else layers
+    out = np.zeros((len(layers), *sizes), np.float32)
+    for i, l in enumerate(layers):
+        for index in itertools.product(*map(range, sizes)):
+            hit = np.ones(shape, bool)
+            for a, j in zip(free, index):
+                sel = [slice(None)] * len(shape)
+                sel[axes[a]] = np.arange(shape[axes[a]]) != j
+                hit[tuple(sel)] = False
+            value = src[f"blocks.{l}.{kind}"]
+            logits = cj.run(model, tgt_tokens, hooks={f"blocks.{l}.{kind}": cj.Replace(value, hit[None])}).logits
+            out[(i, *index)] = float(METRIC(logits[:, -1]))
+    return cj.normalise(out, clean_m, corrupt_m)
+
+
+@pytest.mark.parametrize("site,by", SWEEPS, ids=[f"{s}-{'.'.join(b)}" for s, b in SWEEPS])
+def test_vmapped_sweep_equals_python_loop(model, site, by):
+    got = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, site, by, progress=False)
+    want = _loop(model, site, by)
+    assert got.result.shape == want.shape
+    np.testing.assert_allclose(got.result, want, atol=2e-4, rtol=1e-4)
+    assert np.abs(want).max() > 1e-3  # the sweep found effects: the comparison is not of zeros
+
+
+def test_noising_equals_python_loop(model):
+    got = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), noising=True, progress=False)
+    np.testing.assert_allclose(got.result, _loop(model, "z", ("layer", "pos", "head"), noising=True), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("site,by", [("z", ("layer", "pos", "head")), ("mlp_post", ("layer", "neuron")), ("pattern", ("layer", "head", "dest", "src"))])
+def test_chunked_unchunked_and_unskipped_sweeps_agree(model, site, by):
+    base = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, site, by, progress=False, skip_unchanged=False, chunk_size=10_000)
+    for kwargs in [dict(chunk_size=1), dict(chunk_size=7), dict(skip_unchanged=True, chunk_size=5), dict(memory_budget=2**20)]:
+        other = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, site, by, progress=False, **kwargs)
+        np.testing.assert_allclose(other.result, base.result, atol=1e-5, rtol=1e-5)
+
+
+def test_patching_a_run_into_itself_changes_nothing(model):
+    for site, by in SWEEPS:
+        with pytest.warns(UserWarning, match="metrics are equal"):
+            r = cj.patch_sweep(model, CLEAN, CLEAN, METRIC, site, by, progress=False, skip_unchanged=False)
+        np.testing.assert_allclose(r.raw, r.clean_metric, atol=1e-5, err_msg=site)
+
+
+def test_patching_the_whole_residual_stream_restores_the_clean_metric(model):
+    for site in ("resid_pre", "resid_post"):
+        r = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, site, ("layer",), progress=False)
+        np.testing.assert_allclose(r.result, 1.0, atol=1e-5)
+        np.testing.assert_allclose(r.raw, r.clean_metric, atol=1e-5)
+
+
+def test_positions_before_the_first_difference_score_exactly_zero(model):
+    r = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "resid_pre", ("layer", "pos"), progress=False)
+    assert np.all(r.result[:, :3] == 0.0)
+
+
+def test_layers_option_selects_rows(model):
+    full = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), progress=False)
+    some = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), layers=[2, 0], progress=False)
+    np.testing.assert_allclose(some.result, full.result[[2, 0]], atol=1e-6)
+
+
+def test_padded_dataset_of_pairs_matches_each_pair_alone(model):
+    clean = [[3, 7, 1, 9, 4, 2, 8], [5, 0, 11, 21, 6]]
+    corrupt = [[3, 7, 1, 12, 4, 2, 8], [5, 0, 2, 21, 6]]
+    answer, wrong = np.array([4, 7]), np.array([9, 2])
+    tokens = np.zeros((2, 2, 7), np.int32)
+    mask = np.zeros((2, 7), bool)
+    for i in range(2):  # right padding
+        n = len(clean[i])
+        tokens[0, i, :n], tokens[1, i, :n], mask[i, :n] = clean[i], corrupt[i], True
+    got = cj.patch_sweep(model, tokens[0], tokens[1], cj.LogitDiff(answer, wrong), "z", ("layer", "head"),
+                         attention_mask=mask, progress=False)  # fmt: skip
+    raws = [cj.patch_sweep(model, np.array([clean[i]]), np.array([corrupt[i]]), cj.LogitDiff(answer[i:i + 1], wrong[i:i + 1]),
+                           "z", ("layer", "head"), progress=False).raw for i in range(2)]  # fmt: skip
+    np.testing.assert_allclose(got.raw, np.mean(raws, axis=0), atol=1e-4)
+
+
+def test_bad_input_errors(model):
+    with pytest.raises(ValueError, match=r"clean tokens have shape \(1, 7\) and corrupt tokens \(1, 6\).*to_padded"):
+        cj.patch_sweep(model, CLEAN[:1], CLEAN[:1, :6], METRIC, progress=False)
+    with pytest.raises(KeyError, match="valid sites: resid_pre"):
+        cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "zz", progress=False)
+    with pytest.raises(KeyError, match=r"invalid axes 'layer,neuron' for site 'z'.*'pos', 'head'"):
+        cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "neuron"), progress=False)
+    with pytest.raises(KeyError, match="'layer' first"):
+        cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("pos", "head"), progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", layers=[5], progress=False)
+
+
+def test_repeated_sweeps_do_not_recompile(model):
+    from circuits_jax._patching import _score_chunk
+
+    cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), chunk_size=8, progress=False)
+    before = _score_chunk._cached._cache_size()
+    cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), chunk_size=8, progress=False)
+    cj.patch_sweep(model, CORRUPT, CLEAN, METRIC, "z", ("layer", "pos", "head"), chunk_size=8, progress=False)
+    assert _score_chunk._cached._cache_size() == before
