@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+# kept in sync with circuits_jax._patching.SITES (imported lazily there to keep start-up light)
+_PATCH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_post")
+
 
 def _predict(args) -> int:
     import jax
@@ -36,6 +39,53 @@ def _predict(args) -> int:
     return 0
 
 
+def _patch(args) -> int:
+    import numpy as np
+
+    from ._metrics import LogitDiff
+    from ._patching import patch_sweep
+    from .loaders._registry import load
+    from .plot import heatmap
+
+    by = tuple(a.strip() for a in args.by.split(",") if a.strip())
+    model, tok = load(args.model)
+    if tok is None:
+        print(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)", file=sys.stderr)
+        return 2
+    clean, corrupt = tok.to_tokens(args.clean, args.bos), tok.to_tokens(args.corrupt, args.bos)
+    if clean.shape != corrupt.shape:
+        print(
+            f"circuits-jax: error: clean prompt has {clean.shape[1]} tokens {tok.to_str_tokens(clean)} and corrupt has "
+            f"{corrupt.shape[1]} {tok.to_str_tokens(corrupt)}; patching needs prompts of equal token length",
+            file=sys.stderr,
+        )
+        return 2
+    metric = LogitDiff(np.array([tok.to_single_token(args.answer)]), np.array([tok.to_single_token(args.wrong)]))
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    r = patch_sweep(model, clean, corrupt, metric, args.site, by, noising=args.noising, chunk_size=args.chunk_size,
+                    memory_budget=int(args.memory_gb * 2**30), layers=layers, progress=not args.quiet)  # fmt: skip
+    str_tokens = tok.to_str_tokens(clean)
+    np.savez(
+        args.out, result=r.result, clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric,
+        str_tokens=np.array(str_tokens), corrupt_str_tokens=np.array(tok.to_str_tokens(corrupt)),
+        seconds=r.seconds, axes=np.array(r.axes), site=args.site, layers=np.array(layers or range(model.cfg.n_layers)),
+        noising=args.noising, chunk_size=r.chunk_size,
+    )  # fmt: skip
+    if args.png:
+        mode = "noising" if args.noising else "denoising"
+        title = f"{args.site} by {','.join(by)} ({mode}); logit diff {args.answer!r} - {args.wrong!r}"
+        heatmap(r.result, r.axes, tokens=str_tokens, title=title, path=args.png, layers=layers)
+    n = r.result.size
+    print(f"{args.site} by {','.join(by)}: result {r.result.shape}, {n} patches in {r.seconds:.1f}s ({n / r.seconds:.0f}/s)")
+    print(f"clean logit diff {r.clean_metric:.4f}, corrupt {r.corrupt_metric:.4f}")
+    flat = np.nan_to_num(r.result).reshape(-1)
+    for j in np.argsort(-np.abs(flat))[:5]:
+        where = ", ".join(f"{a}={i}" for a, i in zip(by, np.unravel_index(j, r.result.shape)))
+        print(f"  {where}: {flat[j]:+.3f}")
+    print(f"wrote {args.out}" + (f" and {args.png}" if args.png else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -47,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=10)
     pr.add_argument("--json", action="store_true", help='print {"tokens": [...], "top": [[text, id, logit], ...]}')
     pr.set_defaults(func=_predict)
+
+    pa = sub.add_parser("patch", help="activation / attention patching sweep (clean into corrupt by default)")
+    pa.add_argument("--model", default="smollm2")
+    pa.add_argument("--clean", required=True, help="clean prompt")
+    pa.add_argument("--corrupt", required=True, help="corrupt prompt (same token length)")
+    pa.add_argument("--answer", required=True, help="the clean answer (one token, e.g. ' Mary')")
+    pa.add_argument("--wrong", required=True, help="the corrupt answer (one token)")
+    pa.add_argument("--site", default="resid_pre", choices=list(_PATCH_SITES))
+    pa.add_argument("--by", default="layer,pos", help="comma list of axes, 'layer' first, e.g. layer,pos,head")
+    pa.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None)
+    pa.add_argument("--noising", action="store_true", help="patch corrupt into clean instead")
+    pa.add_argument("--layers", default=None, help="comma list of layers to patch (default all)")
+    pa.add_argument("--chunk-size", type=int, default=None, help="patches per compiled call (default: automatic)")
+    pa.add_argument("--memory-gb", type=float, default=4.0, help="memory budget that sets the chunk size")
+    pa.add_argument("--out", required=True, help="output .npz")
+    pa.add_argument("--png", default=None, help="also draw a labelled heatmap")
+    pa.add_argument("--quiet", action="store_true", help="no progress bar")
+    pa.set_defaults(func=_patch)
     return p
 
 
