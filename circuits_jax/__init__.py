@@ -8,7 +8,7 @@ from ._config import Config
 from ._interventions import Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
 from ._metrics import AnswerProb, CrossEntropy, KLFrom, LogitDiff, normalise
 from ._patching import SITES as PATCH_SITES
-from ._patching import PatchResult, patch_sweep
+from ._patching import PatchResult, patch_every_block, patch_every_head, patch_set, patch_sweep
 from ._model import Blocks, RunOutput, Transformer, init_model, run, run_with_cache, unembed
 from ._sites import Site, all_site_names, parse_site
 from ._tokenizer import Tokenizer
@@ -19,6 +19,7 @@ from .loaders._registry import cache_dir, load, smollm2_path
 
 __all__ = [
     "AnswerProb", "CrossEntropy", "KLFrom", "LogitDiff", "normalise", "PATCH_SITES", "PatchResult", "patch_sweep",
+    "patch_set", "patch_every_head", "patch_every_block",
     "Add", "Apply", "Blocks", "Compose", "Config", "Hook", "Intervention", "Mean", "Replace", "RunOutput",
     "Scale", "Site", "Tokenizer", "Transformer", "Zero", "all_site_names", "cache_dir", "export_hf", "from_penzai",
     "init_model", "load", "load_gguf", "load_hf", "load_model", "parse_site", "restore", "run",

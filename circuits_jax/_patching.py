@@ -103,6 +103,15 @@ def _answer_positions(B: int, T: int, attention_mask, answer_pos):
     return (T - 1 - jnp.argmax(jnp.asarray(attention_mask)[:, ::-1], axis=1)).astype(jnp.int32)
 
 
+def _hit(act_shape, axis_of, index):
+    """Boolean mask over one example's activation: true where every indexed axis matches (-1: all)."""
+    hit = jnp.ones(act_shape, bool)
+    for a, ax in enumerate(axis_of):
+        grid = jax.lax.broadcasted_iota(jnp.int32, act_shape, ax)
+        hit = hit & ((index[a] < 0) | (grid == index[a]))
+    return hit
+
+
 @eqx.filter_jit
 def _score_chunk(model, tokens, mask, positions, resid, source, metric, start, rows, kind, axis_of, act_shape):
     """Metric of each patch in `rows` `[C, 1 + n_axes]` (layer, then indices), one compiled program.
@@ -111,14 +120,10 @@ def _score_chunk(model, tokens, mask, positions, resid, source, metric, start, r
     so lower layers are skipped at run time); each patch's own layer is a batched hook layer.
     """
     B = tokens.shape[0]
-    grids = [jax.lax.broadcasted_iota(jnp.int32, act_shape, axis_of[a]) for a in range(len(axis_of))]
 
     def one(row):
         layer = row[0]
-        hit = jnp.ones(act_shape, bool)
-        for a, grid in enumerate(grids):
-            hit = hit & (grid == row[1 + a])
-        hook = Hook(kind, layer, Replace(source[layer], hit[None]))
+        hook = Hook(kind, layer, Replace(source[layer], _hit(act_shape, axis_of, row[1:])[None]))
         out = run(model, tokens, hooks=[hook], attention_mask=mask, start_layer=start, resid=resid[start],
                   return_logits=False)  # fmt: skip
         return metric(unembed(model, out.resid[jnp.arange(B), positions]))
@@ -127,9 +132,79 @@ def _score_chunk(model, tokens, mask, positions, resid, source, metric, start, r
 
 
 @eqx.filter_jit
+def _rows_changed(source, target, rows, axis_of, act_shape):
+    """Whether each patch would change the target run at all (source differs somewhere under its mask)."""
+    diff = jnp.any(source != target, axis=1)  # [L, *act_shape], over the batch
+
+    def one(row):
+        return jnp.any(diff[row[0]] & _hit(act_shape, axis_of, row[1:]))
+
+    return jax.vmap(one)(rows)
+
+
+@eqx.filter_jit
 def _metric_of(model, tokens, mask, positions, metric):
     out = run(model, tokens, attention_mask=mask, return_logits=False)
     return metric(unembed(model, out.resid[jnp.arange(tokens.shape[0]), positions]))
+
+
+class _Pairs:
+    """A clean/corrupt batch prepared once: tokens, scored positions, metrics and the target residuals."""
+
+    def __init__(self, model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos):
+        clean, corrupt = (np.atleast_2d(np.asarray(t, np.int32)) for t in (clean_tokens, corrupt_tokens))
+        if clean.shape != corrupt.shape:
+            raise ValueError(
+                f"clean tokens have shape {clean.shape} and corrupt tokens {corrupt.shape}; patching needs aligned "
+                "prompts of equal length (pad them with Tokenizer.to_padded and pass attention_mask)"
+            )
+        self.model, self.metric, self.noising = model, metric, noising
+        self.B, self.T = clean.shape
+        self.mask = None if attention_mask is None else jnp.asarray(np.atleast_2d(attention_mask), bool)
+        self.positions = _answer_positions(self.B, self.T, self.mask, answer_pos)
+        self.source_tokens, self.target_tokens = (corrupt, clean) if noising else (clean, corrupt)
+        L = model.cfg.n_layers
+        tgt = run(model, self.target_tokens, attention_mask=self.mask, cache=[f"blocks.{l}.hook_resid_pre" for l in range(L)])
+        self.resid = jnp.stack([tgt.cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)])
+        self.clean_metric = float(_metric_of(model, jnp.asarray(clean), self.mask, self.positions, metric))
+        self.corrupt_metric = float(_metric_of(model, jnp.asarray(corrupt), self.mask, self.positions, metric))
+
+    def site_stack(self, kind: str, source: bool = True) -> Array:
+        """`[L, B, ...]`: the site at every layer of the source (or target) run."""
+        L = self.model.cfg.n_layers
+        tokens = self.source_tokens if source else self.target_tokens
+        out = run(self.model, tokens, attention_mask=self.mask, cache=[f"blocks.{l}.{kind}" for l in range(L)])
+        return jnp.stack([out.cache[f"blocks.{l}.{kind}"] for l in range(L)])
+
+    def score(self, kind, axis_of, rows, *, chunk, skip_unchanged, progress, desc) -> np.ndarray:
+        """Raw metric of every patch row `[layer, index...]` (index -1: the whole axis)."""
+        act_shape = site_shape(Site(kind, 0), self.model.cfg, self.B, self.T)[1:]
+        source = self.site_stack(kind)
+        target_metric = self.clean_metric if self.noising else self.corrupt_metric
+        raw = np.full(rows.shape[0], target_metric, np.float32)
+        todo = np.arange(rows.shape[0])
+        if skip_unchanged and len(rows):
+            changed = _rows_changed(source, self.site_stack(kind, source=False), jnp.asarray(rows), axis_of, act_shape)
+            todo = np.flatnonzero(np.asarray(changed))
+        chunk = max(1, min(chunk, max(len(todo), 1)))
+        n_chunks = math.ceil(len(todo) / chunk)
+        bar = _progress(n_chunks, desc, progress)
+        for c in range(n_chunks):
+            ids = todo[c * chunk : (c + 1) * chunk]
+            part = rows[np.concatenate([ids, np.repeat(ids[-1:], chunk - len(ids))])]
+            vals = _score_chunk(self.model, self.target_tokens, self.mask, self.positions, self.resid, source,
+                                self.metric, jnp.int32(part[:, 0].min()), part, kind, axis_of, act_shape)  # fmt: skip
+            raw[ids] = np.asarray(vals)[: len(ids)]
+            bar.update(1)
+        bar.close()
+        return raw
+
+    def result(self, raw, axes, t0, chunk) -> PatchResult:
+        if self.clean_metric == self.corrupt_metric:
+            warnings.warn(f"clean and corrupt metrics are equal ({self.clean_metric}); the normalised result is NaN")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            result = np.asarray(normalise(raw, self.clean_metric, self.corrupt_metric), np.float32)
+        return PatchResult(result, raw, self.clean_metric, self.corrupt_metric, tuple(axes), time.perf_counter() - t0, chunk)
 
 
 def patch_sweep(
@@ -162,85 +237,107 @@ def patch_sweep(
         first token where clean and corrupt differ, in a causal model) leave the target run exactly
         as it is; they get the target metric without being run.
     """
+    t0 = time.perf_counter()
     cfg = model.cfg
     kind, axes = _check_site_axes(site, by, cfg)
-    clean, corrupt = (np.atleast_2d(np.asarray(t, np.int32)) for t in (clean_tokens, corrupt_tokens))
-    if clean.shape != corrupt.shape:
-        raise ValueError(
-            f"clean tokens have shape {clean.shape} and corrupt tokens {corrupt.shape}; patching needs aligned "
-            "prompts of equal length (pad them with Tokenizer.to_padded and pass attention_mask)"
-        )
-    B, T = clean.shape
-    mask = None if attention_mask is None else jnp.asarray(np.atleast_2d(attention_mask), bool)
-    positions = _answer_positions(B, T, mask, answer_pos)
-    source_tokens, target_tokens = (corrupt, clean) if noising else (clean, corrupt)
-
-    t0 = time.perf_counter()
     L = cfg.n_layers
-    src = run(model, source_tokens, attention_mask=mask, cache=[f"blocks.{l}.{kind}" for l in range(L)])
-    tgt = run(model, target_tokens, attention_mask=mask, cache=[f"blocks.{l}.hook_resid_pre" for l in range(L)])
-    source = jnp.stack([src.cache[f"blocks.{l}.{kind}"] for l in range(L)])
-    resid = jnp.stack([tgt.cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)])
-    clean_metric = float(_metric_of(model, jnp.asarray(clean), mask, positions, metric))
-    corrupt_metric = float(_metric_of(model, jnp.asarray(corrupt), mask, positions, metric))
-
-    act_shape = site_shape(Site(kind, 0), cfg, B, T)[1:]
-    free = by[1:]
-    sizes = [act_shape[axes[a]] for a in free]
-    axis_of = tuple(axes[a] for a in free)
     chosen = np.arange(L) if layers is None else np.asarray(list(layers), np.int32)
     if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= L:
         raise ValueError(f"layers {list(chosen)} out of range: the model has layers 0..{L - 1}")
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    act_shape = site_shape(Site(kind, 0), cfg, pairs.B, pairs.T)[1:]
+    free = by[1:]
+    sizes = [act_shape[axes[a]] for a in free]
     grid = np.indices((len(chosen), *sizes)).reshape(1 + len(sizes), -1).T.astype(np.int32)  # layer-major
     rows = np.concatenate([chosen[grid[:, :1]], grid[:, 1:]], axis=1)
-    target_metric = corrupt_metric if not noising else clean_metric
-    raw = np.full(rows.shape[0], target_metric, np.float32)
-    todo = np.arange(rows.shape[0])
-    if skip_unchanged:
-        target_site = run(model, target_tokens, attention_mask=mask, cache=[f"blocks.{l}.{kind}" for l in range(L)])
-        target_site = jnp.stack([target_site.cache[f"blocks.{l}.{kind}"] for l in range(L)])
-        todo = np.flatnonzero(_changed(source, target_site, axis_of)[chosen].reshape(-1))
-    chunk = chunk_size or auto_chunk(cfg, B, T, memory_budget)
-    chunk = max(1, min(chunk, max(len(todo), 1)))
-    n_chunks = math.ceil(len(todo) / chunk)
-    bar = _progress(n_chunks, f"patching {site} by {','.join(by)}", progress)
-    for c in range(n_chunks):
-        ids = todo[c * chunk : (c + 1) * chunk]
-        part = rows[np.concatenate([ids, np.repeat(ids[-1:], chunk - len(ids))])]
-        vals = _score_chunk(model, target_tokens, mask, positions, resid, source, metric, jnp.int32(part[:, 0].min()),
-                            part, kind, axis_of, act_shape)  # fmt: skip
-        raw[ids] = np.asarray(vals)[: len(ids)]
-        bar.update(1)
-    bar.close()
-    raw = raw.reshape(len(chosen), *sizes)
-    if clean_metric == corrupt_metric:
-        warnings.warn(f"clean and corrupt metrics are equal ({clean_metric}); the normalised result is NaN")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        result = np.asarray(normalise(raw, clean_metric, corrupt_metric), np.float32)
-    return PatchResult(
-        result=result,
-        raw=raw,
-        clean_metric=clean_metric,
-        corrupt_metric=corrupt_metric,
-        axes=tuple(by),
-        seconds=time.perf_counter() - t0,
-        chunk_size=chunk,
-    )
+    chunk = chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget)
+    raw = pairs.score(kind, tuple(axes[a] for a in free), rows, chunk=chunk, skip_unchanged=skip_unchanged,
+                      progress=progress, desc=f"patching {site} by {','.join(by)}")  # fmt: skip
+    return pairs.result(raw.reshape(len(chosen), *sizes), by, t0, chunk)
 
 
-@jax.jit
-def _changed_impl(source, target):
-    return source != target
+def patch_set(
+    model: Transformer,
+    clean_tokens,
+    corrupt_tokens,
+    metric: Callable[[Array], Array],
+    patches: Sequence[tuple[str, int, dict]],
+    *,
+    noising: bool = False,
+    attention_mask=None,
+    answer_pos=None,
+    chunk_size: int | None = None,
+    memory_budget: int = 4 * 2**30,
+    progress: bool = True,
+    skip_unchanged: bool = True,
+) -> PatchResult:
+    """Score an arbitrary list of single patches `(site, layer, {axis: index})`; result `[n_patches]`.
+
+    Axes left out of the dict are patched whole: `("z", 9, {"head": 3})` patches head 3 at every
+    position, `("resid_pre", 4, {})` the whole residual stream. Patches of one site share a compiled
+    program; results come back in the order given.
+    """
+    t0 = time.perf_counter()
+    cfg = model.cfg
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    chunk = chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget)
+    raw = np.zeros(len(patches), np.float32)
+    groups: dict[str, list[int]] = {}
+    for i, (site, layer, index) in enumerate(patches):
+        kind, axes = _check_site_axes(site, ("layer", *index), cfg)
+        if not 0 <= int(layer) < cfg.n_layers:
+            raise ValueError(f"patch {i} ({site}, layer {layer}): the model has layers 0..{cfg.n_layers - 1}")
+        groups.setdefault(site, []).append(i)
+    for site, ids in groups.items():
+        kind, axes = SITES[site]
+        names = list(axes)
+        act_shape = site_shape(Site(kind, 0), cfg, pairs.B, pairs.T)[1:]
+        rows = np.full((len(ids), 1 + len(names)), -1, np.int32)
+        for r, i in enumerate(ids):
+            _, layer, index = patches[i]
+            rows[r, 0] = layer
+            for a, j in index.items():
+                if not 0 <= int(j) < act_shape[axes[a]]:
+                    raise ValueError(f"patch {i} ({site}): {a}={j} out of range 0..{act_shape[axes[a]] - 1}")
+                rows[r, 1 + names.index(a)] = j
+        order = np.argsort(rows[:, 0], kind="stable")  # layer-major, so chunks start as late as they can
+        got = pairs.score(kind, tuple(axes[a] for a in names), rows[order], chunk=chunk,
+                          skip_unchanged=skip_unchanged, progress=progress, desc=f"patching {site}")  # fmt: skip
+        raw[np.asarray(ids)[order]] = got
+    return pairs.result(raw, ("patch",), t0, chunk)
 
 
-def _changed(source, target, axis_of) -> np.ndarray:
-    """`[L, *indexed sizes]`: whether patching that index changes anything (any batch row, any other axis)."""
-    diff = np.asarray(_changed_impl(source, target))  # [L, B, *act_shape]
-    act_axes = list(range(2, diff.ndim))
-    other = tuple(2 + a for a in range(diff.ndim - 2) if a not in axis_of)
-    diff = diff.any(axis=(1, *other))  # [L, *act axes that are indexed, in activation order]
-    kept = [a for a in range(len(act_axes)) if a in axis_of]
-    return np.transpose(diff, (0, *[1 + kept.index(a) for a in axis_of]))
+def _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs):
+    t0 = time.perf_counter()
+    parts = [patch_sweep(model, clean_tokens, corrupt_tokens, metric, site, by, **kwargs) for site, by in sweeps]
+    first = parts[0]
+    result = np.stack([_to_query_heads(model.cfg, p.result) for p in parts])
+    raw = np.stack([_to_query_heads(model.cfg, p.raw) for p in parts])
+    return PatchResult(result, raw, first.clean_metric, first.corrupt_metric, ("site", *first.axes),
+                       time.perf_counter() - t0, first.chunk_size)  # fmt: skip
+
+
+def _to_query_heads(cfg: Config, a: np.ndarray) -> np.ndarray:
+    """k/v results per kv head, repeated for the query heads each serves (grouped-query attention)."""
+    if a.ndim == 2 and a.shape[1] == cfg.kv_heads and cfg.kv_heads != cfg.n_heads:
+        return np.repeat(a, cfg.group_size, axis=1)
+    return a
+
+
+def patch_every_head(model, clean_tokens, corrupt_tokens, metric, **kwargs) -> PatchResult:
+    """`[5, layer, head]`: z, q, k, v and pattern of each head, patched at all positions.
+
+    Under grouped-query attention, k and v belong to kv heads; their rows repeat each kv head's
+    result for the query heads it serves.
+    """
+    sweeps = [(s, ("layer", "head")) for s in ("z", "q", "k", "v", "pattern")]
+    return _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs)
+
+
+def patch_every_block(model, clean_tokens, corrupt_tokens, metric, **kwargs) -> PatchResult:
+    """`[3, layer, pos]`: resid_pre, attn_out and mlp_out patched at each (layer, position)."""
+    sweeps = [(s, ("layer", "pos")) for s in ("resid_pre", "attn_out", "mlp_out")]
+    return _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs)
 
 
 def _progress(total: int, desc: str, enabled: bool):

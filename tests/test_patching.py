@@ -142,3 +142,28 @@ def test_repeated_sweeps_do_not_recompile(model):
     cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), chunk_size=8, progress=False)
     cj.patch_sweep(model, CORRUPT, CLEAN, METRIC, "z", ("layer", "pos", "head"), chunk_size=8, progress=False)
     assert _score_chunk._cached._cache_size() == before
+
+
+def test_patch_set_equals_the_matching_sweep_entries(model):
+    z = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), progress=False)
+    z_all = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "head"), progress=False)
+    neurons = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "mlp_post", ("layer", "neuron"), progress=False)
+    patches = [("z", 2, {"pos": 5, "head": 1}), ("mlp_post", 1, {"neuron": 3}), ("z", 0, {"head": 2}),
+               ("z", 1, {"pos": 3, "head": 0}), ("resid_pre", 2, {})]  # fmt: skip
+    got = cj.patch_set(model, CLEAN, CORRUPT, METRIC, patches, progress=False, chunk_size=2)
+    want = [z.result[2, 5, 1], neurons.result[1, 3], z_all.result[0, 2], z.result[1, 3, 0], 1.0]
+    np.testing.assert_allclose(got.result, want, atol=1e-5)
+    with pytest.raises(ValueError, match="head=9 out of range"):
+        cj.patch_set(model, CLEAN, CORRUPT, METRIC, [("z", 0, {"head": 9})], progress=False)
+
+
+def test_every_variants_stack_the_single_sweeps(model):
+    heads = cj.patch_every_head(model, CLEAN, CORRUPT, METRIC, progress=False)
+    cfg = model.cfg
+    assert heads.result.shape == (5, cfg.n_layers, cfg.n_heads)
+    k = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "k", ("layer", "head"), progress=False).result
+    np.testing.assert_allclose(heads.result[2], np.repeat(k, cfg.group_size, axis=1), atol=1e-6)
+    blocks = cj.patch_every_block(model, CLEAN, CORRUPT, METRIC, progress=False)
+    assert blocks.result.shape == (3, cfg.n_layers, CLEAN.shape[1])
+    mlp = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "mlp_out", ("layer", "pos"), progress=False).result
+    np.testing.assert_allclose(blocks.result[2], mlp, atol=1e-6)
