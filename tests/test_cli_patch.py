@@ -1,0 +1,49 @@
+"""`circuits-jax patch` end to end on SmolLM2: npz contents, heatmap, and bad input."""
+
+import numpy as np
+import pytest
+
+from circuits_jax.cli import main
+
+pytestmark = pytest.mark.smollm2
+
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
+
+def _args(tmp_path, *extra):
+    return ["patch", "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", " Mary", "--wrong", " John",
+            "--out", str(tmp_path / "r.npz"), "--quiet", *extra]  # fmt: skip
+
+
+def test_patch_writes_result_metrics_tokens_and_png(smollm2, tmp_path, capsys):
+    assert main(_args(tmp_path, "--site", "resid_pre", "--by", "layer,pos", "--png", str(tmp_path / "r.png"))) == 0
+    d = np.load(tmp_path / "r.npz")
+    assert d["result"].shape == (30, 14)
+    assert float(d["clean_metric"]) > 3 > -3 > float(d["corrupt_metric"])  # the model solves IOI; corrupt flips it
+    assert list(d["str_tokens"])[9] == " John" and list(d["corrupt_str_tokens"])[9] == " Mary"
+    assert float(d["seconds"]) > 0
+    # layer 0, the position where the prompts differ: patching the whole residual there restores the clean run
+    np.testing.assert_allclose(d["result"][0, 9], 1.0, atol=1e-3)
+    np.testing.assert_array_equal(d["result"][:, :9], 0.0)  # identical prefix: exactly no effect
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert "clean logit diff" in capsys.readouterr().out
+
+
+def test_patch_by_head_with_layers(smollm2, tmp_path):
+    assert main(_args(tmp_path, "--site", "z", "--by", "layer,pos,head", "--layers", "23,29")) == 0
+    d = np.load(tmp_path / "r.npz")
+    assert d["result"].shape == (2, 14, 9) and list(d["layers"]) == [23, 29]
+
+
+def test_patch_bad_input(smollm2, tmp_path, capsys):
+    assert main(_args(tmp_path, "--answer", " Maryanne")) == 2
+    assert "is not a single token" in capsys.readouterr().err
+    assert main(["patch", "--clean", CLEAN, "--corrupt", "When Mary went", "--answer", " Mary", "--wrong", " John",
+                 "--out", str(tmp_path / "x.npz")]) == 2  # fmt: skip
+    assert "equal token length" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--site", "z", "--by", "layer,neuron")) == 2
+    assert "invalid axes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_args(tmp_path, "--site", "zz"))
+    assert "invalid choice" in capsys.readouterr().err
