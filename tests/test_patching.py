@@ -167,3 +167,13 @@ def test_every_variants_stack_the_single_sweeps(model):
     assert blocks.result.shape == (3, cfg.n_layers, CLEAN.shape[1])
     mlp = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "mlp_out", ("layer", "pos"), progress=False).result
     np.testing.assert_allclose(blocks.result[2], mlp, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_layers", [2, 6])
+def test_one_compiled_program_per_sweep_whatever_the_depth(n_layers):
+    from circuits_jax._patching import _score_chunk
+
+    deep = cj.init_model(tiny_configs()["llamalike"].replace(n_layers=n_layers), key=jax.random.key(8), std=0.4)
+    before = _score_chunk._cached._cache_size()
+    cj.patch_sweep(deep, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), chunk_size=16, progress=False)
+    assert _score_chunk._cached._cache_size() == before + 1
