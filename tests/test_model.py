@@ -174,3 +174,24 @@ def test_every_layer_kind_is_reachable_by_shorthand():
     assert cj.parse_site("hook_embed", cfg).layer is None
     assert "attn.hook_rot_q" in layer_kinds(cfg) and "mlp.hook_pre_linear" in layer_kinds(cfg)
     assert "attn.hook_rot_q" not in layer_kinds(CONFIGS["gpt2like"])
+
+
+def test_traced_program_size_does_not_grow_with_depth():
+    def size(n_layers):
+        m = cj.init_model(CONFIGS["llamalike"].replace(n_layers=n_layers), key=jax.random.key(0))
+        jaxpr = jax.make_jaxpr(lambda m, t: cj.run(m, t, cache=["blocks.1.attn.hook_z"]).logits)(m, TOKENS)
+        return len(str(jaxpr).splitlines())  # equations; shapes inside them differ in digits only
+
+    assert size(2) == size(12)
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_smollm2_padded_batch_rows_equal_each_prompt_alone(smollm2, side):
+    model, tok = smollm2
+    texts = ["The capital of France is", "When Mary and John went to the store, John gave a drink to", "Hi"]
+    tokens, mask = tok.to_padded(texts, padding_side=side)
+    logits = cj.run(model, tokens, attention_mask=mask).logits
+    for i, text in enumerate(texts):
+        alone = model(tok.to_tokens(text))[0]
+        np.testing.assert_allclose(logits[i][mask[i]], alone, atol=1e-3, rtol=1e-5)
