@@ -3,9 +3,17 @@
 The public surface; implementation lives in private modules.
 """
 
+from ._attribution import attribution_patch, attribution_patch_all
+from ._logit_attribution import (
+    Decomposition,
+    decompose_resid,
+    direct_logit_attribution,
+    logit_lens,
+    neuron_logit_attribution,
+)
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
 from ._config import Config
-from ._interventions import Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
+from ._interventions import ALL_LAYERS, PerLayer, Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
 from ._metrics import AnswerProb, CrossEntropy, KLFrom, LogitDiff, normalise
 from ._patching import SITES as PATCH_SITES
 from ._patching import PatchResult, patch_every_block, patch_every_head, patch_set, patch_sweep
@@ -18,6 +26,9 @@ from .loaders._penzai import from_penzai
 from .loaders._registry import cache_dir, load, smollm2_path
 
 __all__ = [
+    "attribution_patch", "attribution_patch_all", "Decomposition", "decompose_resid", "direct_logit_attribution",
+    "logit_lens", "neuron_logit_attribution",
+    "ALL_LAYERS", "PerLayer",
     "AnswerProb", "CrossEntropy", "KLFrom", "LogitDiff", "normalise", "PATCH_SITES", "PatchResult", "patch_sweep",
     "patch_set", "patch_every_head", "patch_every_block",
     "Add", "Apply", "Blocks", "Compose", "Config", "Hook", "Intervention", "Mean", "Replace", "RunOutput",

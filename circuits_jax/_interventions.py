@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -139,8 +140,27 @@ class Compose(Intervention):
                 p.check(x, site)
 
 
+class PerLayer(Intervention):
+    """An intervention whose arrays carry a leading layer axis; hooked with `layer=ALL_LAYERS`,
+    layer l applies slice l. `Hook("attn.hook_z", ALL_LAYERS, PerLayer(Add(deltas)))` adds
+    `deltas[l]` at every layer's z in one hook: the gradient of one backward pass reaches all."""
+
+    stacked: Any
+
+    def at(self, layer) -> Any:
+        arrays, static = eqx.partition(self.stacked, eqx.is_array)
+        return eqx.combine(jax.tree.map(lambda a: a[layer], arrays), static)
+
+    def __call__(self, x):  # pragma: no cover - only meaningful through `at`
+        raise TypeError("PerLayer is applied per layer: hook it with layer=ALL_LAYERS")
+
+
+ALL_LAYERS = "all"
+
+
 class Hook(eqx.Module):
-    """An intervention at a site: `kind` (e.g. "attn.hook_z"), `layer` (int, traced int, or None)."""
+    """An intervention at a site: `kind` (e.g. "attn.hook_z"), `layer` (int, traced int, None for a
+    global site, or `ALL_LAYERS`)."""
 
     kind: str = eqx.field(static=True)
     layer: Any
@@ -150,6 +170,8 @@ class Hook(eqx.Module):
     def name(self) -> str:
         if self.layer is None:
             return self.kind
+        if isinstance(self.layer, str):
+            return f"blocks.*.{self.kind}"
         try:
             return f"blocks.{int(self.layer)}.{self.kind}"
         except Exception:  # traced layer

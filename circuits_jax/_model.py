@@ -23,7 +23,7 @@ import numpy as np
 from jax import Array, lax
 
 from ._config import Config
-from ._interventions import Hook, Intervention
+from ._interventions import ALL_LAYERS, Hook, Intervention, PerLayer
 from ._sites import Site, global_kinds, layer_kinds, parse_site, site_shape
 
 
@@ -134,6 +134,8 @@ def normalize_hooks(hooks: HookSpec | Iterable[HookSpec] | None, cfg: Config) ->
     out = []
     for h in hooks:
         if isinstance(h, Hook):
+            if isinstance(h.layer, str) and h.layer != ALL_LAYERS:
+                raise ValueError(f"hook layer {h.layer!r}: give an int, a traced int, None or ALL_LAYERS")
             valid = layer_kinds(cfg) if h.layer is not None else global_kinds(cfg)
             if h.kind not in valid:
                 parse_site(h.name if h.layer is not None else h.kind, cfg)  # raises with suggestions
@@ -167,6 +169,9 @@ class _Tap:
                 continue
             if self.layer is None:  # a global site
                 x = _apply(h, x, kind)
+            elif isinstance(h.layer, str):  # ALL_LAYERS: every layer, a PerLayer intervention sliced here
+                fn = h.fn.at(self.layer) if isinstance(h.fn, PerLayer) else h.fn
+                x = _apply(Hook(kind, None, fn), x, f"blocks.*.{kind}")
             else:
                 name = f"blocks.{h.layer}.{kind}" if isinstance(h.layer, int) else f"blocks.<l>.{kind}"
                 x = lax.cond(
