@@ -25,16 +25,31 @@ from ._patching import SITES, PatchResult, _check_site_axes, _Pairs
 
 
 @eqx.filter_jit
-def _gradients(model, tokens, mask, positions, metric, zeros: dict):
-    """d metric / d activation at every layer of each site kind in `zeros` (on the target run)."""
-    B = tokens.shape[0]
+def _atp(model, source_tokens, target_tokens, mask, positions, metric, kinds: tuple[str, ...]):
+    """One source forward, one target forward + backward: `(source metric, target metric, estimates)`.
 
-    def f(deltas):
-        hooks = [Hook(kind, ALL_LAYERS, PerLayer(Add(d))) for kind, d in deltas.items()]
-        out = run(model, tokens, hooks=hooks, attention_mask=mask, return_logits=False)
+    estimates[kind] `[L, B, ...]` = (source - target activation) * d metric / d activation (on the target).
+    """
+    L, B = model.cfg.n_layers, target_tokens.shape[0]
+    names = [f"blocks.{l}.{k}" for k in kinds for l in range(L)]
+
+    def stacks(cache):
+        return {k: jnp.stack([cache[f"blocks.{l}.{k}"] for l in range(L)]) for k in kinds}
+
+    def score(out):
         return metric(unembed(model, out.resid[jnp.arange(B), positions]))
 
-    return jax.grad(f)(zeros)
+    src = run(model, source_tokens, cache=names, attention_mask=mask, return_logits=False)
+    source = stacks(src.cache)
+
+    def f(deltas):
+        hooks = [Hook(k, ALL_LAYERS, PerLayer(Add(d))) for k, d in deltas.items()]
+        out = run(model, target_tokens, hooks=hooks, cache=names, attention_mask=mask, return_logits=False)
+        return score(out), stacks(out.cache)
+
+    zeros = {k: jnp.zeros_like(v) for k, v in source.items()}
+    (target_metric, target), grads = jax.value_and_grad(f, has_aux=True)(zeros)
+    return score(src), target_metric, {k: (source[k] - target[k]) * grads[k] for k in kinds}
 
 
 def _reduce(full: np.ndarray, axes: dict[str, int], by: Sequence[str]) -> np.ndarray:
@@ -57,12 +72,12 @@ def attribution_patch_all(
         _check_site_axes(s, ("layer",), cfg)
     pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
     kinds = {s: SITES[s][0] for s in sites}
-    source = {k: pairs.site_stack(k) for k in set(kinds.values())}
-    target = {k: pairs.site_stack(k, source=False) for k in set(kinds.values())}
-    zeros = {k: jnp.zeros_like(v) for k, v in target.items()}
-    grads = _gradients(model, jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, metric, zeros)
-    per_kind = {k: np.asarray((source[k] - target[k]) * grads[k]) for k in zeros}
-    return {s: per_kind[kinds[s]] for s in sites}, pairs
+    source_metric, target_metric, per_kind = _atp(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens),
+                                                  pairs.mask, pairs.positions, metric, tuple(sorted(set(kinds.values()))))  # fmt: skip
+    pairs.clean_metric, pairs.corrupt_metric = (
+        (float(target_metric), float(source_metric)) if noising else (float(source_metric), float(target_metric))
+    )
+    return {s: np.asarray(per_kind[kinds[s]]) for s in sites}, pairs
 
 
 def attribution_patch(

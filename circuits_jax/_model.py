@@ -364,6 +364,9 @@ def run(
     result_hooked = any(h.kind == "attn.hook_result" for h in layer_hooks)
     result_cached = "attn.hook_result" in by_kind
     stop = cfg.n_layers if stop_layer is None else stop_layer
+    every_layer = isinstance(start_layer, int) and start_layer == 0 and (
+        stop_layer is None or (isinstance(stop_layer, int) and stop_layer == cfg.n_layers)
+    )
 
     def body(carry, xs):
         x, bufs = carry
@@ -375,6 +378,8 @@ def run(
             bufs = {k: lax.dynamic_update_index_in_dim(b, tap.seen[k].astype(b.dtype), slots[k][i], 0) for k, b in bufs.items()}
             return y, bufs
 
+        if every_layer:  # the common full forward: no run-time layer bounds to test
+            return layer(x, bufs), None
         active = (i >= start_layer) & (i < stop)
         return lax.cond(active, layer, lambda x, b: (x, b), x, bufs), None
 

@@ -21,6 +21,7 @@ normalised so clean = 1 and corrupt = 0.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -162,12 +163,22 @@ class _Pairs:
         self.B, self.T = clean.shape
         self.mask = None if attention_mask is None else jnp.asarray(np.atleast_2d(attention_mask), bool)
         self.positions = _answer_positions(self.B, self.T, self.mask, answer_pos)
+        self.clean, self.corrupt = clean, corrupt
         self.source_tokens, self.target_tokens = (corrupt, clean) if noising else (clean, corrupt)
-        L = model.cfg.n_layers
-        tgt = run(model, self.target_tokens, attention_mask=self.mask, cache=[f"blocks.{l}.hook_resid_pre" for l in range(L)])
-        self.resid = jnp.stack([tgt.cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)])
-        self.clean_metric = float(_metric_of(model, jnp.asarray(clean), self.mask, self.positions, metric))
-        self.corrupt_metric = float(_metric_of(model, jnp.asarray(corrupt), self.mask, self.positions, metric))
+
+    # Computed on first use (an estimator that gets them from its own passes assigns them instead).
+    @functools.cached_property
+    def resid(self) -> Array:
+        """`[L, B, T, D]`: the target run's residual stream entering every layer."""
+        return self.site_stack("hook_resid_pre", source=False)
+
+    @functools.cached_property
+    def clean_metric(self) -> float:
+        return float(_metric_of(self.model, jnp.asarray(self.clean), self.mask, self.positions, self.metric))
+
+    @functools.cached_property
+    def corrupt_metric(self) -> float:
+        return float(_metric_of(self.model, jnp.asarray(self.corrupt), self.mask, self.positions, self.metric))
 
     def site_stack(self, kind: str, source: bool = True) -> Array:
         """`[L, B, ...]`: the site at every layer of the source (or target) run."""

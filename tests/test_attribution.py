@@ -61,7 +61,8 @@ def test_atp_of_every_site_in_one_backward(model):
     est, pairs = attribution_patch_all(model, CLEAN, CORRUPT, METRIC)
     assert set(est) == set(cj.PATCH_SITES)
     assert est["z"].shape == (3, 2, 7, 4, 4) and est["k"].shape == (3, 2, 7, 2, 4)
-    np.testing.assert_array_equal(est["resid_pre"][:, :, :3], 0.0)  # identical prefix: nothing to attribute
+    # identical prefix: nothing to attribute (up to float noise: the hooked target run fuses differently)
+    np.testing.assert_allclose(est["resid_pre"][:, :, :3], 0.0, atol=1e-6)
 
 
 def _with_biases(name):
