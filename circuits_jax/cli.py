@@ -61,22 +61,30 @@ def _patch(args) -> int:
         )
         return 2
     metric = LogitDiff(np.array([tok.to_single_token(args.answer)]), np.array([tok.to_single_token(args.wrong)]))
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    r = patch_sweep(model, clean, corrupt, metric, args.site, by, noising=args.noising, chunk_size=args.chunk_size,
-                    memory_budget=int(args.memory_gb * 2**30), layers=layers, progress=not args.quiet)  # fmt: skip
+    method = getattr(args, "method", "exact")
+    if method == "atp":
+        from ._attribution import attribution_patch
+
+        layers = None
+        r = attribution_patch(model, clean, corrupt, metric, args.site, by, noising=args.noising)
+    else:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        r = patch_sweep(model, clean, corrupt, metric, args.site, by, noising=args.noising, chunk_size=args.chunk_size,
+                        memory_budget=int(args.memory_gb * 2**30), layers=layers, progress=not args.quiet)  # fmt: skip
     str_tokens = tok.to_str_tokens(clean)
     np.savez(
         args.out, result=r.result, clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric,
         str_tokens=np.array(str_tokens), corrupt_str_tokens=np.array(tok.to_str_tokens(corrupt)),
         seconds=r.seconds, axes=np.array(r.axes), site=args.site, layers=np.array(layers or range(model.cfg.n_layers)),
-        noising=args.noising, chunk_size=r.chunk_size,
+        noising=args.noising, chunk_size=r.chunk_size, method=method,
     )  # fmt: skip
     if args.png:
         mode = "noising" if args.noising else "denoising"
-        title = f"{args.site} by {','.join(by)} ({mode}); logit diff {args.answer!r} - {args.wrong!r}"
+        title = f"{args.site} by {','.join(by)} ({mode}, {method}); logit diff {args.answer!r} - {args.wrong!r}"
         heatmap(r.result, r.axes, tokens=str_tokens, title=title, path=args.png, layers=layers)
     n = r.result.size
-    print(f"{args.site} by {','.join(by)}: result {r.result.shape}, {n} patches in {r.seconds:.1f}s ({n / r.seconds:.0f}/s)")
+    verb = "estimated (one backward pass)" if method == "atp" else "patched"
+    print(f"{args.site} by {','.join(by)}: result {r.result.shape}, {n} patches {verb} in {r.seconds:.1f}s")
     print(f"clean logit diff {r.clean_metric:.4f}, corrupt {r.corrupt_metric:.4f}")
     flat = np.nan_to_num(r.result).reshape(-1)
     for j in np.argsort(-np.abs(flat))[:5]:
@@ -99,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
 
     pa = sub.add_parser("patch", help="activation / attention patching sweep (clean into corrupt by default)")
+    _sweep_arguments(pa)
+    pa.add_argument("--layers", default=None, help="comma list of layers to patch (default all)")
+    pa.add_argument("--chunk-size", type=int, default=None, help="patches per compiled call (default: automatic)")
+    pa.add_argument("--memory-gb", type=float, default=4.0, help="memory budget that sets the chunk size")
+    pa.add_argument("--quiet", action="store_true", help="no progress bar")
+    pa.set_defaults(func=_patch)
+
+    at = sub.add_parser("attribute", help="gradient estimates of a patching sweep (same shapes and file layout)")
+    at.add_argument("--method", choices=["atp"], default="atp", help="atp: attribution patching (first order)")
+    _sweep_arguments(at)
+    at.set_defaults(func=_patch, quiet=True)
+    return p
+
+
+def _sweep_arguments(pa) -> None:
+    """Arguments shared by `patch` and `attribute`."""
     pa.add_argument("--model", default="smollm2")
     pa.add_argument("--clean", required=True, help="clean prompt")
     pa.add_argument("--corrupt", required=True, help="corrupt prompt (same token length)")
@@ -108,14 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--by", default="layer,pos", help="comma list of axes, 'layer' first, e.g. layer,pos,head")
     pa.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None)
     pa.add_argument("--noising", action="store_true", help="patch corrupt into clean instead")
-    pa.add_argument("--layers", default=None, help="comma list of layers to patch (default all)")
-    pa.add_argument("--chunk-size", type=int, default=None, help="patches per compiled call (default: automatic)")
-    pa.add_argument("--memory-gb", type=float, default=4.0, help="memory budget that sets the chunk size")
     pa.add_argument("--out", required=True, help="output .npz")
     pa.add_argument("--png", default=None, help="also draw a labelled heatmap")
-    pa.add_argument("--quiet", action="store_true", help="no progress bar")
-    pa.set_defaults(func=_patch)
-    return p
 
 
 def main(argv=None) -> int:

@@ -47,3 +47,13 @@ def test_patch_bad_input(smollm2, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_args(tmp_path, "--site", "zz"))
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_attribute_atp_writes_the_same_layout_and_tracks_the_exact_sweep(smollm2, tmp_path):
+    args = ["--clean", CLEAN, "--corrupt", CORRUPT, "--answer", " Mary", "--wrong", " John", "--site", "z", "--by", "layer,head"]
+    assert main(["attribute", "--method", "atp", *args, "--out", str(tmp_path / "a.npz")]) == 0
+    assert main(["patch", *args, "--quiet", "--out", str(tmp_path / "p.npz")]) == 0
+    a, p = np.load(tmp_path / "a.npz"), np.load(tmp_path / "p.npz")
+    assert a["result"].shape == p["result"].shape == (30, 9) and str(a["method"]) == "atp"
+    np.testing.assert_allclose(float(a["clean_metric"]), float(p["clean_metric"]), atol=1e-3)
+    assert np.corrcoef(a["result"].ravel(), p["result"].ravel())[0, 1] > 0.9
