@@ -306,9 +306,10 @@ def run(
     hooks: `{site: intervention}`, `[(site, intervention), ...]` or `Hook`s.
     cache: site names (or shorthand tuples) to return, e.g. `["blocks.3.attn.hook_z"]`.
     attention_mask: bool `[B, T]`, False at padding; positions skip the padding.
-    start_layer, stop_layer: run blocks `start_layer .. stop_layer - 1` only; both may be
-        traced integers. With `start_layer > 0`, pass `resid`, the residual stream entering
-        `start_layer` (`blocks.{start}.hook_resid_pre`).
+    start_layer, stop_layer: run blocks `start_layer .. stop_layer - 1` only. Pass them as
+        arrays (`jnp.int32(l)`) and one compiled program serves every value (Python ints are
+        static: one program each). With `start_layer > 0`, pass `resid`, the residual stream
+        entering `start_layer` (`blocks.{start}.hook_resid_pre`).
     Logits are computed unless `stop_layer` is a Python int below `n_layers` or
     `return_logits=False` (sweeps unembed only the positions they score, see `unembed`).
 
@@ -332,6 +333,9 @@ def run(
     positions = positions_from_mask(attention_mask, B, T)
     if cfg.positional == "learned" and T > cfg.n_ctx:
         raise ValueError(f"{T} positions exceed the model's context of {cfg.n_ctx}")
+
+    if resid is None and isinstance(start_layer, int) and start_layer != 0:
+        raise ValueError(f"start_layer={start_layer} needs resid, the residual stream entering that layer")
 
     global_record = {s.kind for s in wanted if s.layer is None}
     gtap = _Tap(tuple(h for h in hooks if h.layer is None), None, global_record)

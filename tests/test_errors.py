@@ -43,6 +43,11 @@ def test_intervention_that_changes_shape_is_refused():
         cj.run(MODEL, TOKENS, hooks={"hook_embed": cj.Apply(lambda x: x[..., :8])})
 
 
+def test_start_layer_without_resid_is_refused():
+    with pytest.raises(ValueError, match="start_layer=2 needs resid"):
+        cj.run(MODEL, TOKENS, start_layer=2)
+
+
 def test_wrong_resid_shape_is_named():
     with pytest.raises(ValueError, match=r"resid .* has shape \(1, 4, 5\); expected \(1, 4, 16\)"):
         cj.run(MODEL, TOKENS, start_layer=1, resid=np.zeros((1, 4, 5), np.float32))
