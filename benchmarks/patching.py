@@ -54,7 +54,7 @@ import transformers
 import circuits_jax as cj
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import OtherLoad, cpu_model, idle_check, median_time  # noqa: E402  (the sibling benchmark)
+from forward import OtherLoad, cpu_model, idle_check  # noqa: E402  (the sibling benchmark)
 
 CLEAN = "Then, Mary and John went to the park. John gave a ball to"
 CORRUPT = "Then, Mary and John went to the park. Mary gave a ball to"
@@ -153,6 +153,7 @@ def ours_flop(cfg, T: int, run_layers: np.ndarray, chunk: int) -> dict:
     Useful: each patch needs only layers l..L-1 of its own layer l: sum of (L - l) * layer_flop + unembed.
     """
     L, per_layer, head = cfg.n_layers, layer_flop(cfg, T), unembed_flop(cfg, 1)
+    chunk = max(1, min(chunk, len(run_layers)))  # patch_sweep never pads beyond the patches it runs
     starts = run_layers[::chunk] if len(run_layers) else np.zeros(0, int)
     executed = sum(chunk * ((L - int(s)) * per_layer + head) for s in starts)
     useful = sum((L - int(l)) * per_layer + head for l in run_layers)
@@ -164,14 +165,23 @@ def tl_flop(cfg, T: int) -> int:
     return cfg.n_layers * layer_flop(cfg, T) + unembed_flop(cfg, T)
 
 
-def matmul_flops(n: int, repeats: int) -> dict:
-    """FLOP/s of an n x n @ n x n float32 matmul (2 n^3 FLOP) in JAX: the machine's practical peak here."""
+def matmul_flops(n: int, repeats: int, quiet_wait: float) -> dict:
+    """Best FLOP/s over `repeats` n x n @ n x n float32 matmuls (2 n^3 FLOP) in JAX: the practical peak here.
+
+    The best, not the median: it is the reference for "what this CPU can do", so the least-disturbed call counts.
+    """
     a, b = (jax.random.normal(k, (n, n), jnp.float32) for k in jax.random.split(jax.random.key(0)))
     mm = jax.jit(jnp.matmul)
     mm(a, b).block_until_ready()
+    wait_quiet(quiet_wait)
+    times = []
     with OtherLoad() as load:
-        s = median_time(lambda: mm(a, b).block_until_ready(), repeats)
-    return dict(n=n, seconds=s, flops=2 * n**3 / s, other_cpu=load.fraction)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mm(a, b).block_until_ready()
+            times.append(time.perf_counter() - t0)
+    return dict(n=n, seconds=min(times), flops=2 * n**3 / min(times), median_flops=2 * n**3 / np.median(times),
+                other_cpu=load.fraction)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -236,7 +246,7 @@ def tl_sweep(bridge, task: Task, fn_name: str, by, shape, flat: np.ndarray, clea
     def call(rows):
         return fn(bridge, task.corrupt_t, clean_cache, task.torch_metric, index_axis_names=None, index_df=rows)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), _quiet_tqdm(patching):
         call(df.iloc[:1])  # warm-up: hook registration, first-call allocations
         wait_quiet(quiet_wait)
         with OtherLoad() as load:
@@ -244,6 +254,20 @@ def tl_sweep(bridge, task: Task, fn_name: str, by, shape, flat: np.ndarray, clea
             raw = call(df).numpy()
             seconds = time.perf_counter() - t0
     return dict(raw=raw, seconds=seconds, n=len(flat), other_cpu=load.fraction)
+
+
+class _quiet_tqdm:
+    """Turn off the per-patch progress bar TransformerLens's patching loop draws (it only clutters the output)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.orig = self.module.tqdm
+        self.module.tqdm = lambda it, *a, **k: it
+
+    def __exit__(self, *exc):
+        self.module.tqdm = self.orig
 
 
 # ---------------------------------------------------------------------------
@@ -282,6 +306,7 @@ def bench_sweep(name, model, bridge, task, tl_ref, clean_cache, peak, args, seed
         max_abs_on_vs_off=float(np.max(np.abs(on["result"] - off["result"]))),
         flop_executed_on=flop_on["executed"], flop_useful_on=flop_on["useful"],
         flop_executed_off=flop_off["executed"], flop_useful_off=flop_off["useful"], flop_tl_per_patch=tl_flop(cfg, T),
+        other_cpu_on=on["second_other_cpu"], other_cpu_off=off["second_other_cpu"], other_cpu_tl=tl["other_cpu"],
         other_cpu=max(v or 0.0 for v in (on["second_other_cpu"], off["second_other_cpu"], tl["other_cpu"])),
         ours_result=on["result"].tolist(), tl_indices=flat.tolist(), tl_result=tl_norm.tolist(),
     )  # fmt: skip
@@ -408,12 +433,12 @@ MEMORY_COLUMNS = [
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweeps", nargs="+", choices=list(SWEEPS), default=list(SWEEPS), help="sweeps to run (default: all)")
-    p.add_argument("--tl-max-patches", type=int, default=200,
-                   help="TransformerLens runs at most this many patches per sweep, a fixed random subset (default 200)")  # fmt: skip
+    p.add_argument("--tl-max-patches", type=int, default=300,
+                   help="TransformerLens runs at most this many patches per sweep, a fixed random subset (default 300)")  # fmt: skip
     p.add_argument("--memory", action="store_true", help="also run the large mlp_post sweeps (minutes)")
     p.add_argument("--neuron-layer", type=int, default=15, help="layer of the [pos, neuron] sweep (default 15)")
     p.add_argument("--matmul", type=int, default=2048, help="n of the n x n float32 reference matmul")
-    p.add_argument("--quiet-wait", type=float, default=10.0,
+    p.add_argument("--quiet-wait", type=float, default=20.0,
                    help="before each steady-state timing wait up to this many s for other processes to go idle")  # fmt: skip
     p.add_argument("--json", type=Path, help="write everything to this JSON file")
     return p.parse_args(argv)
@@ -440,9 +465,9 @@ def main(argv=None) -> dict:
     env = dict(cpu=cpu_model(), jax=jax.__version__, jax_devices=[str(d) for d in jax.devices()],
                torch=torch.__version__, torch_threads=torch.get_num_threads(),
                transformer_lens=_version("transformer-lens"), transformers=transformers.__version__,
-               other_cpu_before=idle_check(2.0), argv=sys.argv)  # fmt: skip
+               other_cpu_before=idle_check(2.0), argv=sys.argv, git=_git_state())  # fmt: skip
     print(f"CPU: {env['cpu']}; jax {env['jax']} on {', '.join(env['jax_devices'])}; torch {env['torch']} "
-          f"({env['torch_threads']} threads); transformer-lens {env['transformer_lens']}")  # fmt: skip
+          f"({env['torch_threads']} threads); transformer-lens {env['transformer_lens']}; circuits_jax at {env['git']}")  # fmt: skip
     print(f"CPU used by other processes before the start: {env['other_cpu_before']:.0%}")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -454,8 +479,9 @@ def main(argv=None) -> dict:
     print(f"  circuits_jax: clean {ours_ref['clean']:.4f}, corrupt {ours_ref['corrupt']:.4f}; "
           f"TransformerLens bridge: clean {tl_ref['clean']:.4f}, corrupt {tl_ref['corrupt']:.4f}  (setup {setup_s:.0f} s)")  # fmt: skip
 
-    mm = matmul_flops(args.matmul, 5)
-    print(f"matmul {mm['n']}^3 float32 in JAX: {mm['flops'] / 1e9:.1f} GFLOP/s (the %mm reference)")
+    mm = matmul_flops(args.matmul, 10, args.quiet_wait)
+    print(f"matmul {mm['n']}^3 float32 in JAX: best {mm['flops'] / 1e9:.1f} GFLOP/s of 10 (the %mm reference), "
+          f"median {mm['median_flops'] / 1e9:.1f}; other processes' CPU {mm['other_cpu']:.0%}")
 
     rows = []
     for i, name in enumerate(args.sweeps):
@@ -504,6 +530,19 @@ def main(argv=None) -> dict:
         args.json.write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json}")
     return results
+
+
+def _git_state() -> str | None:
+    """`<commit>` of the checkout, with `+dirty` when circuits_jax/ has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "circuits_jax"], cwd=root, capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    return head + ("+dirty" if dirty.strip() else "") if head else None
 
 
 def _version(dist: str) -> str:

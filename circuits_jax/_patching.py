@@ -88,7 +88,8 @@ def auto_chunk(cfg: Config, B: int, T: int, memory_budget: int) -> int:
     """Patches per compiled call: what fits the budget, capped on CPU where larger batches stop paying.
 
     A chunk's runs all start at its lowest layer, so very long chunks also recompute layers below
-    the later patches' own; 64 was the fastest on a 2-core CPU for SmolLM2 (benchmarks/patching.py).
+    the later patches' own. On the 2-core development CPU, a resid_pre [layer, pos] sweep of SmolLM2
+    ran fastest at 64 of the sizes tried (32, 64, 146); that is the CPU cap.
     """
     fit = memory_budget // _per_patch_bytes(cfg, B, T)
     cap = 64 if jax.default_backend() == "cpu" else 1024
@@ -140,7 +141,8 @@ def _rows_changed(source, target, rows, axis_of, act_shape):
     def one(row):
         return jnp.any(diff[row[0]] & _hit(act_shape, axis_of, row[1:]))
 
-    return jax.vmap(one)(rows)
+    # batched, not one vmap over all rows: each row's mask is activation-sized
+    return jax.lax.map(one, rows, batch_size=256)
 
 
 @eqx.filter_jit
@@ -187,8 +189,8 @@ class _Pairs:
         out = run(self.model, tokens, attention_mask=self.mask, cache=[f"blocks.{l}.{kind}" for l in range(L)])
         return jnp.stack([out.cache[f"blocks.{l}.{kind}"] for l in range(L)])
 
-    def score(self, kind, axis_of, rows, *, chunk, skip_unchanged, progress, desc) -> np.ndarray:
-        """Raw metric of every patch row `[layer, index...]` (index -1: the whole axis)."""
+    def score(self, kind, axis_of, rows, *, chunk, skip_unchanged, progress, desc) -> tuple[np.ndarray, int]:
+        """Raw metric of every patch row `[layer, index...]` (index -1: the whole axis), and the chunk used."""
         act_shape = site_shape(Site(kind, 0), self.model.cfg, self.B, self.T)[1:]
         source = self.site_stack(kind)
         target_metric = self.clean_metric if self.noising else self.corrupt_metric
@@ -208,7 +210,7 @@ class _Pairs:
             raw[ids] = np.asarray(vals)[: len(ids)]
             bar.update(1)
         bar.close()
-        return raw
+        return raw, chunk
 
     def result(self, raw, axes, t0, chunk) -> PatchResult:
         if self.clean_metric == self.corrupt_metric:
@@ -262,8 +264,8 @@ def patch_sweep(
     grid = np.indices((len(chosen), *sizes)).reshape(1 + len(sizes), -1).T.astype(np.int32)  # layer-major
     rows = np.concatenate([chosen[grid[:, :1]], grid[:, 1:]], axis=1)
     chunk = chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget)
-    raw = pairs.score(kind, tuple(axes[a] for a in free), rows, chunk=chunk, skip_unchanged=skip_unchanged,
-                      progress=progress, desc=f"patching {site} by {','.join(by)}")  # fmt: skip
+    raw, chunk = pairs.score(kind, tuple(axes[a] for a in free), rows, chunk=chunk, skip_unchanged=skip_unchanged,
+                             progress=progress, desc=f"patching {site} by {','.join(by)}")  # fmt: skip
     return pairs.result(raw.reshape(len(chosen), *sizes), by, t0, chunk)
 
 
@@ -312,8 +314,8 @@ def patch_set(
                     raise ValueError(f"patch {i} ({site}): {a}={j} out of range 0..{act_shape[axes[a]] - 1}")
                 rows[r, 1 + names.index(a)] = j
         order = np.argsort(rows[:, 0], kind="stable")  # layer-major, so chunks start as late as they can
-        got = pairs.score(kind, tuple(axes[a] for a in names), rows[order], chunk=chunk,
-                          skip_unchanged=skip_unchanged, progress=progress, desc=f"patching {site}")  # fmt: skip
+        got, _ = pairs.score(kind, tuple(axes[a] for a in names), rows[order], chunk=chunk,
+                             skip_unchanged=skip_unchanged, progress=progress, desc=f"patching {site}")  # fmt: skip
         raw[np.asarray(ids)[order]] = got
     return pairs.result(raw, ("patch",), t0, chunk)
 

@@ -50,6 +50,15 @@ def test_transformers_loads_our_export_and_agrees(tmp_path, reference, name):
     np.testing.assert_allclose(model(ids), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.smollm2
+def test_smollm2_export_with_tokenizer_loads_back_identically(smollm2, tmp_path):
+    model, tok = smollm2
+    again, tok2 = cj.load(cj.export_hf(model, tmp_path / "smol", tokenizer=tok))
+    ids = tok.to_tokens("When Mary and John went to the store, John gave a drink to")
+    assert tok2.to_tokens("When Mary and John went to the store, John gave a drink to").tolist() == ids.tolist()
+    np.testing.assert_array_equal(again(ids), model(ids))
+
+
 @pytest.mark.parametrize("name", sorted(tiny_configs()))
 def test_checkpoint_roundtrip(tmp_path, name):
     model = cj.init_model(tiny_configs()[name], key=jax.random.key(5))

@@ -166,8 +166,9 @@ def _np(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, np.float32))
 
 
-def export_hf(model: Transformer, path: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` that transformers / TransformerLens load as-is."""
+def export_hf(model: Transformer, path: str | Path, tokenizer=None) -> Path:
+    """Write `config.json` + `model.safetensors` that transformers / TransformerLens load as-is;
+    with a `Tokenizer`, also `tokenizer.json` (+ a minimal `tokenizer_config.json`)."""
     cfg, b = model.cfg, model.blocks
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -236,4 +237,9 @@ def export_hf(model: Transformer, path: str | Path) -> Path:
     hf["torch_dtype"] = "float32"
     (path / "config.json").write_text(json.dumps(hf, indent=2))
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.tok.save(str(path / "tokenizer.json"))
+        special = {f"{k}_token": tokenizer.tok.id_to_token(getattr(tokenizer, f"{k}_token_id"))
+                   for k in ("bos", "eos", "pad") if getattr(tokenizer, f"{k}_token_id") is not None}  # fmt: skip
+        (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}))
     return path
