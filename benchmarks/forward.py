@@ -13,10 +13,12 @@ For every (batch, seq) shape it reports
   * tokens/s for both, the torch/JAX time ratio (> 1: JAX is faster);
   * the max |logit difference| between the two;
   * achieved FLOP/s of each forward as a fraction of a large float32 JAX matmul
-    measured in the same run.
+    measured in the same run;
+  * the share of the CPUs other processes used while each row was timed (from
+    /proc/stat): a busy machine ruins the numbers, torch's OpenMP threads most of all.
 
     .venv/bin/python benchmarks/forward.py
-    .venv/bin/python benchmarks/forward.py --batch 1 4 --seq 16 128 --repeats 5 --json out.json
+    .venv/bin/python benchmarks/forward.py --batch 1 4 --seq 16 128 --repeats 10 --json out.json
 """
 
 from __future__ import annotations
@@ -120,14 +122,19 @@ def make_tokens(tok, batch: int, seq: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median wall-clock seconds of `fn()` over `repeats` calls (fn must block until done)."""
+def timings(fn, repeats: int) -> list[float]:
+    """Wall-clock seconds of each of `repeats` calls of `fn()` (fn must block until done)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median of `timings(fn, repeats)`."""
+    return statistics.median(timings(fn, repeats))
 
 
 def forward_fn():
@@ -159,9 +166,9 @@ def time_jax(model, tokens: np.ndarray, repeats: int) -> dict:
     lowered.compile()
     t2 = time.perf_counter()
 
-    steady = median_time(lambda: fwd(model, tokens).block_until_ready(), repeats)
+    times = timings(lambda: fwd(model, tokens).block_until_ready(), repeats)
     return dict(
-        first_call_s=first_call, trace_lower_s=t1 - t0, compile_s=t2 - t1, steady_s=steady, logits=np.asarray(logits)
+        first_call_s=first_call, trace_lower_s=t1 - t0, compile_s=t2 - t1, times=times, logits=np.asarray(logits)
     )
 
 
@@ -173,8 +180,8 @@ def time_torch(hf, tokens: np.ndarray, repeats: int) -> dict:
 
     with torch.inference_mode():
         logits = fwd()  # warm-up
-        steady = median_time(fwd, repeats)
-    return dict(steady_s=steady, logits=logits.numpy())
+        times = timings(fwd, repeats)
+    return dict(times=times, logits=logits.numpy())
 
 
 def matmul_flops(n: int, repeats: int) -> dict:
@@ -227,6 +234,7 @@ def bench_shape(model, tok, hf, batch: int, seq: int, repeats: int, peak: float)
         t = time_torch(hf, tokens, repeats)
     flop = forward_flop(model.cfg, batch, seq)
     n_tok = batch * seq
+    j["steady_s"], t["steady_s"] = statistics.median(j["times"]), statistics.median(t["times"])
     return dict(
         batch=batch,
         seq=seq,
@@ -236,6 +244,8 @@ def bench_shape(model, tok, hf, batch: int, seq: int, repeats: int, peak: float)
         jax_compile_s=j["compile_s"],
         jax_steady_ms=1e3 * j["steady_s"],
         torch_steady_ms=1e3 * t["steady_s"],
+        jax_min_ms=1e3 * min(j["times"]),
+        torch_min_ms=1e3 * min(t["times"]),
         torch_over_jax=t["steady_s"] / j["steady_s"],
         jax_tok_s=n_tok / j["steady_s"],
         torch_tok_s=n_tok / t["steady_s"],
@@ -278,14 +288,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (default: 1 4)")
     p.add_argument("--seq", type=int, nargs="+", default=[16, 128], help="sequence lengths (default: 16 128)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median is reported")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement; the median is reported")
     p.add_argument("--matmul", type=int, default=2048, help="n of the n x n float32 reference matmul")
     p.add_argument("--json", type=Path, help="write the results to this JSON file")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def environment(args) -> dict:
     env = dict(
         cpu=cpu_model(),
         jax=jax.__version__,
@@ -301,35 +310,37 @@ def main(argv=None) -> dict:
     print(f"torch {env['torch']} with {env['torch_threads']} threads; transformers {env['transformers']}")
     if env["other_cpu_before"] is not None:
         print(f"CPU used by other processes before the start: {env['other_cpu_before']:.0%}")
+    return env
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tok, hf = load_models(tmp)
-    print(f"model: SmolLM2-135M-Instruct, L={model.cfg.n_layers} D={model.cfg.d_model}, float32 in both")
 
-    with OtherLoad() as mm_load:
-        mm = matmul_flops(args.matmul, args.repeats)
-    mm["other_cpu"] = mm_load.fraction
+def reference_matmul(n: int, repeats: int) -> dict:
+    with OtherLoad() as load:
+        mm = matmul_flops(n, repeats)
+    mm["other_cpu"] = load.fraction
     print(
-        f"matmul {mm['n']}x{mm['n']} @ {mm['n']}x{mm['n']} float32: jax {mm['jax_flops'] / 1e9:.1f} GFLOP/s "
-        f"({1e3 * mm['jax_s']:.1f} ms), torch {mm['torch_flops'] / 1e9:.1f} GFLOP/s ({1e3 * mm['torch_s']:.1f} ms)"
+        f"matmul {n}x{n} @ {n}x{n} float32: jax {mm['jax_flops'] / 1e9:.1f} GFLOP/s ({1e3 * mm['jax_s']:.1f} ms), "
+        f"torch {mm['torch_flops'] / 1e9:.1f} GFLOP/s ({1e3 * mm['torch_s']:.1f} ms)"
         + (f"; other processes' CPU {mm['other_cpu']:.0%}" if mm["other_cpu"] is not None else "")
     )
+    return mm
 
-    warm = warm_up_jax(model)
-    print(f"first jitted forward of the process (B=1 T=2, one-time set-up + compile): {warm:.2f} s")
 
+def run_shapes(model, tok, hf, args, peak: float) -> list[dict]:
     rows = []
-    with torch.inference_mode():
-        for batch in args.batch:
-            for seq in args.seq:
-                row = bench_shape(model, tok, hf, batch, seq, args.repeats, mm["jax_flops"])
-                rows.append(row)
-                print(
-                    f"  B={batch} T={seq}: jax first call {row['jax_first_call_s']:.2f} s "
-                    f"(trace+lower {row['jax_trace_lower_s']:.2f} s, compile {row['jax_compile_s']:.2f} s), "
-                    f"jax {row['jax_steady_ms']:.1f} ms, torch {row['torch_steady_ms']:.1f} ms",
-                    flush=True,
-                )
+    for batch in args.batch:
+        for seq in args.seq:
+            row = bench_shape(model, tok, hf, batch, seq, args.repeats, peak)
+            rows.append(row)
+            print(
+                f"  B={batch} T={seq}: jax first call {row['jax_first_call_s']:.2f} s "
+                f"(trace+lower {row['jax_trace_lower_s']:.2f} s, compile {row['jax_compile_s']:.2f} s), "
+                f"jax {row['jax_steady_ms']:.1f} ms, torch {row['torch_steady_ms']:.1f} ms",
+                flush=True,
+            )
+    return rows
+
+
+def report(rows: list[dict], mm: dict) -> None:
     print()
     print(table(rows))
     print(
@@ -340,7 +351,23 @@ def main(argv=None) -> dict:
     if any(r["other_cpu"] > 0.1 for r in rows) or (mm["other_cpu"] or 0) > 0.1:
         print("WARNING: other processes used over 10% of the CPUs during some measurements; rerun on a quiet machine.")
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    env = environment(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok, hf = load_models(tmp)
+    print(f"model: SmolLM2-135M-Instruct, L={model.cfg.n_layers} D={model.cfg.d_model}, float32 in both")
+    mm = reference_matmul(args.matmul, args.repeats)
+    warm = warm_up_jax(model)
+    print(f"first jitted forward of the process (B=1 T=2, one-time set-up + compile): {warm:.2f} s")
+    rows = run_shapes(model, tok, hf, args, mm["jax_flops"])
+    report(rows, mm)
+
     env["load_average_end"] = os.getloadavg()
+    env["total_s"] = time.perf_counter() - t_start
+    print(f"total {env['total_s']:.0f} s")
     results = dict(env=env, matmul=mm, jax_process_warm_up_s=warm, shapes=rows)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
