@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-# kept in sync with circuits_jax._patching.SITES (imported lazily there to keep start-up light)
-_PATCH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_post")
+from ._patching import SITES as PATCH_SITES
 
 
 def _predict(args) -> int:
@@ -128,7 +127,7 @@ def _sweep_arguments(pa) -> None:
     pa.add_argument("--corrupt", required=True, help="corrupt prompt (same token length)")
     pa.add_argument("--answer", required=True, help="the clean answer (one token, e.g. ' Mary')")
     pa.add_argument("--wrong", required=True, help="the corrupt answer (one token)")
-    pa.add_argument("--site", default="resid_pre", choices=list(_PATCH_SITES))
+    pa.add_argument("--site", default="resid_pre", choices=list(PATCH_SITES))
     pa.add_argument("--by", default="layer,pos", help="comma list of axes, 'layer' first, e.g. layer,pos,head")
     pa.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None)
     pa.add_argument("--noising", action="store_true", help="patch corrupt into clean instead")
