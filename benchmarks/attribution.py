@@ -4,8 +4,9 @@
 
 Prints the steady-state time of one jitted forward pass (all-position logits), of AtP for every
 site at every layer (one clean forward, one corrupt forward + backward), their ratio, and for
-several sweeps the Pearson and Spearman correlation between the AtP estimates and the exact
-patching results (`patch_sweep`) in the same process run.
+several sweeps the Pearson and Spearman correlation between the AtP estimates (and the
+integrated-gradients estimates, 16 steps) and the exact patching results (`patch_sweep`), in the
+same process run.
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ def main():
     print(f"forward (jitted, all-position logits): {fwd * 1e3:.0f} ms")
     print(f"AtP, all {len(cj.PATCH_SITES)} sites x {model.cfg.n_layers} layers: {atp * 1e3:.0f} ms "
           f"(first call with compile {first:.1f} s) = {atp / fwd:.1f}x one forward")  # fmt: skip
-    print("\n| sweep | entries | Pearson | Spearman | exact sweep s |\n|---|---:|---:|---:|---:|")
+    print("\n| sweep | entries | AtP Pearson | AtP Spearman | IG Pearson | IG Spearman | exact s | AtP s | IG s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for site, by in SWEEPS:
         exact = cj.patch_sweep(model, clean, corrupt, metric, site, by, progress=False)
         est = cj.attribution_patch(model, clean, corrupt, metric, site, by)
-        a, b = exact.result.ravel(), est.result.ravel()
-        print(f"| {site} [{', '.join(by)}] | {a.size} | {np.corrcoef(a, b)[0, 1]:.3f} | {_spearman(a, b):.3f} | {exact.seconds:.1f} |")
+        ig = cj.integrated_gradients(model, clean, corrupt, metric, site, by, steps=16)
+        a, b, c = exact.result.ravel(), est.result.ravel(), ig.result.ravel()
+        print(f"| {site} [{', '.join(by)}] | {a.size} | {np.corrcoef(a, b)[0, 1]:.3f} | {_spearman(a, b):.3f} | "
+              f"{np.corrcoef(a, c)[0, 1]:.3f} | {_spearman(a, c):.3f} | {exact.seconds:.1f} | {est.seconds:.1f} | {ig.seconds:.1f} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The public surface; implementation lives in private modules.
 """
 
-from ._attribution import attribution_patch, attribution_patch_all
+from ._attribution import attribution_patch, attribution_patch_all, integrated_gradients
 from ._logit_attribution import (
     Decomposition,
     decompose_resid,
@@ -26,7 +26,7 @@ from .loaders._penzai import from_penzai
 from .loaders._registry import cache_dir, load, smollm2_path
 
 __all__ = [
-    "attribution_patch", "attribution_patch_all", "Decomposition", "decompose_resid", "direct_logit_attribution",
+    "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",
     "logit_lens", "neuron_logit_attribution",
     "ALL_LAYERS", "PerLayer",
     "AnswerProb", "CrossEntropy", "KLFrom", "LogitDiff", "normalise", "PATCH_SITES", "PatchResult", "patch_sweep",

@@ -99,3 +99,26 @@ def test_logit_lens_ends_at_the_logits(model):
     lens = logit_lens(model, CLEAN)
     assert lens.shape == (4, 2, 23)
     np.testing.assert_allclose(lens[-1], model(CLEAN)[:, -1], atol=1e-5)
+
+
+def test_integrated_gradients_is_complete_along_the_input_path():
+    """The embedding path's endpoints are the two runs, so layer 0's whole residual stream gets the
+    full metric change (exact up to the midpoint rule)."""
+    from circuits_jax._attribution import integrated_gradients
+
+    m = cj.init_model(tiny_configs()["llamalike"], key=jax.random.key(7), std=0.3)
+    ig = integrated_gradients(m, CLEAN, CORRUPT, METRIC, "resid_pre", ("layer",), steps=64)
+    np.testing.assert_allclose(ig.raw[0] - ig.corrupt_metric, ig.clean_metric - ig.corrupt_metric, rtol=1e-3)
+    sweep = integrated_gradients(m, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), steps=4)
+    assert sweep.result.shape == (3, 7, 4)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        integrated_gradients(m, CLEAN, CORRUPT, METRIC, steps=0)
+
+
+def test_integrated_gradients_is_exact_where_the_metric_is_linear():
+    from circuits_jax._attribution import integrated_gradients
+
+    m = cj.init_model(tiny_configs()["attn_only"], key=jax.random.key(3), std=0.3)
+    exact = cj.patch_sweep(m, CLEAN, CORRUPT, METRIC, "resid_post", ("layer", "pos"), progress=False)
+    ig = integrated_gradients(m, CLEAN, CORRUPT, METRIC, "resid_post", ("layer", "pos"), steps=3)
+    np.testing.assert_allclose(ig.result[-1], exact.result[-1], atol=1e-4)
