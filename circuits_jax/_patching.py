@@ -6,13 +6,14 @@ pattern — from a *source* run into a *target* run and scores every result.
 Denoising (default): source = clean, target = corrupt. Noising: the reverse.
 
 How it runs: the source activations of the site and the target's residual
-stream are cached once for every layer. One jitted function scores a chunk of
-patches of one layer: `jax.vmap` over patch indices, each patch a
-`Replace(value, one-hot mask)` hook, and each patched run starts at the patched
-layer from the cached target residual (layers below it are skipped at run
-time, `run(start_layer=l)`). The layer is a traced argument, so the number of
-compiled programs does not grow with depth; a Python loop over *chunks* (not
-patches) drives it, bounds memory and shows progress.
+stream are cached once for every layer. Patches are rows `(layer, index...)`
+in layer-major order; one jitted function scores a chunk of rows: `jax.vmap`
+over them, each a `Replace(value, one-hot mask)` hook at its own (batched)
+layer, and every run of the chunk starts at the chunk's lowest layer from the
+cached target residual (lower layers are skipped at run time). Layers are
+traced values, so the number of compiled programs does not grow with depth; a
+Python loop over *chunks* (not patches) drives it, bounds memory and shows
+progress. Rows whose source value equals the target's are not run at all.
 
 Results use TransformerLens's shapes: `[layer, pos]`, `[layer, pos, head]`,
 `[layer, head]`, `[layer, head, dest, src]`, `[layer, neuron]`, ...
