@@ -20,8 +20,8 @@ import numpy as np
 from jax import Array
 
 from ._interventions import ALL_LAYERS, Add, Hook, PerLayer, Replace
-from ._model import Transformer, run, unembed
-from ._patching import SITES, PatchResult, _check_site_axes, _Pairs
+from ._model import Transformer, run
+from ._patching import SITES, PatchResult, _check_site_axes, _Pairs, _score
 
 
 @eqx.filter_jit
@@ -30,14 +30,11 @@ def _atp(model, source_tokens, target_tokens, mask, positions, metric, kinds: tu
 
     estimates[kind] `[L, B, ...]` = (source - target activation) * d metric / d activation (on the target).
     """
-    L, B = model.cfg.n_layers, target_tokens.shape[0]
+    L = model.cfg.n_layers
     names = [f"blocks.{l}.{k}" for k in kinds for l in range(L)]
 
     def stacks(cache):
         return {k: jnp.stack([cache[f"blocks.{l}.{k}"] for l in range(L)]) for k in kinds}
-
-    def score(out):
-        return metric(unembed(model, out.resid[jnp.arange(B), positions]))
 
     src = run(model, source_tokens, cache=names, attention_mask=mask, return_logits=False)
     source = stacks(src.cache)
@@ -45,11 +42,11 @@ def _atp(model, source_tokens, target_tokens, mask, positions, metric, kinds: tu
     def f(deltas):
         hooks = [Hook(k, ALL_LAYERS, PerLayer(Add(d))) for k, d in deltas.items()]
         out = run(model, target_tokens, hooks=hooks, cache=names, attention_mask=mask, return_logits=False)
-        return score(out), stacks(out.cache)
+        return _score(model, out.resid, positions, metric), stacks(out.cache)
 
     zeros = {k: jnp.zeros_like(v) for k, v in source.items()}
     (target_metric, target), grads = jax.value_and_grad(f, has_aux=True)(zeros)
-    return score(src), target_metric, {k: (source[k] - target[k]) * grads[k] for k in kinds}
+    return _score(model, src.resid, positions, metric), target_metric, {k: (source[k] - target[k]) * grads[k] for k in kinds}
 
 
 def _reduce(full: np.ndarray, axes: dict[str, int], by: Sequence[str]) -> np.ndarray:
@@ -98,7 +95,7 @@ def attribution_patch(
 def _ig(model, source_tokens, target_tokens, mask, positions, metric, kind: str, steps: int):
     """Mean gradient of the metric w.r.t. every layer's `kind` activation along the straight path
     from the target's token embedding to the source's (midpoint rule), and both runs' activations."""
-    L, B = model.cfg.n_layers, target_tokens.shape[0]
+    L = model.cfg.n_layers
     names = [f"blocks.{l}.{kind}" for l in range(L)]
 
     def stack(cache):
@@ -114,7 +111,7 @@ def _ig(model, source_tokens, target_tokens, mask, positions, metric, kind: str,
             hooks = [Hook("hook_embed", None, Replace(e_tgt + alpha * (e_src - e_tgt))),
                      Hook(kind, ALL_LAYERS, PerLayer(Add(delta)))]  # fmt: skip
             out = run(model, target_tokens, hooks=hooks, attention_mask=mask, return_logits=False)
-            return metric(unembed(model, out.resid[jnp.arange(B), positions]))
+            return _score(model, out.resid, positions, metric)
 
         return jax.grad(f)(zeros)
 

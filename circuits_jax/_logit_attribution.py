@@ -31,24 +31,31 @@ def _positions(tokens, pos):
     return jnp.broadcast_to(jnp.asarray(pos % T if isinstance(pos, int) else pos, jnp.int32), (B,))
 
 
-def decompose_resid(model: Transformer, tokens, pos=-1, attention_mask=None) -> tuple[Decomposition, dict]:
-    """Every writer to the final residual stream at `pos` (int or `[B]`); they sum to it exactly."""
-    cfg = model.cfg
+def _run_at(model: Transformer, tokens, pos, attention_mask, names: list[str]):
+    """One run caching `names` (and the final norm's scale); the scored position of each row."""
     tokens = np.atleast_2d(np.asarray(tokens, np.int32))
-    L = cfg.n_layers
+    if model.cfg.normalization is not None:
+        names = [*names, "ln_final.hook_scale"]
+    out = run(model, tokens, cache=names, attention_mask=attention_mask)
+    return out, _positions(tokens, pos)
+
+
+def _component_names(model: Transformer) -> list[str]:
+    cfg, L = model.cfg, model.cfg.n_layers
     names = ["hook_embed", *(["hook_pos_embed"] if cfg.positional == "learned" else [])]
     names += [f"blocks.{l}.attn.hook_z" for l in range(L)]
     if not cfg.attn_only:
-        names += [f"blocks.{l}.hook_mlp_out" for l in range(L)] + [f"blocks.{l}.mlp.hook_post" for l in range(L)]
-    if cfg.normalization is not None:
-        names.append("ln_final.hook_scale")
-    out = run(model, tokens, cache=names, attention_mask=attention_mask)
-    p = _positions(tokens, pos)
+        names += [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+    return names
+
+
+def _components(model: Transformer, out, p) -> Decomposition:
+    cfg = model.cfg
     comps, labels = [_at(out.cache["hook_embed"], p)], ["embed"]
     if cfg.positional == "learned":
         comps.append(_at(out.cache["hook_pos_embed"], p))
         labels.append("pos_embed")
-    for l in range(L):
+    for l in range(cfg.n_layers):
         z = _at(out.cache[f"blocks.{l}.attn.hook_z"], p)  # [B, H, E]
         heads = jnp.einsum("bhe,hed->hbd", z, model.blocks.W_O[l])
         comps += list(heads)
@@ -59,15 +66,26 @@ def decompose_resid(model: Transformer, tokens, pos=-1, attention_mask=None) -> 
         if not cfg.attn_only:
             comps.append(_at(out.cache[f"blocks.{l}.hook_mlp_out"], p))
             labels.append(f"L{l}.mlp")
-    return Decomposition(np.asarray(jnp.stack(comps)), labels), {"out": out, "pos": p}
+    return Decomposition(np.asarray(jnp.stack(comps)), labels)
 
 
-def _direction(model: Transformer, answer, wrong):
+def decompose_resid(model: Transformer, tokens, pos=-1, attention_mask=None) -> tuple[Decomposition, dict]:
+    """Every writer to the final residual stream at `pos` (int or `[B]`); they sum to it exactly."""
+    out, p = _run_at(model, tokens, pos, attention_mask, _component_names(model))
+    return _components(model, out, p), {"out": out, "pos": p}
+
+
+def _readout(model: Transformer, out, p, answer, wrong):
+    """`(answer [B], wrong [B] | None, direction [B, D], frozen final-norm scale [B, 1] | None)`."""
+    B = p.shape[0]
+    answer = np.broadcast_to(np.asarray(answer), (B,))
+    wrong = None if wrong is None else np.broadcast_to(np.asarray(wrong), (B,))
     W_U = model.W_U
-    d = W_U[:, jnp.asarray(answer)]  # [D, B]
+    direction = W_U[:, jnp.asarray(answer)].T
     if wrong is not None:
-        d = d - W_U[:, jnp.asarray(wrong)]
-    return d.T  # [B, D]
+        direction = direction - W_U[:, jnp.asarray(wrong)].T
+    scale = _at(out.cache["ln_final.hook_scale"], p) if model.cfg.normalization is not None else None
+    return answer, wrong, direction, scale
 
 
 def _through_final_norm(model: Transformer, x, scale):
@@ -84,11 +102,8 @@ def direct_logit_attribution(model: Transformer, tokens, answer, wrong=None, pos
     (or of `logit[answer] - logit[wrong]`); `attributions.sum(0) + constant == logit`."""
     dec, ctx = decompose_resid(model, tokens, pos, attention_mask)
     out, p = ctx["out"], ctx["pos"]
-    B = dec.components.shape[1]
-    answer = np.broadcast_to(np.asarray(answer), (B,))
-    wrong = None if wrong is None else np.broadcast_to(np.asarray(wrong), (B,))
-    direction = _direction(model, answer, wrong)
-    scale = _at(out.cache["ln_final.hook_scale"], p) if model.cfg.normalization is not None else None
+    answer, wrong, direction, scale = _readout(model, out, p, answer, wrong)
+    B = p.shape[0]
     normed = _through_final_norm(model, jnp.asarray(dec.components), scale)  # [C, B, D]
     attributions = jnp.einsum("cbd,bd->cb", normed, direction)
     constant = jnp.zeros(B)
@@ -103,14 +118,11 @@ def direct_logit_attribution(model: Transformer, tokens, answer, wrong=None, pos
 
 def neuron_logit_attribution(model: Transformer, tokens, answer, wrong=None, pos=-1, attention_mask=None):
     """`[L, B, M]`: each MLP neuron's direct share of the logit (final-norm scale frozen)."""
-    dec, ctx = decompose_resid(model, tokens, pos, attention_mask)
-    out, p = ctx["out"], ctx["pos"]
-    B = dec.components.shape[1]
-    direction = _direction(model, np.broadcast_to(np.asarray(answer), (B,)),
-                           None if wrong is None else np.broadcast_to(np.asarray(wrong), (B,)))  # fmt: skip
-    scale = _at(out.cache["ln_final.hook_scale"], p) if model.cfg.normalization is not None else None
+    L = model.cfg.n_layers
+    out, p = _run_at(model, tokens, pos, attention_mask, [f"blocks.{l}.mlp.hook_post" for l in range(L)])
+    _, _, direction, scale = _readout(model, out, p, answer, wrong)
     rows = []
-    for l in range(model.cfg.n_layers):
+    for l in range(L):
         post = _at(out.cache[f"blocks.{l}.mlp.hook_post"], p)  # [B, M]
         writes = post[:, :, None] * model.blocks.W_out[l][None]  # [B, M, D]
         normed = _through_final_norm(model, writes, None if scale is None else scale[:, None])
@@ -122,8 +134,6 @@ def logit_lens(model: Transformer, tokens, pos=-1, attention_mask=None) -> np.nd
     """`[L + 1, B, V]`: the accumulated residual stream entering each layer (and the final one),
     read out through the final norm and unembedding at `pos`."""
     L = model.cfg.n_layers
-    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
-    out = run(model, tokens, cache=[f"blocks.{l}.hook_resid_pre" for l in range(L)], attention_mask=attention_mask)
-    p = _positions(tokens, pos)
+    out, p = _run_at(model, tokens, pos, attention_mask, [f"blocks.{l}.hook_resid_pre" for l in range(L)])
     resid = jnp.stack([_at(out.cache[f"blocks.{l}.hook_resid_pre"], p) for l in range(L)] + [_at(out.resid, p)])
     return np.asarray(unembed(model, resid))

@@ -106,6 +106,11 @@ def _answer_positions(B: int, T: int, attention_mask, answer_pos):
     return (T - 1 - jnp.argmax(jnp.asarray(attention_mask)[:, ::-1], axis=1)).astype(jnp.int32)
 
 
+def _score(model, resid, positions, metric):
+    """The metric of a run: final norm and unembedding of each row's scored position only."""
+    return metric(unembed(model, resid[jnp.arange(resid.shape[0]), positions]))
+
+
 def _hit(act_shape, axis_of, index):
     """Boolean mask over one example's activation: true where every indexed axis matches (-1: all)."""
     hit = jnp.ones(act_shape, bool)
@@ -122,14 +127,13 @@ def _score_chunk(model, tokens, mask, positions, resid, source, metric, start, r
     All patched runs of the chunk start at `start` (the chunk's lowest layer, an unbatched scalar,
     so lower layers are skipped at run time); each patch's own layer is a batched hook layer.
     """
-    B = tokens.shape[0]
 
     def one(row):
         layer = row[0]
         hook = Hook(kind, layer, Replace(source[layer], _hit(act_shape, axis_of, row[1:])[None]))
         out = run(model, tokens, hooks=[hook], attention_mask=mask, start_layer=start, resid=resid[start],
                   return_logits=False)  # fmt: skip
-        return metric(unembed(model, out.resid[jnp.arange(B), positions]))
+        return _score(model, out.resid, positions, metric)
 
     return jax.vmap(one)(rows)
 
@@ -149,7 +153,7 @@ def _rows_changed(source, target, rows, axis_of, act_shape):
 @eqx.filter_jit
 def _metric_of(model, tokens, mask, positions, metric):
     out = run(model, tokens, attention_mask=mask, return_logits=False)
-    return metric(unembed(model, out.resid[jnp.arange(tokens.shape[0]), positions]))
+    return _score(model, out.resid, positions, metric)
 
 
 class _Pairs:
