@@ -3,7 +3,8 @@
 The public surface; implementation lives in private modules.
 """
 
-from ._attribution import attribution_patch, attribution_patch_all, integrated_gradients
+from ._attribution import atp_star, attribution_patch, attribution_patch_all, integrated_gradients
+from ._shapley import ShapleyResult, shapley_values
 from ._logit_attribution import (
     Decomposition,
     decompose_resid,
@@ -11,6 +12,18 @@ from ._logit_attribution import (
     logit_lens,
     neuron_logit_attribution,
 )
+from ._graph import (
+    EDGE_METHODS,
+    EdgeScores,
+    Graph,
+    PathPatchResult,
+    edge_attribution,
+    edge_patch_all,
+    patch_edges,
+    patch_single_edges,
+    path_patch,
+)
+from ._circuit import FAITHFULNESS_KS, ablated_outputs, circuit_metrics, faithfulness, top_edges
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
 from ._config import Config
 from ._interventions import ALL_LAYERS, PerLayer, Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
@@ -26,6 +39,9 @@ from .loaders._penzai import from_penzai
 from .loaders._registry import cache_dir, load, smollm2_path
 
 __all__ = [
+    "EDGE_METHODS", "EdgeScores", "Graph", "PathPatchResult", "edge_attribution", "edge_patch_all", "patch_edges",
+    "patch_single_edges", "path_patch", "atp_star", "ShapleyResult", "shapley_values",
+    "FAITHFULNESS_KS", "ablated_outputs", "circuit_metrics", "faithfulness", "top_edges",
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",
     "logit_lens", "neuron_logit_attribution",
     "ALL_LAYERS", "PerLayer",

@@ -24,7 +24,7 @@ from jax import Array, lax
 
 from ._config import Config
 from ._interventions import ALL_LAYERS, Hook, Intervention, PerLayer
-from ._sites import Site, global_kinds, layer_kinds, parse_site, site_shape
+from ._sites import SPLIT_INPUTS, Site, global_kinds, layer_kinds, parse_site, site_shape
 
 
 class Blocks(eqx.Module):
@@ -163,6 +163,10 @@ class _Tap:
     def __init__(self, hooks: tuple[Hook, ...], layer: Array | None, record: set[str]):
         self.hooks, self.layer, self.record, self.seen = hooks, layer, record, {}
 
+    def wants(self, kinds) -> bool:
+        """Whether any of `kinds` is hooked or recorded (decides, e.g., split q/k/v inputs)."""
+        return any(h.kind in kinds for h in self.hooks) or any(k in self.record for k in kinds)
+
     def __call__(self, kind: str, x: Array) -> Array:
         for h in self.hooks:
             if h.kind != kind:
@@ -226,6 +230,10 @@ def _add(x, b):
     return x if b is None else x + b
 
 
+def _no_tap(kind, x):
+    return x
+
+
 def _block(
     cfg: Config, p: Blocks, x: Array, positions: Array, key_mask: Array | None, tap, result_hooked: bool, result_cached: bool
 ):
@@ -233,10 +241,20 @@ def _block(
     B, T, _ = x.shape
     H, K, G, E = cfg.n_heads, cfg.kv_heads, cfg.group_size, cfg.d_head
     x = tap("hook_resid_pre", x)
-    h = _norm(cfg, x, p.ln1_w, p.ln1_b, "ln1", tap)
-    q = tap("attn.hook_q", _add(jnp.einsum("btd,hde->bthe", h, p.W_Q), p.b_Q))
-    k = tap("attn.hook_k", _add(jnp.einsum("bsd,kde->bske", h, p.W_K), p.b_K))
-    v = tap("attn.hook_v", _add(jnp.einsum("bsd,kde->bske", h, p.W_V), p.b_V))
+    if tap.wants(SPLIT_INPUTS):  # each head reads its own copy of the stream (edges into one head)
+        def split(kind, n, W, b):
+            xi = tap(kind, jnp.broadcast_to(x[:, :, None], (B, T, n, x.shape[-1])))
+            hi = _norm(cfg, xi, p.ln1_w, p.ln1_b, "ln1", _no_tap)
+            return _add(jnp.einsum("btnd,nde->btne", hi, W), b)
+
+        q = tap("attn.hook_q", split("hook_q_input", H, p.W_Q, p.b_Q))
+        k = tap("attn.hook_k", split("hook_k_input", K, p.W_K, p.b_K))
+        v = tap("attn.hook_v", split("hook_v_input", K, p.W_V, p.b_V))
+    else:
+        h = _norm(cfg, x, p.ln1_w, p.ln1_b, "ln1", tap)
+        q = tap("attn.hook_q", _add(jnp.einsum("btd,hde->bthe", h, p.W_Q), p.b_Q))
+        k = tap("attn.hook_k", _add(jnp.einsum("bsd,kde->bske", h, p.W_K), p.b_K))
+        v = tap("attn.hook_v", _add(jnp.einsum("bsd,kde->bske", h, p.W_V), p.b_V))
     if cfg.positional == "rotary":
         q = tap("attn.hook_rot_q", _rope(cfg, q, positions))
         k = tap("attn.hook_rot_k", _rope(cfg, k, positions))
@@ -262,7 +280,7 @@ def _block(
     if cfg.attn_only:
         return tap("hook_resid_post", x + attn_out)
     x = tap("hook_resid_mid", x + attn_out)
-    h = _norm(cfg, x, p.ln2_w, p.ln2_b, "ln2", tap)
+    h = _norm(cfg, tap("hook_mlp_in", x), p.ln2_w, p.ln2_b, "ln2", tap)  # mlp_in feeds the MLP only
     if cfg.gated_mlp:
         pre = tap("mlp.hook_pre", _add(h @ p.W_gate, p.b_gate))
         linear = tap("mlp.hook_pre_linear", _add(h @ p.W_in, p.b_in))
@@ -330,6 +348,12 @@ def run(
             raise ValueError(f"attention_mask has shape {attention_mask.shape}; tokens have shape {(B, T)}")
     hooks = normalize_hooks(hooks, cfg)
     wanted = [parse_site(n, cfg) for n in cache]
+    touched = {h.kind for h in hooks} | {s.kind for s in wanted}
+    if touched & set(SPLIT_INPUTS) and any(k.startswith("ln1.") for k in touched):
+        raise ValueError(
+            "the split q/k/v inputs (hook_q_input, ...) and the ln1 sites cannot be used in one run: with split "
+            "inputs every head normalises its own copy of the stream, so there is no single ln1 activation"
+        )
     positions = positions_from_mask(attention_mask, B, T)
     if cfg.positional == "learned" and T > cfg.n_ctx:
         raise ValueError(f"{T} positions exceed the model's context of {cfg.n_ctx}")

@@ -205,16 +205,12 @@ class _Pairs:
             changed = _rows_changed(source, self.site_stack(kind, source=False), jnp.asarray(rows), axis_of, act_shape)
             todo = np.flatnonzero(np.asarray(changed))
         chunk = max(1, min(chunk, max(len(todo), 1)))
-        n_chunks = math.ceil(len(todo) / chunk)
-        bar = _progress(n_chunks, desc, progress)
-        for c in range(n_chunks):
-            ids = todo[c * chunk : (c + 1) * chunk]
-            part = rows[np.concatenate([ids, np.repeat(ids[-1:], chunk - len(ids))])]
-            vals = _score_chunk(self.model, self.target_tokens, self.mask, self.positions, self.resid, source,
+
+        def score(part):
+            return _score_chunk(self.model, self.target_tokens, self.mask, self.positions, self.resid, source,
                                 self.metric, jnp.int32(part[:, 0].min()), part, kind, axis_of, act_shape)  # fmt: skip
-            raw[ids] = np.asarray(vals)[: len(ids)]
-            bar.update(1)
-        bar.close()
+
+        raw[todo] = in_chunks(rows, chunk, score, desc, progress, order=todo)[todo]
         return raw, chunk
 
     def result(self, raw, axes, t0, chunk) -> PatchResult:
@@ -356,6 +352,25 @@ def patch_every_block(model, clean_tokens, corrupt_tokens, metric, **kwargs) -> 
     """`[3, layer, pos]`: resid_pre, attn_out and mlp_out patched at each (layer, position)."""
     sweeps = [(s, ("layer", "pos")) for s in ("resid_pre", "attn_out", "mlp_out")]
     return _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs)
+
+
+def in_chunks(rows: np.ndarray, chunk: int, score: Callable, desc: str, progress: bool, order=None,
+              dtype=np.float32) -> np.ndarray:  # fmt: skip
+    """`score(part)` over chunks of `chunk` rows taken in `order` (default: as given); the last chunk is
+    padded by repeating its final row, so one compiled program serves every chunk. Returns the values
+    in the rows' own order (rows left out of `order` stay 0). The Python loop runs over chunks, not
+    rows, and drives the progress bar."""
+    order = np.arange(len(rows)) if order is None else np.asarray(order)
+    out = np.zeros(len(rows), dtype)
+    n_chunks = math.ceil(len(order) / chunk)
+    bar = _progress(n_chunks, desc, progress)
+    for c in range(n_chunks):
+        ids = order[c * chunk : (c + 1) * chunk]
+        part = rows[np.concatenate([ids, np.repeat(ids[-1:], chunk - len(ids))])]
+        out[ids] = np.asarray(score(part))[: len(ids)]
+        bar.update(1)
+    bar.close()
+    return out
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -16,7 +16,13 @@ D d_model, M d_mlp):
     attn.hook_q, attn.hook_rot_q, attn.hook_z               [B, T, H, E]
     attn.hook_k, attn.hook_v, attn.hook_rot_k               [B, T, K, E]
     attn.hook_attn_scores, attn.hook_pattern                [B, H, T(query), T(key)]
-    attn.hook_result                                        [B, T, H, D]
+    attn.hook_result, hook_q_input                          [B, T, H, D]
+    hook_k_input, hook_v_input                              [B, T, K, D]
+    hook_mlp_in                                             [B, T, D]
+
+The split inputs (`hook_q_input`, ...) are TransformerLens's `use_split_qkv_input`: each
+head reads its own copy of the residual stream, so an edge into one head's query can be
+patched alone. They exist only while hooked or cached; the `ln1` sites then do not.
     mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post        [B, T, M]
 """
 
@@ -39,6 +45,9 @@ class Site(NamedTuple):
 
 _ATTN_KINDS = (
     "hook_resid_pre",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
     "ln1.hook_scale",
     "ln1.hook_normalized",
     "attn.hook_q",
@@ -54,6 +63,7 @@ _ATTN_KINDS = (
 )
 _MLP_KINDS = (
     "hook_resid_mid",
+    "hook_mlp_in",
     "ln2.hook_scale",
     "ln2.hook_normalized",
     "mlp.hook_pre",
@@ -87,7 +97,13 @@ _SHORT = {
     "post": "mlp.hook_post",
     "mlp_post": "mlp.hook_post",
     "mlp_pre": "mlp.hook_pre",
+    "q_input": "hook_q_input",
+    "k_input": "hook_k_input",
+    "v_input": "hook_v_input",
+    "mlp_in": "hook_mlp_in",
 }
+
+SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
 
 
 def layer_kinds(cfg: Config) -> tuple[str, ...]:
@@ -165,8 +181,10 @@ def site_shape(site: Site, cfg: Config, batch: int, pos: int) -> tuple[int, ...]
         return (B, T, K, E)
     if kind in ("attn.hook_attn_scores", "attn.hook_pattern"):
         return (B, H, T, T)
-    if kind == "attn.hook_result":
+    if kind in ("attn.hook_result", "hook_q_input"):
         return (B, T, H, D)
+    if kind in ("hook_k_input", "hook_v_input"):
+        return (B, T, K, D)
     if kind.startswith("mlp."):
         return (B, T, cfg.d_mlp)
     return (B, T, D)

@@ -8,6 +8,8 @@ import sys
 
 from ._patching import SITES as PATCH_SITES
 
+EDGE_METHODS = ("eap", "eap-ig", "eap-ig-activations")
+
 
 def _predict(args) -> int:
     import jax
@@ -38,15 +40,13 @@ def _predict(args) -> int:
     return 0
 
 
-def _patch(args) -> int:
+def _prepare(args):
+    """Model, tokenizer, token arrays and the logit-difference metric of a clean/corrupt pair (or an exit code)."""
     import numpy as np
 
     from ._metrics import LogitDiff
-    from ._patching import patch_sweep
     from .loaders._registry import load
-    from .plot import heatmap
 
-    by = tuple(a.strip() for a in args.by.split(",") if a.strip())
     model, tok = load(args.model)
     if tok is None:
         print(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)", file=sys.stderr)
@@ -60,12 +60,32 @@ def _patch(args) -> int:
         )
         return 2
     metric = LogitDiff(np.array([tok.to_single_token(args.answer)]), np.array([tok.to_single_token(args.wrong)]))
+    return model, tok, clean, corrupt, metric
+
+
+def _patch(args) -> int:
+    import numpy as np
+
+    from ._patching import patch_sweep
+    from .plot import heatmap
+
     method = getattr(args, "method", "exact")
+    if method in EDGE_METHODS:
+        return _edges(args)
+    by = tuple(a.strip() for a in args.by.split(",") if a.strip())
+    prepared = _prepare(args)
+    if isinstance(prepared, int):
+        return prepared
+    model, tok, clean, corrupt, metric = prepared
+    layers = None
     if method == "atp":
         from ._attribution import attribution_patch
 
-        layers = None
         r = attribution_patch(model, clean, corrupt, metric, args.site, by, noising=args.noising)
+    elif method == "atp-star":
+        from ._attribution import atp_star
+
+        r = atp_star(model, clean, corrupt, metric, args.site, by, graddrop=args.graddrop, noising=args.noising)
     else:
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
         r = patch_sweep(model, clean, corrupt, metric, args.site, by, noising=args.noising, chunk_size=args.chunk_size,
@@ -82,7 +102,7 @@ def _patch(args) -> int:
         title = f"{args.site} by {','.join(by)} ({mode}, {method}); logit diff {args.answer!r} - {args.wrong!r}"
         heatmap(r.result, r.axes, tokens=str_tokens, title=title, path=args.png, layers=layers)
     n = r.result.size
-    verb = "estimated (one backward pass)" if method == "atp" else "patched"
+    verb = "patched" if method == "exact" else f"estimated ({method})"
     print(f"{args.site} by {','.join(by)}: result {r.result.shape}, {n} patches {verb} in {r.seconds:.1f}s")
     print(f"clean logit diff {r.clean_metric:.4f}, corrupt {r.corrupt_metric:.4f}")
     flat = np.nan_to_num(r.result).reshape(-1)
@@ -90,6 +110,75 @@ def _patch(args) -> int:
         where = ", ".join(f"{a}={i}" for a, i in zip(by, np.unravel_index(j, r.result.shape)))
         print(f"  {where}: {flat[j]:+.3f}")
     print(f"wrote {args.out}" + (f" and {args.png}" if args.png else ""))
+    return 0
+
+
+def _edges(args) -> int:
+    """`attribute --method eap|eap-ig|eap-ig-activations`: scores of every edge of the graph."""
+    import numpy as np
+
+    from ._graph import edge_attribution
+    from .plot import edge_heatmap
+
+    prepared = _prepare(args)
+    if isinstance(prepared, int):
+        return prepared
+    model, tok, clean, corrupt, metric = prepared
+    r = edge_attribution(model, clean, corrupt, metric, args.method, steps=args.steps, noising=args.noising)
+    g = r.graph
+    np.savez(
+        args.out, scores=r.scores, sources=np.array(g.sources), destinations=np.array(g.destinations), mask=g.mask,
+        clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric, method=args.method, seconds=r.seconds,
+        str_tokens=np.array(tok.to_str_tokens(clean)), noising=args.noising, steps=args.steps,
+    )  # fmt: skip
+    if args.png:
+        edge_heatmap(r, title=f"{args.method} edge scores; logit diff {args.answer!r} - {args.wrong!r}", path=args.png)
+    print(f"{args.method}: {g.n_edges} edges scored in {r.seconds:.1f}s "
+          f"(scores [{len(g.sources)} sources, {len(g.destinations)} destinations])")  # fmt: skip
+    print(f"clean logit diff {r.clean_metric:.4f}, corrupt {r.corrupt_metric:.4f}; top edges (normalised change):")
+    for name, v in r.top(8):
+        print(f"  {name}: {v / (r.clean_metric - r.corrupt_metric):+.3f}")
+    print(f"wrote {args.out}" + (f" and {args.png}" if args.png else ""))
+    return 0
+
+
+def _path_patch(args) -> int:
+    import numpy as np
+
+    from ._graph import path_patch
+    from .plot import heatmap
+
+    prepared = _prepare(args)
+    if isinstance(prepared, int):
+        return prepared
+    model, tok, clean, corrupt, metric = prepared
+    senders = args.senders if args.senders in ("heads", "mlps") else args.senders.split(",")
+    r = path_patch(model, clean, corrupt, metric, list(args.receivers), senders, noising=args.noising,
+                   progress=not args.quiet)  # fmt: skip
+    np.savez(
+        args.out, result=r.result, raw=r.raw, axes=np.array(r.axes), receivers=np.array(args.receivers),
+        senders=np.array(r.senders), clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric,
+        seconds=r.seconds, noising=args.noising, str_tokens=np.array(tok.to_str_tokens(clean)),
+    )  # fmt: skip
+    print(f"path patching {len(r.senders)} senders into {len(args.receivers)} receiver group(s) in {r.seconds:.1f}s; "
+          f"clean logit diff {r.clean_metric:.4f}, corrupt {r.corrupt_metric:.4f}")  # fmt: skip
+    for spec, res in zip(args.receivers, r.result):
+        flat = np.nan_to_num(res).reshape(-1)
+        top = np.argsort(-np.abs(flat))[:5]
+        print(f"  -> {spec}: " + ", ".join(f"{r.senders[j]} {flat[j]:+.3f}" for j in top))
+    if args.png:
+        from pathlib import Path
+
+        for i, (spec, res) in enumerate(zip(args.receivers, r.result)):
+            path = args.png if len(args.receivers) == 1 else str(Path(args.png).with_suffix(f".{i}.png"))
+            if r.axes[1] == "sender":  # named senders have no layer axis: the npz and the printout carry them
+                print("--png: named senders are not drawn; use --senders heads or mlps for a heatmap")
+                break
+            heatmap(res, r.axes[1:], title=f"path patching into {spec} ({'noising' if args.noising else 'denoising'}, direct paths)", path=path)
+            print(f"wrote {path}")
+        print(f"wrote {args.out}")
+    else:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -113,26 +202,44 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     pa.set_defaults(func=_patch)
 
-    at = sub.add_parser("attribute", help="gradient estimates of a patching sweep (same shapes and file layout)")
-    at.add_argument("--method", choices=["atp"], default="atp", help="atp: attribution patching (first order)")
+    at = sub.add_parser("attribute", help="gradient estimates of a patching sweep (same shapes and file layout) or of every edge")
+    at.add_argument("--method", choices=["atp", "atp-star", *EDGE_METHODS], default="atp",
+                    help="atp: attribution patching; atp-star: with the attention-saturation fix (AtP*); eap, eap-ig, "
+                         "eap-ig-activations: every edge of the graph, written as scores [sources, destinations]")  # fmt: skip
     _sweep_arguments(at)
+    at.add_argument("--graddrop", action="store_true", help="atp-star: add GradDrop (unsigned magnitudes)")
+    at.add_argument("--steps", type=int, default=8, help="eap-ig*: interpolation steps")
     at.set_defaults(func=_patch, quiet=True)
+
+    pp = sub.add_parser("path-patch", help="path patching: each sender's direct effect through chosen receivers")
+    _pair_arguments(pp)
+    pp.add_argument("--receivers", action="append", required=True,
+                    help="destinations: names or globs, comma separated ('a23.h*<q>', 'm12', 'logits'); repeat the "
+                         "flag for several receiver groups")  # fmt: skip
+    pp.add_argument("--senders", default="heads", help="'heads' (result [layer, head]), 'mlps', or names/globs")
+    pp.add_argument("--quiet", action="store_true", help="no progress bar")
+    pp.set_defaults(func=_path_patch)
     return p
 
 
-def _sweep_arguments(pa) -> None:
-    """Arguments shared by `patch` and `attribute`."""
+def _pair_arguments(pa) -> None:
+    """A model, a clean/corrupt prompt pair and the answers of the logit-difference metric."""
     pa.add_argument("--model", default="smollm2")
     pa.add_argument("--clean", required=True, help="clean prompt")
     pa.add_argument("--corrupt", required=True, help="corrupt prompt (same token length)")
     pa.add_argument("--answer", required=True, help="the clean answer (one token, e.g. ' Mary')")
     pa.add_argument("--wrong", required=True, help="the corrupt answer (one token)")
-    pa.add_argument("--site", default="resid_pre", choices=list(PATCH_SITES))
-    pa.add_argument("--by", default="layer,pos", help="comma list of axes, 'layer' first, e.g. layer,pos,head")
     pa.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None)
     pa.add_argument("--noising", action="store_true", help="patch corrupt into clean instead")
     pa.add_argument("--out", required=True, help="output .npz")
     pa.add_argument("--png", default=None, help="also draw a labelled heatmap")
+
+
+def _sweep_arguments(pa) -> None:
+    """Arguments shared by `patch` and `attribute`."""
+    _pair_arguments(pa)
+    pa.add_argument("--site", default="resid_pre", choices=list(PATCH_SITES))
+    pa.add_argument("--by", default="layer,pos", help="comma list of axes, 'layer' first, e.g. layer,pos,head")
 
 
 def main(argv=None) -> int:

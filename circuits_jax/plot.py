@@ -72,10 +72,51 @@ def heatmap(result, axes, *, tokens=None, title: str = "", path=None, layers=Non
         ax.set_yticks(range(0, len(rows), step), rows[::step], fontsize=7)
     ax.set_xlabel(" / ".join(axes[1:]) or "")
     ax.set_ylabel("layer, head" if len(axes) > 2 and "head" in axes[1:] else "layer")
-    ax.set_title((title or "patching result") + note, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="normalised metric (clean 1, corrupt 0)")
+    return _finish(fig, ax, im, (title or "patching result") + note, "normalised metric (clean 1, corrupt 0)", path)
+
+
+def _finish(fig, ax, im, title: str, label: str, path):
+    """Title, colour bar, layout; saved (and closed) when `path` is given."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label=label)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+def edge_heatmap(edges, *, title: str = "", path=None):
+    """Draw an `EdgeScores` as its `[sources, destinations]` matrix (normalised change, grey off the edge mask),
+    rows and columns labelled at layer boundaries; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    g = edges.graph
+    mat = np.where(g.mask, edges.normalised, np.nan)
+    lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
+    fig, ax = plt.subplots(figsize=(14, 9))
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.9")
+    im = ax.imshow(mat, cmap=cmap, vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto", interpolation="nearest")
+
+    def ticks(names):  # the first node of each layer (and input / logits)
+        seen, out = set(), []
+        for i, n in enumerate(names):
+            key = n.split(".")[0].lstrip("am") if n not in ("input", "logits") else n
+            if key not in seen:
+                seen.add(key)
+                out.append((i, n if n in ("input", "logits") else f"L{key}"))
+        step = max(1, len(out) // 32)
+        return out[::step] + ([out[-1]] if (len(out) - 1) % step else [])
+
+    for setter, names in ((ax.set_yticks, g.sources), (ax.set_xticks, g.destinations)):
+        t = ticks(names)
+        setter([i for i, _ in t], [n for _, n in t], fontsize=7)
+    ax.tick_params(axis="x", rotation=90)
+    ax.set_ylabel("source (writes the residual stream)")
+    ax.set_xlabel("destination (q / k / v input of a head, MLP input, logits)")
+    return _finish(fig, ax, im, title or f"{edges.method} edge scores", "change in units of clean - corrupt", path)

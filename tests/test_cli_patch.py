@@ -57,3 +57,30 @@ def test_attribute_atp_writes_the_same_layout_and_tracks_the_exact_sweep(smollm2
     assert a["result"].shape == p["result"].shape == (30, 9) and str(a["method"]) == "atp"
     np.testing.assert_allclose(float(a["clean_metric"]), float(p["clean_metric"]), atol=1e-3)
     assert np.corrcoef(a["result"].ravel(), p["result"].ravel())[0, 1] > 0.9
+
+
+PAIR = ["--clean", CLEAN, "--corrupt", CORRUPT, "--answer", " Mary", "--wrong", " John"]
+
+
+def test_attribute_atp_star_and_eap(smollm2, tmp_path, capsys):
+    assert main(["attribute", "--method", "atp-star", *PAIR, "--site", "k", "--by", "layer,head",
+                 "--out", str(tmp_path / "s.npz")]) == 0  # fmt: skip
+    s = np.load(tmp_path / "s.npz")
+    assert s["result"].shape == (30, 3) and str(s["method"]) == "atp-star"  # k: kv heads
+    assert main(["attribute", "--method", "eap", *PAIR, "--out", str(tmp_path / "e.npz"), "--png", str(tmp_path / "e.png")]) == 0
+    e = np.load(tmp_path / "e.npz")
+    assert e["scores"].shape == (len(e["sources"]), len(e["destinations"])) == (301, 481) == e["mask"].shape
+    assert np.all(e["scores"][~e["mask"]] == 0) and np.abs(e["scores"]).max() > 0.1
+    assert (tmp_path / "e.png").stat().st_size > 10_000
+    assert "70651 edges" in capsys.readouterr().out
+
+
+def test_path_patch_command(smollm2, tmp_path, capsys):
+    out = tmp_path / "pp.npz"
+    assert main(["path-patch", *PAIR, "--receivers", "logits", "--out", str(out), "--png", str(tmp_path / "pp.png"), "--quiet"]) == 0
+    d = np.load(out)
+    assert d["result"].shape == (1, 30, 9) and list(d["axes"]) == ["receiver", "layer", "head"]
+    assert (tmp_path / "pp.png").stat().st_size > 10_000
+    assert "-> logits" in capsys.readouterr().out
+    assert main(["path-patch", *PAIR, "--receivers", "a23.h3<x>", "--out", str(out)]) == 2
+    assert "nearest valid: " in capsys.readouterr().err

@@ -23,19 +23,33 @@ def model(request):
 
 
 def test_every_site_has_its_documented_shape(model):
-    from circuits_jax._sites import site_shape
+    from circuits_jax._sites import SPLIT_INPUTS, site_shape
 
     names = cj.all_site_names(model.cfg)
-    out = cj.run(model, TOKENS, cache=names)
-    assert set(out.cache) == set(names)
-    for name, value in out.cache.items():
-        assert value.shape == site_shape(cj.parse_site(name, model.cfg), model.cfg, *TOKENS.shape), name
-    assert out.logits.shape == (*TOKENS.shape, model.cfg.d_vocab)
+    split = [n for n in names if n.split(".", 2)[-1] in SPLIT_INPUTS]  # not in one run with the ln1 sites
+    assert len(split) == 3 * model.cfg.n_layers
+    for part in ([n for n in names if n not in split], split):
+        out = cj.run(model, TOKENS, cache=part)
+        assert set(out.cache) == set(part)
+        for name, value in out.cache.items():
+            assert value.shape == site_shape(cj.parse_site(name, model.cfg), model.cfg, *TOKENS.shape), name
+        assert out.logits.shape == (*TOKENS.shape, model.cfg.d_vocab)
+
+
+def _split(names):
+    """The split q/k/v inputs apart: they cannot share a run with the ln1 sites."""
+    from circuits_jax._sites import SPLIT_INPUTS
+
+    split = [n for n in names if n.split(".", 2)[-1] in SPLIT_INPUTS]
+    return [n for n in names if n not in split], split
 
 
 def _assert_unchanged(got, want, names):
-    """Bit-exact, except that hooking `attn.hook_result` sums per-head outputs (a reassociated sum)."""
-    if any(n.endswith("attn.hook_result") for n in names):
+    """Bit-exact, except that hooking `attn.hook_result` sums per-head outputs (a reassociated sum) and
+    split inputs normalise each head's copy of the stream on its own (another order of the same sums)."""
+    from circuits_jax._sites import SPLIT_INPUTS
+
+    if any(n.endswith("attn.hook_result") or n.split(".", 2)[-1] in SPLIT_INPUTS for n in names):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     else:
         np.testing.assert_array_equal(got, want)
@@ -43,20 +57,23 @@ def _assert_unchanged(got, want, names):
 
 def test_identity_intervention_changes_nothing(model):
     clean = model(TOKENS)
-    names = cj.all_site_names(model.cfg)
+    names, split = _split(cj.all_site_names(model.cfg))
     exact = [n for n in names if not n.endswith("attn.hook_result")]
-    for chosen in (exact, names):
+    for chosen in (exact, names, split):
         hooks = [(name, cj.Apply(lambda x: x)) for name in chosen]
         _assert_unchanged(cj.run(model, TOKENS, hooks=hooks).logits, clean, chosen)
 
 
 def test_replacing_every_site_with_its_cached_value_changes_nothing(model):
-    names = cj.all_site_names(model.cfg)
+    names, split = _split(cj.all_site_names(model.cfg))
     out = cj.run(model, TOKENS, cache=names)
     exact = [n for n in names if not n.endswith("attn.hook_result")]
     for chosen in (exact, names):
         hooks = {name: cj.Replace(out.cache[name]) for name in chosen}
         _assert_unchanged(cj.run(model, TOKENS, hooks=hooks).logits, out.logits, chosen)
+    split_out = cj.run(model, TOKENS, cache=split)
+    hooks = {name: cj.Replace(split_out.cache[name]) for name in split}
+    _assert_unchanged(cj.run(model, TOKENS, hooks=hooks).logits, out.logits, split)
 
 
 def test_interventions_change_what_they_touch(model):
