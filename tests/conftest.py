@@ -13,6 +13,14 @@ SHARED = Path(os.environ.get("CIRCUITS_JAX_SHARED", ROOT.parent / "shared"))
 REFERENCE = SHARED / "reference"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each test module's compiled programs when it ends: one process compiles thousands of them,
+    and late in the suite XLA's compiler crashed (segfault, twice, at different tests) once it held them all."""
+    yield
+    jax.clear_caches()
+
+
 def pytest_collection_modifyitems(config, items):
     if REFERENCE.exists():
         return
