@@ -251,13 +251,18 @@ class EdgeScores:
         return [(f"{g.sources[i // vals.shape[1]]}->{g.destinations[i % vals.shape[1]]}", float(vals.flat[i])) for i in idx]
 
 
-@eqx.filter_jit
-def _eap(model, source_tokens, target_tokens, mask, positions, metric):
-    cfg = model.cfg
-    names = _source_names(cfg)
+def _both_runs(model, source_tokens, target_tokens, mask, extra=()):
+    """Source and target runs caching every source's output (and `extra` sites), and `[S, B, T, D]`
+    output differences (source minus target)."""
+    names = _source_names(model.cfg) + list(extra)
     src = run(model, source_tokens, cache=names, attention_mask=mask, return_logits=False)
     tgt = run(model, target_tokens, cache=names, attention_mask=mask, return_logits=False)
-    diff = _outputs(cfg, src.cache) - _outputs(cfg, tgt.cache)
+    return src, tgt, _outputs(model.cfg, src.cache) - _outputs(model.cfg, tgt.cache)
+
+
+@eqx.filter_jit
+def _eap(model, source_tokens, target_tokens, mask, positions, metric):
+    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask)
     target_metric, grads = _dest_grads(model, target_tokens, mask, positions, metric)
     scores = jnp.einsum("sbtd,ebtd->se", diff, grads)
     return _score(model, src.resid, positions, metric), target_metric, scores
@@ -266,11 +271,7 @@ def _eap(model, source_tokens, target_tokens, mask, positions, metric):
 @eqx.filter_jit
 def _eap_ig_inputs(model, source_tokens, target_tokens, mask, positions, metric, steps: int):
     """Gradients averaged along the straight path from the target's input embedding to the source's."""
-    cfg = model.cfg
-    names = _source_names(cfg)
-    src = run(model, source_tokens, cache=names, attention_mask=mask, return_logits=False)
-    tgt = run(model, target_tokens, cache=names, attention_mask=mask, return_logits=False)
-    diff = _outputs(cfg, src.cache) - _outputs(cfg, tgt.cache)
+    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask)
     e_src, e_tgt = src.cache["hook_embed"], tgt.cache["hook_embed"]
 
     def grads_at(alpha):
@@ -290,11 +291,8 @@ def _eap_ig_activations(model, source_tokens, target_tokens, mask, positions, me
     output moves from its target value to its source value, every other node computed as usual."""
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
-    names = _source_names(cfg)
     extra = [f"blocks.{l}.{k}" for l in range(L) for k in ("hook_attn_out", "hook_resid_pre")]
-    src = run(model, source_tokens, cache=names + extra, attention_mask=mask, return_logits=False)
-    tgt = run(model, target_tokens, cache=names + extra, attention_mask=mask, return_logits=False)
-    diff = _outputs(cfg, src.cache) - _outputs(cfg, tgt.cache)
+    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask, extra)
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
 
     resid_pre = jnp.stack([tgt.cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)])
@@ -379,6 +377,11 @@ def edge_attribution(
 
 
 @eqx.filter_jit
+def _output_diff(model, source_tokens, target_tokens, mask):
+    return _both_runs(model, source_tokens, target_tokens, mask)[2]
+
+
+@eqx.filter_jit
 def _outputs_of(model, tokens, mask):
     return _outputs(model.cfg, run(model, tokens, cache=_source_names(model.cfg), attention_mask=mask,
                                    return_logits=False).cache)  # fmt: skip
@@ -446,8 +449,7 @@ def _patch_weights(model, pairs, active_s, active_d, sub, chunk_size, memory_bud
     target_metric = pairs.clean_metric if pairs.noising else pairs.corrupt_metric
     if active_s.size == 0 or active_d.size == 0:
         return np.full(len(sub), target_metric, np.float32)
-    diff = (_outputs_of(model, jnp.asarray(pairs.source_tokens), pairs.mask)
-            - _outputs_of(model, jnp.asarray(pairs.target_tokens), pairs.mask))[active_s]  # fmt: skip
+    diff = _output_diff(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask)[active_s]
     groups: dict[tuple[str, int], list[tuple[int, int | None]]] = {}
     for a, j in enumerate(active_d):
         kind, layer, head = graph.dest_site(int(j))
@@ -519,8 +521,7 @@ def patch_single_edges(
         kind, layer, head = graph.dest_site(int(j))
         rows[r, 1] = 4 if j == len(graph.destinations) - 1 else _KIND_IDS.index(kind)
         rows[r, 2], rows[r, 3] = layer, -1 if head is None else head
-    diff = (_outputs_of(model, jnp.asarray(pairs.source_tokens), pairs.mask)
-            - _outputs_of(model, jnp.asarray(pairs.target_tokens), pairs.mask))  # fmt: skip
+    diff = _output_diff(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask)
     order = np.argsort(rows[:, 2], kind="stable")  # layer-major: each chunk starts as late as it can
     chunk = max(1, min(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget), len(rows)))
 
