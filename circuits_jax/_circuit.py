@@ -18,6 +18,7 @@ faithfulness curve) as one `vmap`: one compiled program for all of them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import equinox as eqx
@@ -30,6 +31,44 @@ from ._graph import Graph, _outputs_of
 from ._model import Transformer, _block, positions_from_mask
 from ._patching import _Pairs, _score
 from ._sites import SPLIT_INPUTS
+
+
+@dataclasses.dataclass
+class Circuit:
+    """A circuit as data: the kept edges `[sources, destinations]` of `graph`, with per-edge scores.
+
+    edges: bool `[S, D]`, True for a kept edge (always within `graph.mask`).
+    scores: float `[S, D]` or None: what the method measured per edge (ACDC: the metric change when
+        the edge was removed; EAP: the attribution), NaN where untested.
+    level: "edge", or "node" when whole heads and MLPs were kept or removed (`nodes` lists them).
+    """
+
+    graph: Graph
+    edges: np.ndarray
+    scores: np.ndarray | None = None
+    method: str = ""
+    level: str = "edge"
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.edges = np.asarray(self.edges, bool) & self.graph.mask
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.sum())
+
+    @property
+    def nodes(self) -> list[str]:
+        """Sources with a kept outgoing edge, in graph order (heads `a{l}.h{h}`, MLPs `m{l}`, `input`)."""
+        return [self.graph.sources[i] for i in np.nonzero(self.edges.any(axis=1))[0]]
+
+    def edge_list(self) -> list[tuple[str, str, float]]:
+        """`(source, destination, score)` of every kept edge, largest |score| first (NaN scores last)."""
+        s, d = np.nonzero(self.edges)
+        sc = np.full(len(s), np.nan) if self.scores is None else np.asarray(self.scores, np.float64)[s, d]
+        order = np.argsort(-np.nan_to_num(np.abs(sc), nan=-1.0), kind="stable")
+        g = self.graph
+        return [(g.sources[s[i]], g.destinations[d[i]], float(sc[i])) for i in order]
 
 
 class _CircuitTap:
