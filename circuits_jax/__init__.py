@@ -23,7 +23,36 @@ from ._graph import (
     patch_single_edges,
     path_patch,
 )
-from ._circuit import FAITHFULNESS_KS, ablated_outputs, circuit_metrics, faithfulness, top_edges
+from ._circuit import (
+    FAITHFULNESS_KS,
+    Circuit,
+    ablated_outputs,
+    circuit_from_scores,
+    circuit_metrics,
+    faithfulness,
+    node_ranking,
+    prune_dangling,
+    roc_auc,
+    roc_sweep,
+    top_edges,
+)
+from ._acdc import acdc, node_chain_losses
+from ._tasks import (
+    KNOWN_TASKS,
+    TASKS,
+    ProbMassDiff,
+    Task,
+    factual_recall_task,
+    greater_than_task,
+    induction_task,
+    ioi_task,
+    load_task,
+    single_token_ids,
+    task,
+    task_from_prompts,
+)
+from ._circuit_io import load_circuit, save_circuit
+from . import _known as known
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
 from ._config import Config
 from ._interventions import ALL_LAYERS, PerLayer, Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
@@ -41,7 +70,9 @@ from .loaders._registry import cache_dir, load, smollm2_path
 __all__ = [
     "EDGE_METHODS", "EdgeScores", "Graph", "PathPatchResult", "edge_attribution", "edge_patch_all", "patch_edges",
     "patch_single_edges", "path_patch", "atp_star", "ShapleyResult", "shapley_values",
-    "FAITHFULNESS_KS", "ablated_outputs", "circuit_metrics", "faithfulness", "top_edges",
+    "KNOWN_TASKS", "TASKS", "ProbMassDiff", "Task", "factual_recall_task", "greater_than_task", "induction_task",
+    "ioi_task", "load_task", "single_token_ids", "task", "task_from_prompts", "load_circuit", "save_circuit", "known",
+    "node_chain_losses", "FAITHFULNESS_KS", "Circuit", "acdc", "ablated_outputs", "circuit_from_scores", "node_ranking", "prune_dangling", "roc_auc", "roc_sweep", "circuit_metrics", "faithfulness", "top_edges",
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",
     "logit_lens", "neuron_logit_attribution",
     "ALL_LAYERS", "PerLayer",

@@ -72,10 +72,13 @@ class Circuit:
 
 
 class _CircuitTap:
-    """Layer `i`'s tap in a circuit run: rewrites each destination input, records each source output."""
+    """Layer `i`'s tap in a circuit run: rewrites each destination input, records each source output.
 
-    def __init__(self, cfg, i, buf, ablated, cut):
-        self.cfg, self.i, self.buf, self.ablated, self.cut = cfg, i, buf, ablated, cut
+    It carries `gap [S, B, T, D]`, every source's ablated output minus its current one (sources not
+    yet run hold their full-model gap, never read before they are overwritten)."""
+
+    def __init__(self, cfg, i, gap, ablated, cut):
+        self.cfg, self.i, self.gap, self.ablated, self.cut = cfg, i, gap, ablated, cut
         H, K = cfg.n_heads, cfg.kv_heads
         self.per_dest = H + 2 * K + (0 if cfg.attn_only else 1)
         self.per_src = H + (0 if cfg.attn_only else 1)
@@ -87,7 +90,11 @@ class _CircuitTap:
     def _correction(self, kind):
         start, n = self.offsets[kind]
         cols = lax.dynamic_slice_in_dim(self.cut, self.i * self.per_dest + start, n, axis=1)  # [S, n]
-        return jnp.einsum("sn,sbtd->btnd", cols, self.ablated - self.buf)
+        return jnp.einsum("sn,sbtd->btnd", cols, self.gap)
+
+    def _record(self, first, outputs):  # outputs [n, B, T, D] of sources first .. first + n - 1
+        ablated = lax.dynamic_slice_in_dim(self.ablated, first, outputs.shape[0], 0)
+        self.gap = lax.dynamic_update_slice_in_dim(self.gap, ablated - outputs.astype(self.gap.dtype), first, 0)
 
     def __call__(self, kind, x):
         if kind in SPLIT_INPUTS:
@@ -95,32 +102,45 @@ class _CircuitTap:
         if kind == "hook_mlp_in":
             return x + self._correction(kind)[:, :, 0].astype(x.dtype)
         if kind == "attn.hook_result":  # [B, T, H, D]: this layer's heads become current sources
-            heads = jnp.moveaxis(x, 2, 0)
-            self.buf = lax.dynamic_update_slice_in_dim(self.buf, heads.astype(self.buf.dtype), 1 + self.i * self.per_src, 0)
+            self._record(1 + self.i * self.per_src, jnp.moveaxis(x, 2, 0))
         if kind == "hook_mlp_out":
-            self.buf = lax.dynamic_update_slice_in_dim(self.buf, x[None].astype(self.buf.dtype), 1 + self.i * self.per_src + self.cfg.n_heads, 0)
+            self._record(1 + self.i * self.per_src + self.cfg.n_heads, x[None])
         return x
 
 
-def _circuit_resid(model: Transformer, tokens, mask, ablated, cut):
-    """Final residual stream of the circuit run; `cut [S, D]` float, 1 where an edge is ablated."""
+def _circuit_resid(model: Transformer, tokens, mask, ablated, cut, start=None, x0=None, gap0=None):
+    """Final residual stream of the circuit run; `cut [S, D]` float, 1 where an edge is ablated.
+
+    With `start` (a traced layer), layers below it are skipped: the run begins from `x0`, the stream
+    entering `start`, and `gap0`, every source's ablated minus full-model output. Valid when no edge
+    into a destination below `start` is cut, so that everything upstream equals the full model's run
+    (ACDC's traversal).
+    """
     cfg = model.cfg
     B, T = tokens.shape
     positions = positions_from_mask(mask, B, T)
-    x = model.W_E[tokens]
-    if cfg.positional == "learned":
-        x = x + model.W_pos[positions]
-    buf = jnp.zeros_like(ablated).at[0].set(x)
+    if start is None:
+        x = model.W_E[tokens]
+        if cfg.positional == "learned":
+            x = x + model.W_pos[positions]
+        gap = ablated.at[0].add(-x)
+    else:
+        x, gap = x0, gap0
 
     def body(carry, xs):
-        x, buf = carry
         params, i = xs
-        tap = _CircuitTap(cfg, i, buf, ablated, cut)
-        y = _block(cfg, params, x, positions, mask, tap, False, True)
-        return (y, tap.buf), None
 
-    (x, buf), _ = lax.scan(body, (x, buf), (model.blocks, jnp.arange(cfg.n_layers)))
-    return x + jnp.einsum("s,sbtd->btd", cut[:, -1], ablated - buf)
+        def layer(x, gap):
+            tap = _CircuitTap(cfg, i, gap, ablated, cut)
+            y = _block(cfg, params, x, positions, mask, tap, False, True)
+            return y, tap.gap
+
+        if start is None:
+            return layer(*carry), None
+        return lax.cond(i >= start, layer, lambda x, g: (x, g), *carry), None
+
+    (x, gap), _ = lax.scan(body, (x, gap), (model.blocks, jnp.arange(cfg.n_layers)))
+    return x + jnp.einsum("s,sbtd->btd", cut[:, -1], gap)
 
 
 @eqx.filter_jit
@@ -189,9 +209,11 @@ def top_edges(scores: np.ndarray, mask: np.ndarray, fraction: float, absolute: b
 
 def faithfulness(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], scores, *,
-    ks=FAITHFULNESS_KS, ablation: str = "patching", absolute: bool = True, attention_mask=None, answer_pos=None,
+    ks=FAITHFULNESS_KS, ablation: str = "patching", absolute: bool = True, method: str = "topn",
+    attention_mask=None, answer_pos=None,
 ) -> dict:  # fmt: skip
-    """MIB's faithfulness curve of the circuits made of the top-k fraction of edges by score.
+    """MIB's faithfulness curve of the circuits made of the top-k fraction of edges by score
+    (`method="topn"`, or "greedy": grown from the logits, see `circuit_from_scores`).
 
     f(k) = (m(C_k) - m(empty)) / (m(model) - m(empty)), for every k in `ks` (fractions of the graph's
     edges), all circuits (and the full and empty ones) in one compiled program. `scores` is an
@@ -200,7 +222,9 @@ def faithfulness(
     """
     graph = Graph.of(model.cfg)
     s = np.asarray(getattr(scores, "scores", scores))
-    circuits = np.stack([graph.mask, np.zeros_like(graph.mask)] + [top_edges(s, graph.mask, k, absolute) for k in ks])
+    sizes = [max(int(round(k * graph.n_edges)), 1 if k > 0 else 0) for k in ks]
+    chosen = [circuit_from_scores(s, n, method=method, absolute=absolute, graph=graph).edges for n in sizes]
+    circuits = np.stack([graph.mask, np.zeros_like(graph.mask)] + chosen)
     m = circuit_metrics(model, clean_tokens, corrupt_tokens, metric, circuits, ablation=ablation,
                         attention_mask=attention_mask, answer_pos=answer_pos)  # fmt: skip
     full, empty, curve = float(m[0]), float(m[1]), m[2:]
@@ -209,3 +233,145 @@ def faithfulness(
     k = np.asarray(ks, np.float64)
     return dict(ks=k, f=f, metric=curve, full=full, empty=empty, edges=[int(c.sum()) for c in circuits[2:]],
                 cpr=float(np.trapezoid(f, k)), cmd=float(np.trapezoid(np.abs(1 - f), k)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Circuits from edge scores, and scoring them against a known circuit
+# ---------------------------------------------------------------------------
+
+
+def prune_dangling(graph: Graph, keep: np.ndarray) -> np.ndarray:
+    """Drop kept edges that cannot matter: into a node that reaches no kept path to the logits, or out of
+    a node (other than `input`) that nothing kept feeds. Repeats until nothing changes."""
+    keep = np.asarray(keep, bool) & graph.mask
+    feeds = graph.feeds  # [D, S]
+    while True:
+        used = keep.any(axis=1)  # a source with a kept outgoing edge
+        used[0] = True
+        fed = (feeds & keep.any(axis=0)[:, None]).any(axis=0)  # a node with a kept incoming edge
+        fed[0] = True
+        dead_dest = feeds.any(axis=1) & ~(feeds & used[None]).any(axis=1)
+        new = keep & ~dead_dest[None] & fed[:, None]
+        if (new == keep).all():
+            return new
+        keep = new
+
+
+def circuit_from_scores(
+    scores, n_edges: int, *, method: str = "topn", absolute: bool = True, prune: bool = False, graph: Graph | None = None
+) -> Circuit:  # fmt: skip
+    """A circuit of `n_edges` edges chosen by their scores (an `EdgeScores`, or `[S, D]` with `graph`).
+
+    "topn": the `n_edges` largest (absolute) scores. "greedy" (Hanna et al. 2024): start from the logits
+    and repeatedly add the best-scoring edge into a node already in the circuit, so every edge lies on a
+    path to the logits. `prune=True` then drops edges left dangling (`prune_dangling`).
+    """
+    graph = graph if graph is not None else scores.graph
+    s = np.asarray(getattr(scores, "scores", scores), np.float64)
+    key = np.where(graph.mask, np.abs(s) if absolute else s, -np.inf)
+    if method == "topn":
+        keep = top_edges(s, graph.mask, n_edges / graph.n_edges, absolute) if n_edges else np.zeros_like(graph.mask)
+    elif method == "greedy":
+        keep = _greedy(graph, key, n_edges)
+    else:
+        raise KeyError(f"unknown method {method!r}; valid: topn, greedy")
+    if prune:
+        keep = prune_dangling(graph, keep)
+    name = getattr(scores, "method", "scores")
+    return Circuit(graph, keep, np.where(graph.mask, s, np.nan).astype(np.float32), method=f"{name}-{method}",
+                   meta=dict(requested_edges=n_edges, absolute=absolute, prune=prune))  # fmt: skip
+
+
+def node_ranking(graph: Graph, node_scores: dict) -> np.ndarray:
+    """`[S, D]` edge ranking from per-node scores (`{"a3.h1": v, "m2": v}`): an edge ranks by the smaller
+    |score| of the two nodes it joins (`input` and `logits` rank first), so the top edges of any size
+    are the subgraph induced by the top nodes: the faithfulness curve of a node-level method."""
+    src = np.asarray([np.inf if n == "input" else abs(node_scores.get(n, 0.0)) for n in graph.sources])
+    src = np.nan_to_num(src, nan=0.0, posinf=np.inf)
+    dst = np.where(graph.feeds.any(axis=1), np.where(graph.feeds, src[None], -np.inf).max(axis=1), np.inf)
+    return np.where(graph.mask, np.minimum(src[:, None], dst[None, :]), 0.0)
+
+
+def _greedy(graph: Graph, key: np.ndarray, n: int) -> np.ndarray:
+    import heapq
+
+    keep = np.zeros(graph.mask.shape, bool)
+    active = np.zeros(len(graph.destinations), bool)
+    heap: list = []
+
+    def open_dest(j):
+        if not active[j]:
+            active[j] = True
+            for i in np.nonzero(graph.mask[:, j])[0]:
+                heapq.heappush(heap, (-key[i, j], int(i), int(j)))
+
+    open_dest(len(graph.destinations) - 1)
+    while heap and keep.sum() < n:
+        _, i, j = heapq.heappop(heap)
+        keep[i, j] = True
+        for d in np.nonzero(graph.feeds[:, i])[0]:  # the source's own inputs become candidates
+            open_dest(d)
+    return keep
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a positive outranks a negative), ties counting one half (the Mann-Whitney U statistic)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([pos, neg]))
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def node_truth(graph: Graph, truth: np.ndarray) -> np.ndarray:
+    """`[S]` bool: heads and MLPs with an edge of the circuit leaving them (`input` excluded)."""
+    nodes = np.asarray(truth, bool).any(axis=1)
+    nodes[0] = False
+    return nodes
+
+
+def roc_auc(scores, truth: np.ndarray, *, graph: Graph | None = None, absolute: bool = True) -> dict:
+    """Edge and node ROC AUC of per-edge scores against a known circuit `truth [S, D]`.
+
+    Edges are ranked by (absolute) score over the graph's real edges; a node (head or MLP) by the largest
+    score of its outgoing edges. NaN scores (untested edges) rank lowest. A `Circuit` ranks its kept
+    edges above the others (one operating point: AUC = (TPR + TNR) / 2); use `roc_sweep` for ACDC's
+    threshold sweep.
+    """
+    if isinstance(scores, Circuit):
+        graph, s = scores.graph, scores.edges.astype(np.float64)
+    else:
+        graph = graph if graph is not None else scores.graph
+        s = np.asarray(getattr(scores, "scores", scores), np.float64)
+        s = np.abs(s) if absolute else s
+    s = np.nan_to_num(s, nan=-np.inf)
+    truth = np.asarray(truth, bool) & graph.mask
+    m = graph.mask
+    edge = _auc(s[m & truth], s[m & ~truth])
+    node_s = np.where(m, s, -np.inf).max(axis=1)[1:]
+    nt = node_truth(graph, truth)[1:]
+    return dict(edge=edge, node=_auc(node_s[nt], node_s[~nt]))
+
+
+def roc_sweep(circuits: list[Circuit], truth: np.ndarray) -> dict:
+    """ACDC's ROC: each circuit (e.g. one per threshold) is a point (FPR, TPR); AUC by the trapezoid
+    through the points with (0, 0) and (1, 1) added, for edges and for nodes."""
+    graph = circuits[0].graph
+    truth = np.asarray(truth, bool) & graph.mask
+    nt = node_truth(graph, truth)[1:]
+    out = {}
+    for level in ("edge", "node"):
+        pts = [(0.0, 0.0), (1.0, 1.0)]
+        for c in circuits:
+            if level == "edge":
+                got, t = c.edges[graph.mask], truth[graph.mask]
+            else:
+                got, t = node_truth(graph, c.edges)[1:], nt
+            pts.append((float((got & ~t).sum() / max((~t).sum(), 1)), float((got & t).sum() / max(t.sum(), 1))))
+        pts = sorted(set(pts))
+        fpr, tpr = np.array(pts).T
+        tpr = np.maximum.accumulate(tpr)  # the ROC hull's upper envelope through the operating points
+        out[level] = float(np.trapezoid(tpr, fpr))
+        out[f"{level}_points"] = pts
+    return out

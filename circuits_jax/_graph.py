@@ -88,6 +88,26 @@ class Graph:
         """`[S, D]` bool: True for every real edge."""
         return self.source_order[:, None] < self.dest_order[None, :]
 
+    @functools.cached_property
+    def feeds(self) -> np.ndarray:
+        """`[D, S]` bool: destination j is an input of source node i (a head's q/k/v, an MLP's input;
+        under grouped-query attention a kv input feeds every head of its group). Logits feed nothing."""
+        out = np.zeros((len(self.destinations), len(self.sources)), bool)
+        G = self.cfg.group_size
+        for j in range(len(self.destinations) - 1):
+            kind, layer, head = self.dest_site(j)
+            if kind == "hook_mlp_in":
+                out[j, self.source_index(f"m{layer}")] = True
+                continue
+            heads = [head] if kind == "hook_q_input" else range(head * G, (head + 1) * G)
+            for h in heads:
+                out[j, self.source_index(f"a{layer}.h{h}")] = True
+        return out
+
+    def dest_layer(self, j: int) -> int:
+        """The layer whose block reads destination j (`n_layers` for logits)."""
+        return self.cfg.n_layers if j == len(self.destinations) - 1 else self.dest_site(j)[1]
+
     @property
     def n_edges(self) -> int:
         return int(self.mask.sum())

@@ -182,6 +182,94 @@ def _path_patch(args) -> int:
     return 0
 
 
+def _discover(args) -> int:
+    """`discover`: a circuit for a task by ACDC, EAP or EAP-IG, with its faithfulness curve and drawings."""
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from ._acdc import acdc
+    from ._circuit import circuit_from_scores, faithfulness, node_ranking, roc_auc
+    from ._circuit_io import save_circuit
+    from ._graph import edge_attribution
+    from ._tasks import load_task
+    from .plot import circuit_graph, circuit_html, faithfulness_curves
+
+    model, task = load_task(args.task, args.model, n=args.n, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(attention_mask=task.attention_mask, answer_pos=task.answer_pos)
+    t = time.perf_counter()
+    if args.method == "acdc":
+        threshold = 0.01 if args.threshold is None else args.threshold
+        circuit = acdc(model, task.clean, task.corrupt, task.metric, threshold=threshold, level=args.level,
+                       ablation=args.ablation, loss=args.loss, progress=not args.quiet, **kw)  # fmt: skip
+        if args.level == "node":  # the subgraphs induced by the nodes of largest loss change
+            ranking = node_ranking(circuit.graph, circuit.meta["node_scores"])
+        else:  # edges ranked by the loss change ACDC measured
+            ranking = np.abs(np.nan_to_num(circuit.scores, nan=0.0))
+        label = f"ACDC ({args.level}, τ={threshold:g})"
+    else:
+        if args.level != "edge":
+            raise ValueError(f"--level {args.level} is for ACDC; {args.method} scores edges")
+        if args.ablation != "patching":
+            raise ValueError(f"{args.method} scores each edge by its corrupt-minus-clean output difference, which is "
+                             f"patching ablation; --ablation {args.ablation} is for ACDC")  # fmt: skip
+        scores = edge_attribution(model, task.clean, task.corrupt, task.metric, args.method, steps=args.steps,
+                                  noising=True, **kw)  # fmt: skip
+        g = scores.graph
+        if args.threshold is not None:
+            n = int((np.abs(scores.scores) >= args.threshold)[g.mask].sum())
+        else:
+            n = max(1, int(round(args.fraction * g.n_edges)))
+        circuit = circuit_from_scores(scores, n, method=args.construct)
+        circuit.meta.update(clean_metric=scores.clean_metric, corrupt_metric=scores.corrupt_metric)
+        ranking = scores.scores
+        label = f"{args.method} ({args.construct}, {n} edges)"
+    found_s = time.perf_counter() - t
+    t = time.perf_counter()
+    construct = "topn" if args.method == "acdc" else args.construct
+    curve = faithfulness(model, task.clean, task.corrupt, task.metric, ranking, ablation=args.ablation, method=construct, **kw)
+    eval_s = time.perf_counter() - t
+    g = circuit.graph
+    point = (circuit.n_edges / g.n_edges, _circuit_f(model, task, circuit, curve, args.ablation))
+    circuit.meta.update(task=task.name, seconds_found=found_s, seconds_faithfulness=eval_s, faithfulness=point[1],
+                        cpr=curve["cpr"], cmd=curve["cmd"])  # fmt: skip
+    if task.truth is not None:
+        circuit.meta["roc_auc"] = roc_auc(ranking, task.truth, graph=g)
+    save_circuit(circuit, out / "circuit")
+    save_circuit(circuit, out / "circuit.json")
+    (out / "faithfulness.json").write_text(json.dumps(
+        {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in curve.items()}, indent=1))  # fmt: skip
+    faithfulness_curves({args.method: curve}, out / "faithfulness.png", points={label: point},
+                        title=f"{task.name}: faithfulness ({args.ablation} ablation)")  # fmt: skip
+    circuit_graph(circuit, out / "circuit.png", max_edges=args.draw_edges, title=f"{task.name}: {label}")
+    circuit_html(circuit, out / "circuit.html", title=f"{task.name}: {label}")
+    print(f"{task.name}: {label}: {circuit.n_edges} of {g.n_edges} edges, {len(circuit.nodes)} nodes, "
+          f"f = {point[1]:.3f}; found in {found_s:.1f}s, curve in {eval_s:.1f}s")  # fmt: skip
+    print(f"faithfulness curve (ranking by {'ACDC loss change' if args.method == 'acdc' else args.method} score): "
+          f"CPR {curve['cpr']:.3f}, CMD {curve['cmd']:.3f}; m(model) {curve['full']:.4f}, m(empty) {curve['empty']:.4f}")  # fmt: skip
+    if "roc_auc" in circuit.meta:
+        print(f"against the known circuit: edge ROC AUC {circuit.meta['roc_auc']['edge']:.3f}, "
+              f"node {circuit.meta['roc_auc']['node']:.3f}")  # fmt: skip
+    for src, dst, sc in circuit.edge_list()[:8]:
+        print(f"  {src}->{dst}: {sc:+.4g}")
+    print(f"wrote {out}/circuit.json, circuit/ (orbax), faithfulness.png, circuit.png, circuit.html")
+    return 0
+
+
+def _circuit_f(model, task, circuit, curve, ablation) -> float:
+    """Faithfulness of the found circuit itself, on the curve's full/empty scale."""
+    from ._circuit import circuit_metrics
+
+    if not circuit.edges[:, -1].any():
+        return 0.0
+    m = float(circuit_metrics(model, task.clean, task.corrupt, task.metric, circuit.edges, ablation=ablation,
+                              attention_mask=task.attention_mask, answer_pos=task.answer_pos)[0])  # fmt: skip
+    return (m - curve["empty"]) / (curve["full"] - curve["empty"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -210,6 +298,26 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--graddrop", action="store_true", help="atp-star: add GradDrop (unsigned magnitudes)")
     at.add_argument("--steps", type=int, default=8, help="eap-ig*: interpolation steps")
     at.set_defaults(func=_patch, quiet=True)
+
+    dc = sub.add_parser("discover", help="find a circuit for a task (ACDC, EAP, EAP-IG) and score its faithfulness")
+    dc.add_argument("--task", required=True, help="ioi, induction, greater-than, factual-recall (SmolLM2 or --model), "
+                    "or a model with a known circuit: toy-induction, ...")
+    dc.add_argument("--model", default="smollm2")
+    dc.add_argument("--method", choices=["acdc", "eap", "eap-ig"], default="eap-ig")
+    dc.add_argument("--level", choices=["edge", "node"], default="edge", help="acdc: edges, or heads and MLPs whole")
+    dc.add_argument("--threshold", type=float, default=None,
+                    help="acdc: τ on the loss change (default 0.01); eap*: keep edges with |score| >= T")
+    dc.add_argument("--fraction", type=float, default=0.01, help="eap*: fraction of edges kept (default 1%%)")
+    dc.add_argument("--construct", choices=["topn", "greedy"], default="greedy", help="eap*: how scores become a circuit")
+    dc.add_argument("--loss", choices=["kl", "metric"], default="kl", help="acdc: KL to the model, or the task metric")
+    dc.add_argument("--ablation", choices=["patching", "zero", "mean"], default="patching")
+    dc.add_argument("--steps", type=int, default=8, help="eap-ig: interpolation steps")
+    dc.add_argument("--n", type=int, default=16, help="prompt pairs")
+    dc.add_argument("--seed", type=int, default=0)
+    dc.add_argument("--draw-edges", type=int, default=300, help="largest edges drawn in circuit.png")
+    dc.add_argument("--out", required=True, help="output directory")
+    dc.add_argument("--quiet", action="store_true", help="no progress bar")
+    dc.set_defaults(func=_discover)
 
     pp = sub.add_parser("path-patch", help="path patching: each sender's direct effect through chosen receivers")
     _pair_arguments(pp)

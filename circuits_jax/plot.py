@@ -6,6 +6,7 @@ centred on zero (red restores the clean behaviour, blue pushes the other way).
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -120,3 +121,308 @@ def edge_heatmap(edges, *, title: str = "", path=None):
     ax.set_ylabel("source (writes the residual stream)")
     ax.set_xlabel("destination (q / k / v input of a head, MLP input, logits)")
     return _finish(fig, ax, im, title or f"{edges.method} edge scores", "change in units of clean - corrupt", path)
+
+
+# ---------------------------------------------------------------------------
+# Circuits as layered graphs: a matplotlib figure and a standalone HTML page
+# ---------------------------------------------------------------------------
+#
+# Rows run bottom (input) to top (logits), one per layer with a node in the circuit; a head keeps its
+# column in every row (h0, h1, ...; kv heads of grouped-query attention after them) and the MLP sits
+# right of the heads, a little higher, since it reads what they wrote. A destination's q / k / v input
+# is drawn at its head's node, the edge coloured by which input it feeds. Every edge points upward (a
+# source comes before its destination), so no arrowheads are needed.
+
+_KIND_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "mlp": "#737373"}
+_KIND_NAMES = {"q": "q", "k": "k", "v": "v", "mlp": "mlp / logits"}
+_NODE_RE = re.compile(r"a(\d+)\.(h|kv)(\d+)$|m(\d+)$")
+
+
+def _node_of(destination: str) -> str:
+    """The node a destination belongs to: `a3.h2<q>` -> `a3.h2`, `a3.kv1<k>` -> `a3.kv1`, `m3`, `logits`."""
+    return destination.split("<", 1)[0]
+
+
+def _kind_of(destination: str) -> str:
+    """Which input an edge feeds: "q", "k", "v", or "mlp" (MLP inputs and the logits)."""
+    return destination[-2] if destination.endswith(">") else "mlp"
+
+
+def _circuit_layout(cfg, edges):
+    """`(positions, rows, columns)` of the layered drawing of `edges` (`(source, destination, score)`):
+    node -> `(x, y)`, and `(y, label)` / `(x, label)` for the axes. Only layers with a node get a row."""
+    H, K = cfg.n_heads, cfg.kv_heads
+    kv = K if K != H else 0
+    names = {s for s, _, _ in edges} | {_node_of(d) for _, d, _ in edges} | {"input", "logits"}
+    parsed = {n: _NODE_RE.match(n) for n in names}
+    layers = sorted({int(m[1] or m[4]) for m in parsed.values() if m})
+    row = {l: float(i + 1) for i, l in enumerate(layers)}
+    mlp_x = H + kv - 0.7
+    columns = [(float(h), f"h{h}") for h in range(H)] + [(float(H + j), f"kv{j}") for j in range(kv)]
+    columns += [] if cfg.attn_only else [(mlp_x + 1.0, "mlp")]
+    mid = (columns[0][0] + columns[-1][0]) / 2
+    pos = {"input": (mid, 0.0), "logits": (mid, len(layers) + 1.0)}
+    for n, m in parsed.items():
+        if m and m[4] is not None:
+            pos[n] = (mlp_x + 1.0, row[int(m[4])] + 0.4)
+        elif m:
+            pos[n] = (float(int(m[3]) + (H if m[2] == "kv" else 0)), row[int(m[1])])
+    rows = [(0.0, "input")] + [(row[l], f"L{l}") for l in layers] + [(len(layers) + 1.0, "logits")]
+    return pos, rows, columns
+
+
+def _control(p0, p1, bend: float = 0.15, cap: float = 1.0):
+    """The control point of a quadratic Bezier from `p0` to `p1`, moved sideways by `bend` of its length
+    (at most `cap`), so edges that skip layers pass beside the nodes in between rather than through them."""
+    (x0, y0), (x1, y1) = p0, p1
+    length = float(np.hypot(x1 - x0, y1 - y0)) or 1.0
+    k = np.sign(bend) * min(abs(bend), cap / length)
+    return (x0 + x1) / 2 - k * (y1 - y0), (y0 + y1) / 2 + k * (x1 - x0)
+
+
+def _strength(edges) -> np.ndarray:
+    """Each edge's |score| over the largest finite one (1 where the score is NaN or infinite, or none is finite)."""
+    a = np.abs(np.asarray([s for _, _, s in edges], np.float64))
+    finite = np.isfinite(a)
+    out = np.ones(len(a))
+    top = a[finite].max() if finite.any() else 0.0
+    if top > 0:
+        out[finite] = a[finite] / top
+    return out
+
+
+def _shown(circuit, max_edges):
+    """The kept edges to draw, largest |score| first, and the title suffix saying how many."""
+    edges = circuit.edge_list()
+    shown = edges if max_edges is None else edges[:max_edges]
+    note = f"{len(edges)} edges" if len(shown) == len(edges) else f"top {len(shown)} of {len(edges)} edges"
+    return shown, note
+
+
+def circuit_graph(circuit, path=None, *, max_edges: int | None = None, title: str | None = None):
+    """Draw a `Circuit` as a layered graph (input at the bottom, logits at the top), each kept edge a curve
+    from its source to its destination's node, coloured by q / k / v / MLP input, wider for larger |score|,
+    dashed when negative. `max_edges` keeps the largest. Saved (and closed) when `path` is given."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
+
+    edges, note = _shown(circuit, max_edges)
+    pos, rows, columns = _circuit_layout(circuit.graph.cfg, edges)
+    strength = _strength(edges)
+    t = np.linspace(0.0, 1.0, 24)[:, None]
+    curves, colours, widths, styles = [], [], [], []
+    for i in np.argsort(strength, kind="stable"):  # strongest drawn last, on top
+        s, d, score = edges[i]
+        p0, p1 = np.asarray(pos[s]), np.asarray(pos[_node_of(d)])
+        c = np.asarray(_control(pos[s], pos[_node_of(d)]))
+        curves.append((1 - t) ** 2 * p0 + 2 * (1 - t) * t * c + t**2 * p1)
+        colours.append(matplotlib.colors.to_rgba(_KIND_COLOURS[_kind_of(d)], 0.25 + 0.6 * strength[i]))
+        widths.append(0.5 + 3.5 * strength[i])
+        styles.append((0, (4, 2)) if score < 0 else "solid")
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(columns) + 3.0), min(24.0, max(4.0, 0.42 * len(rows) + 1.5))))
+    ax.add_collection(LineCollection(curves, colors=colours, linewidths=widths, linestyles=styles, zorder=1))
+    for marker, pick in (("o", lambda n: ".h" in n), ("D", lambda n: ".kv" in n), ("s", lambda n: n[0] == "m")):
+        xy = np.asarray([p for n, p in pos.items() if pick(n)]).reshape(-1, 2)
+        ax.scatter(xy[:, 0], xy[:, 1], s=70, marker=marker, facecolor="white", edgecolor="0.2", linewidth=0.8, zorder=2)
+    for n in ("input", "logits"):
+        ax.text(*pos[n], n, ha="center", va="center", fontsize=8, zorder=3,
+                bbox=dict(boxstyle="round,pad=0.3", facecolor="0.93", edgecolor="0.4"))  # fmt: skip
+    ax.set_yticks([y for y, _ in rows], [lab for _, lab in rows], fontsize=7 if len(rows) > 20 else 9)
+    ax.set_xticks([x for x, _ in columns], [lab for _, lab in columns], fontsize=8)
+    ax.tick_params(length=0)
+    ax.set_xlim(columns[0][0] - 0.8, columns[-1][0] + 0.8)
+    ax.set_ylim(-0.6, rows[-1][0] + 0.6)
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    handles = [Line2D([], [], color=c, linewidth=2, label=_KIND_NAMES[k]) for k, c in _KIND_COLOURS.items()]
+    handles.append(Line2D([], [], color="0.2", linewidth=1.2, linestyle=(0, (4, 2)), label="negative score"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
+              title="destination input", title_fontsize=8)  # fmt: skip
+    ax.set_title(title or f"{circuit.method or 'circuit'}: {note}", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else f"{x:.4g}"
+
+
+_HTML_STYLE = """
+body{font:13px system-ui,sans-serif;margin:16px;color:#222}
+#wrap{display:flex;gap:16px;align-items:flex-start}
+svg{border:1px solid #ddd;background:#fff;flex:none}
+path.e{fill:none}
+svg.focus path.e{opacity:.06}
+svg.focus path.e.hi{opacity:1}
+.n circle,.n rect{fill:#fff;stroke:#333;stroke-width:1}
+.n.hi circle,.n.hi rect{fill:#ffd54f}
+.n:hover{cursor:pointer}
+.lab{font-size:10px;fill:#666}
+#info{min-height:1.4em;font-family:monospace;margin:6px 0}
+table{border-collapse:collapse;font-family:monospace}
+td,th{padding:1px 8px;text-align:left;border-bottom:1px solid #eee}
+tr.hi{background:#ffd54f}
+.sw{display:inline-block;width:18px;height:3px;vertical-align:middle;margin:0 4px 0 10px}
+"""
+
+_HTML_SCRIPT = """
+(function(){
+const svg=document.getElementById('g'),info=document.getElementById('info');
+const edges=Array.from(svg.querySelectorAll('path.e')),nodes=Array.from(svg.querySelectorAll('g.n'));
+const rows=Array.from(document.querySelectorAll('#tab tbody tr'));
+function clear(){svg.classList.remove('focus');
+  document.querySelectorAll('.hi').forEach(function(x){x.classList.remove('hi');});info.textContent='';}
+function focusEdge(i){svg.classList.add('focus');edges[i].classList.add('hi');rows[i].classList.add('hi');
+  info.textContent=edges[i].dataset.name+'  score '+edges[i].dataset.label;}
+nodes.forEach(function(n){
+  n.addEventListener('mouseenter',function(){svg.classList.add('focus');n.classList.add('hi');
+    edges.forEach(function(e,i){if(e.dataset.s===n.dataset.id||e.dataset.d===n.dataset.id){
+      e.classList.add('hi');rows[i].classList.add('hi');}});
+    info.textContent=n.dataset.info;});
+  n.addEventListener('mouseleave',clear);});
+edges.forEach(function(e,i){e.addEventListener('mouseenter',function(){focusEdge(i);});
+  e.addEventListener('mouseleave',clear);});
+rows.forEach(function(r,i){r.addEventListener('mouseenter',function(){focusEdge(i);});
+  r.addEventListener('mouseleave',clear);});
+const thr=document.getElementById('thr'),val=document.getElementById('thrval');
+thr.addEventListener('input',function(){const t=parseFloat(thr.value);let n=0;val.textContent=t.toPrecision(3);
+  edges.forEach(function(e,i){const a=Math.abs(parseFloat(e.dataset.score));const on=isNaN(a)||a>=t;
+    e.style.display=on?'':'none';rows[i].style.display=on?'':'none';n+=on?1:0;});
+  document.getElementById('count').textContent=n;});
+})();
+"""
+
+
+def _node_info(name: str, edges) -> str:
+    """Hover text of a node: its name, the summed score of its outgoing and incoming kept edges."""
+    out = [s for a, _, s in edges if a == name]
+    inc = [s for _, d, s in edges if _node_of(d) == name]
+    total = float(np.nansum(out + inc)) if out or inc else 0.0
+    return (f"{name}  total score {_fmt(total)}  (out: {len(out)} edges, sum {_fmt(float(np.nansum(out)))}; "
+            f"in: {len(inc)} edges, sum {_fmt(float(np.nansum(inc)))})")  # fmt: skip
+
+
+def circuit_html(circuit, path, *, title: str | None = None):
+    """Write a standalone interactive page of a `Circuit` (inline SVG and script, nothing fetched): the layered
+    graph of `circuit_graph`; hover a node for its edges and total score, an edge for its name and score; a
+    slider hides edges below a |score| threshold; a table lists the edges by |score|. Returns the path."""
+    from html import escape
+    from pathlib import Path
+
+    edges = circuit.edge_list()
+    pos, rows, columns = _circuit_layout(circuit.graph.cfg, edges)
+    strength = _strength(edges)
+    cw, rh, left, pad = 56.0, 44.0, 60.0, 30.0
+    width = left + (columns[-1][0] - columns[0][0] + 1.6) * cw + pad
+    height = (rows[-1][0] + 1.2) * rh + 2 * pad
+
+    def xy(p):
+        return left + (p[0] - columns[0][0] + 0.8) * cw, height - pad - (p[1] + 0.6) * rh
+
+    svg = []
+    for y, lab in rows:
+        svg.append(f'<text class="lab" x="8" y="{xy((0, y))[1] + 4:.1f}">{escape(lab)}</text>')
+    for x, lab in columns:
+        x = xy((x, 0))[0]
+        svg.append(f'<text class="lab" x="{x:.1f}" y="{height - 8:.1f}" text-anchor="middle">{escape(lab)}</text>')
+    for i, (s, d, score) in enumerate(edges):
+        p0, p1 = xy(pos[s]), xy(pos[_node_of(d)])
+        c = _control(p0, p1, -0.15, cw)  # the y axis points down in SVG: bend the same way as the figure
+        dash = ' stroke-dasharray="5 3"' if score < 0 else ""
+        name = f"{s}->{d}"
+        svg.append(
+            f'<path class="e" d="M{p0[0]:.1f} {p0[1]:.1f} Q{c[0]:.1f} {c[1]:.1f} {p1[0]:.1f} {p1[1]:.1f}" '
+            f'stroke="{_KIND_COLOURS[_kind_of(d)]}" stroke-width="{0.8 + 4.2 * strength[i]:.2f}" '
+            f'stroke-opacity="{0.3 + 0.6 * strength[i]:.2f}"{dash} data-s="{escape(s)}" data-d="{escape(_node_of(d))}" '
+            f'data-name="{escape(name)}" data-score="{score!r}" data-label="{_fmt(score)}">'
+            f"<title>{escape(name)}  score {_fmt(score)}</title></path>"
+        )  # fmt: skip
+    for n, p in pos.items():
+        x, y = xy(p)
+        info = _node_info(n, edges)
+        if n in ("input", "logits"):
+            shape = f'<rect x="{x - 24:.1f}" y="{y - 10:.1f}" width="48" height="20" rx="5"/>'
+            label = f'<text x="{x:.1f}" y="{y + 4:.1f}" text-anchor="middle" font-size="11">{n}</text>'
+        elif n.startswith("m"):
+            shape, label = f'<rect x="{x - 8:.1f}" y="{y - 8:.1f}" width="16" height="16"/>', ""
+        else:
+            shape, label = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="8"/>', ""
+        svg.append(f'<g class="n" data-id="{escape(n)}" data-info="{escape(info)}"><title>{escape(info)}</title>'
+                   f"{shape}{label}</g>")  # fmt: skip
+
+    table = "".join(
+        f"<tr><td>{i + 1}</td><td>{escape(s)}</td><td>{escape(d)}</td><td>{_kind_of(d)}</td><td>{_fmt(score)}</td></tr>"
+        for i, (s, d, score) in enumerate(edges)
+    )
+    finite = np.abs([sc for _, _, sc in edges if np.isfinite(sc)])
+    top = float(finite.max()) if finite.size else 0.0
+    heading = escape(title or f"{circuit.method or 'circuit'}: {len(edges)} edges")
+    cfg = circuit.graph.cfg
+    model = f"{cfg.n_layers} layers, {cfg.n_heads} heads"
+    model += "" if cfg.kv_heads == cfg.n_heads else f" ({cfg.kv_heads} kv heads)"
+    model += ", attention only" if cfg.attn_only else ""
+    step = top / 200 if top else 1
+    legend = "".join(f'<span class="sw" style="background:{c}"></span>{_KIND_NAMES[k]}' for k, c in _KIND_COLOURS.items())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{heading}</title><style>{_HTML_STYLE}</style></head>
+<body>
+<h2>{heading}</h2>
+<p>method {escape(circuit.method or "-")}, level {escape(circuit.level)}; model: {model}.
+Destination input: {legend}; dashed: negative score.</p>
+<p><label>hide edges with |score| below
+<input id="thr" type="range" min="0" max="{top!r}" step="{step!r}" value="0"{"" if top else " disabled"}>
+<span id="thrval">0</span></label>; <span id="count">{len(edges)}</span> edges shown</p>
+<div id="info"></div>
+<div id="wrap">
+<svg id="g" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.1f} {height:.1f}">
+{chr(10).join(svg)}
+</svg>
+<table id="tab"><thead><tr><th>#</th><th>source</th><th>destination</th><th>input</th><th>score</th></tr></thead>
+<tbody>{table}</tbody></table>
+</div>
+<script>{_HTML_SCRIPT}</script>
+</body></html>
+"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def faithfulness_curves(curves: dict, path=None, *, title: str = "faithfulness", points: dict | None = None):
+    """MIB faithfulness f(k) against the fraction of edges kept (log axis), one line per method.
+
+    curves: `{label: faithfulness(...) result}`; points: `{label: (fraction, f)}` for single circuits
+    (e.g. ACDC's at its threshold). The dotted lines mark the full model (1) and the empty circuit (0).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, r in curves.items():
+        ax.plot(np.asarray(r["ks"]) * 100, r["f"], marker="o", ms=3,
+                label=f"{label} (CPR {r['cpr']:.3f}, CMD {r['cmd']:.3f})")  # fmt: skip
+    for label, (frac, f) in (points or {}).items():
+        ax.plot([frac * 100], [f], marker="*", ms=12, ls="none", label=f"{label}: f = {f:.3f}")
+    ax.set_xscale("log")
+    ax.axhline(1, color="grey", ls=":", lw=1)
+    ax.axhline(0, color="grey", ls=":", lw=1)
+    ax.set_xlabel("edges kept (%)")
+    ax.set_ylabel("f = (m(C) - m(∅)) / (m(M) - m(∅))")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
