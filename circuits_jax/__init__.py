@@ -83,3 +83,12 @@ __all__ = [
     "init_model", "load", "load_gguf", "load_hf", "load_model", "parse_site", "restore", "run",
     "run_with_cache", "unembed", "save", "save_model", "smollm2_path", "tree_allclose",
 ]  # fmt: skip
+
+
+def __getattr__(name):
+    """`cj.plot` on first use: matplotlib loads only when something is drawn."""
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
+    raise AttributeError(f"module 'circuits_jax' has no attribute {name!r}")

@@ -75,7 +75,10 @@ class _CircuitTap:
     """Layer `i`'s tap in a circuit run: rewrites each destination input, records each source output.
 
     It carries `gap [S, B, T, D]`, every source's ablated output minus its current one (sources not
-    yet run hold their full-model gap, never read before they are overwritten)."""
+    yet run hold their full-model gap, never read before they are overwritten). The big read of `gap`
+    happens once per layer: one einsum gives every destination of the layer its correction from the
+    sources before the layer, and the MLP input adds what this layer's heads changed since.
+    """
 
     def __init__(self, cfg, i, gap, ablated, cut):
         self.cfg, self.i, self.gap, self.ablated, self.cut = cfg, i, gap, ablated, cut
@@ -83,26 +86,35 @@ class _CircuitTap:
         self.per_dest = H + 2 * K + (0 if cfg.attn_only else 1)
         self.per_src = H + (0 if cfg.attn_only else 1)
         self.offsets = {"hook_q_input": (0, H), "hook_k_input": (H, K), "hook_v_input": (H + K, K), "hook_mlp_in": (H + 2 * K, 1)}
+        self.cols = lax.dynamic_slice_in_dim(cut, i * self.per_dest, self.per_dest, axis=1)  # [S, per_dest]
+        self.corr = None
+        self.mlp_extra = 0.0
 
     def wants(self, kinds) -> bool:
         return any(k in SPLIT_INPUTS for k in kinds)
 
     def _correction(self, kind):
+        if self.corr is None:  # the layer's first destination: every correction at once
+            self.corr = jnp.einsum("sn,sbtd->btnd", self.cols, self.gap)
         start, n = self.offsets[kind]
-        cols = lax.dynamic_slice_in_dim(self.cut, self.i * self.per_dest + start, n, axis=1)  # [S, n]
-        return jnp.einsum("sn,sbtd->btnd", cols, self.gap)
+        return self.corr[:, :, start : start + n]
 
-    def _record(self, first, outputs):  # outputs [n, B, T, D] of sources first .. first + n - 1
+    def _record(self, first, outputs, heads=False):  # outputs [n, B, T, D] of sources first .. first + n - 1
         ablated = lax.dynamic_slice_in_dim(self.ablated, first, outputs.shape[0], 0)
-        self.gap = lax.dynamic_update_slice_in_dim(self.gap, ablated - outputs.astype(self.gap.dtype), first, 0)
+        new = ablated - outputs.astype(self.gap.dtype)
+        if heads and not self.cfg.attn_only:  # this layer's heads feed its MLP
+            old = lax.dynamic_slice_in_dim(self.gap, first, outputs.shape[0], 0)
+            to_mlp = lax.dynamic_slice_in_dim(self.cols[:, -1], first, outputs.shape[0], 0)
+            self.mlp_extra = jnp.einsum("n,nbtd->btd", to_mlp, new - old)
+        self.gap = lax.dynamic_update_slice_in_dim(self.gap, new, first, 0)
 
     def __call__(self, kind, x):
         if kind in SPLIT_INPUTS:
             return x + self._correction(kind).astype(x.dtype)
         if kind == "hook_mlp_in":
-            return x + self._correction(kind)[:, :, 0].astype(x.dtype)
+            return x + (self._correction(kind)[:, :, 0] + self.mlp_extra).astype(x.dtype)
         if kind == "attn.hook_result":  # [B, T, H, D]: this layer's heads become current sources
-            self._record(1 + self.i * self.per_src, jnp.moveaxis(x, 2, 0))
+            self._record(1 + self.i * self.per_src, jnp.moveaxis(x, 2, 0), heads=True)
         if kind == "hook_mlp_out":
             self._record(1 + self.i * self.per_src + self.cfg.n_heads, x[None])
         return x
@@ -318,9 +330,9 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
     """P(a positive outranks a negative), ties counting one half (the Mann-Whitney U statistic)."""
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([pos, neg]))
+    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]  # 1-based ranks, ties sharing their average
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
