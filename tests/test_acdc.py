@@ -87,3 +87,18 @@ def test_task_metric_loss_and_bad_arguments():
         cj.acdc(model, clean, corrupt, metric, threshold=0.1, loss="kld")
     with pytest.raises(KeyError, match="valid: edge, node"):
         cj.acdc(model, clean, corrupt, metric, threshold=0.1, level="head")
+
+
+def test_padded_batches_score_the_found_circuit_consistently():
+    """Right-padded rows with their own answer positions: the walk's final loss is the found circuit's KL."""
+    model, clean, corrupt, metric = _setup("llamalike")
+    clean, corrupt = np.concatenate([clean, clean[:1]]), np.concatenate([corrupt, corrupt[:1]])
+    mask = np.ones(clean.shape, bool)
+    mask[2, 4:] = False
+    pos = np.array([5, 5, 3])
+    metric = cj.LogitDiff(np.array([1, 2, 3]), np.array([4, 5, 6]))
+    c = cj.acdc(model, clean, corrupt, metric, threshold=0.01, window=3, attention_mask=mask, answer_pos=pos, progress=False)
+    kl = cj.KLFrom(cj.run(model, clean, attention_mask=mask).logits[np.arange(3), pos])
+    found = cj.circuit_metrics(model, clean, corrupt, kl, c.edges, attention_mask=mask, answer_pos=pos)[0]
+    np.testing.assert_allclose(found, c.meta["final_loss"], rtol=1e-4, atol=1e-6)
+    assert 0 < c.n_edges < c.graph.n_edges
