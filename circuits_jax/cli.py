@@ -244,7 +244,9 @@ def _discover(args) -> int:
         {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in curve.items()}, indent=1))  # fmt: skip
     faithfulness_curves({args.method: curve}, out / "faithfulness.png", points={label: point},
                         title=f"{task.name}: faithfulness ({args.ablation} ablation)")  # fmt: skip
-    circuit_graph(circuit, out / "circuit.png", max_edges=args.draw_edges, title=f"{task.name}: {label}")
+    # a node-level circuit is drawn whole: its edges share their nodes' scores (input's are untested)
+    drawn = None if circuit.level == "node" else args.draw_edges
+    circuit_graph(circuit, out / "circuit.png", max_edges=drawn, title=f"{task.name}: {label}")
     circuit_html(circuit, out / "circuit.html", title=f"{task.name}: {label}")
     print(f"{task.name}: {label}: {circuit.n_edges} of {g.n_edges} edges, {len(circuit.nodes)} nodes, "
           f"f = {point[1]:.3f}; found in {found_s:.1f}s, curve in {eval_s:.1f}s")  # fmt: skip
@@ -253,8 +255,14 @@ def _discover(args) -> int:
     if "roc_auc" in circuit.meta:
         print(f"against the known circuit: edge ROC AUC {circuit.meta['roc_auc']['edge']:.3f}, "
               f"node {circuit.meta['roc_auc']['node']:.3f}")  # fmt: skip
-    for src, dst, sc in circuit.edge_list()[:8]:
-        print(f"  {src}->{dst}: {sc:+.4g}")
+    if circuit.level == "node":  # every edge of a node shares its score: list the kept nodes instead
+        kept = set(circuit.nodes)
+        nodes = sorted(((n, v) for n, v in circuit.meta["node_scores"].items() if n in kept), key=lambda nv: -abs(nv[1]))
+        print("kept nodes, by the loss change their removal would cause: "
+              + ", ".join(f"{n} {v:+.3g}" for n, v in nodes))  # fmt: skip
+    else:
+        for src, dst, sc in circuit.edge_list()[:8]:
+            print(f"  {src}->{dst}: {sc:+.4g}")
     print(f"wrote {out}/circuit.json, circuit/ (orbax), faithfulness.png, circuit.png, circuit.html")
     return 0
 
@@ -314,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--steps", type=int, default=8, help="eap-ig: interpolation steps")
     dc.add_argument("--n", type=int, default=16, help="prompt pairs")
     dc.add_argument("--seed", type=int, default=0)
-    dc.add_argument("--draw-edges", type=int, default=300, help="largest edges drawn in circuit.png")
+    dc.add_argument("--draw-edges", type=int, default=300, help="largest edges drawn in circuit.png (edge level)")
     dc.add_argument("--out", required=True, help="output directory")
     dc.add_argument("--quiet", action="store_true", help="no progress bar")
     dc.set_defaults(func=_discover)
