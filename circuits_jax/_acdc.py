@@ -200,6 +200,12 @@ def acdc(
                         edges_skipped=skipped, seconds=seconds)  # fmt: skip
     if node_scores is not None:
         circuit.meta["node_scores"] = node_scores
+    if level == "node" and circuit.nodes == ["input"]:
+        warnings.warn(
+            f"ACDC with threshold {threshold} pruned every head and MLP: only the direct path input -> logits is "
+            f"left, f = {f:.3g} (m = {found:.4g}; m(∅) = {empty:.4g}, full model {full:.4g}); lower the threshold",
+            stacklevel=2,
+        )
     if not circuit.edges[:, -1].any():
         warnings.warn(
             f"ACDC with threshold {threshold} pruned every edge into the logits: the circuit is empty and scores "

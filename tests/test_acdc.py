@@ -76,6 +76,9 @@ def test_threshold_that_prunes_everything_warns_and_reports_empty_metric():
         c = cj.acdc(model, clean, corrupt, metric, threshold=1e9, progress=False)
     assert not c.edges[:, -1].any() and c.meta["faithfulness"] == 0.0
     np.testing.assert_allclose(c.meta["metric"], c.meta["metric_empty"])
+    with pytest.warns(UserWarning, match="pruned every head and MLP"):  # node level keeps the input node
+        c = cj.acdc(model, clean, corrupt, metric, threshold=1e9, level="node", progress=False)
+    assert c.nodes == ["input"]
 
 
 def test_task_metric_loss_and_bad_arguments():
