@@ -38,7 +38,7 @@ from ._graph import Graph, _outputs, _source_names
 from ._interventions import ALL_LAYERS, Hook, PerLayer, Replace
 from ._metrics import KLFrom
 from ._model import run, unembed
-from ._patching import _Pairs, _progress, _score
+from ._patching import _Pairs, _hooked_metric, _progress, _score
 
 LOSSES = ("kl", "metric")
 
@@ -82,8 +82,7 @@ def _node_losses(model, tokens, mask, positions, loss, heads, mlps, resid, start
         hooks = [Hook("attn.hook_result", ALL_LAYERS, PerLayer(Replace(heads, hc[:, None, None, :, None])))]
         if mlps is not None:
             hooks.append(Hook("hook_mlp_out", ALL_LAYERS, PerLayer(Replace(mlps, mc[:, None, None, None]))))
-        out = run(model, tokens, hooks=hooks, attention_mask=mask, start_layer=start, resid=resid[start], return_logits=False)
-        return _score(model, out.resid, positions, loss)
+        return _hooked_metric(model, tokens, mask, positions, loss, hooks, start, resid[start])
 
     return jax.vmap(one)(head_cut, mlp_cut)
 

@@ -26,7 +26,7 @@ from jax import Array
 
 from ._interventions import ALL_LAYERS, Add, Hook, Intervention, PerLayer, Replace
 from ._model import Transformer, run
-from ._patching import SITES, PatchResult, _check_site_axes, _Pairs, _score
+from ._patching import SITES, PatchResult, _check_site_axes, _Pairs, _hooked_metric, _score
 from ._sites import Site, site_shape
 
 
@@ -124,8 +124,7 @@ def _ig(model, source_tokens, target_tokens, mask, positions, metric, kind: str,
         def f(delta):
             hooks = [Hook("hook_embed", None, Replace(e_tgt + alpha * (e_src - e_tgt))),
                      Hook(kind, ALL_LAYERS, PerLayer(Add(delta)))]  # fmt: skip
-            out = run(model, target_tokens, hooks=hooks, attention_mask=mask, return_logits=False)
-            return _score(model, out.resid, positions, metric)
+            return _hooked_metric(model, target_tokens, mask, positions, metric, hooks)
 
         return jax.grad(f)(zeros)
 

@@ -209,14 +209,23 @@ def circuit_metrics(
 FAITHFULNESS_KS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # MIB's 0.1% .. 100% of edges
 
 
-def top_edges(scores: np.ndarray, mask: np.ndarray, fraction: float, absolute: bool = True) -> np.ndarray:
-    """`[S, D]` bool: the `fraction` of real edges with the largest (absolute) score (at least one if > 0)."""
+def _edge_count(fraction: float, n_edges: int) -> int:
+    """Edges in a circuit of `fraction` of the graph: rounded, at least one if the fraction is positive."""
+    n = int(round(fraction * n_edges))
+    return max(n, 1) if fraction > 0 else 0
+
+
+def _top_n(scores: np.ndarray, mask: np.ndarray, n: int, absolute: bool) -> np.ndarray:
+    """`[S, D]` bool: the `n` real edges with the largest (absolute) score, ties in matrix order."""
     vals = np.where(mask, np.abs(scores) if absolute else scores, -np.inf).ravel()
-    n = int(round(fraction * mask.sum()))
-    n = max(n, 1) if fraction > 0 else 0
     keep = np.zeros(vals.shape, bool)
     keep[np.argsort(-vals, kind="stable")[:n]] = True
     return keep.reshape(mask.shape) & mask
+
+
+def top_edges(scores: np.ndarray, mask: np.ndarray, fraction: float, absolute: bool = True) -> np.ndarray:
+    """`[S, D]` bool: the `fraction` of real edges with the largest (absolute) score (at least one if > 0)."""
+    return _top_n(scores, mask, _edge_count(fraction, int(mask.sum())), absolute)
 
 
 def faithfulness(
@@ -234,8 +243,8 @@ def faithfulness(
     """
     graph = Graph.of(model.cfg)
     s = np.asarray(getattr(scores, "scores", scores))
-    sizes = [max(int(round(k * graph.n_edges)), 1 if k > 0 else 0) for k in ks]
-    chosen = [circuit_from_scores(s, n, method=method, absolute=absolute, graph=graph).edges for n in sizes]
+    chosen = [circuit_from_scores(s, _edge_count(k, graph.n_edges), method=method, absolute=absolute, graph=graph).edges
+              for k in ks]  # fmt: skip
     circuits = np.stack([graph.mask, np.zeros_like(graph.mask)] + chosen)
     m = circuit_metrics(model, clean_tokens, corrupt_tokens, metric, circuits, ablation=ablation,
                         attention_mask=attention_mask, answer_pos=answer_pos)  # fmt: skip
@@ -280,11 +289,10 @@ def circuit_from_scores(
     """
     graph = graph if graph is not None else scores.graph
     s = np.asarray(getattr(scores, "scores", scores), np.float64)
-    key = np.where(graph.mask, np.abs(s) if absolute else s, -np.inf)
     if method == "topn":
-        keep = top_edges(s, graph.mask, n_edges / graph.n_edges, absolute) if n_edges else np.zeros_like(graph.mask)
+        keep = _top_n(s, graph.mask, n_edges, absolute)
     elif method == "greedy":
-        keep = _greedy(graph, key, n_edges)
+        keep = _greedy(graph, np.abs(s) if absolute else s, n_edges)
     else:
         raise KeyError(f"unknown method {method!r}; valid: topn, greedy")
     if prune:
@@ -305,9 +313,11 @@ def node_ranking(graph: Graph, node_scores: dict) -> np.ndarray:
 
 
 def _greedy(graph: Graph, key: np.ndarray, n: int) -> np.ndarray:
+    """Grow from the logits: pop the best edge into an open destination, then open its source's inputs."""
     import heapq
 
     keep = np.zeros(graph.mask.shape, bool)
+    kept = 0
     active = np.zeros(len(graph.destinations), bool)
     heap: list = []
 
@@ -318,9 +328,10 @@ def _greedy(graph: Graph, key: np.ndarray, n: int) -> np.ndarray:
                 heapq.heappush(heap, (-key[i, j], int(i), int(j)))
 
     open_dest(len(graph.destinations) - 1)
-    while heap and keep.sum() < n:
+    while heap and kept < n:
         _, i, j = heapq.heappop(heap)
         keep[i, j] = True
+        kept += 1
         for d in np.nonzero(graph.feeds[:, i])[0]:  # the source's own inputs become candidates
             open_dest(d)
     return keep

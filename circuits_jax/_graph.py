@@ -40,7 +40,7 @@ from ._config import Config
 from ._attribution import _IG_BATCH
 from ._interventions import ALL_LAYERS, Add, Hook, PerLayer, Replace
 from ._model import Transformer, run
-from ._patching import _Pairs, _score, auto_chunk, in_chunks
+from ._patching import _Pairs, _hooked_metric, _score, auto_chunk, in_chunks
 
 _INPUT_KINDS = ("hook_q_input", "hook_k_input", "hook_v_input")
 
@@ -229,9 +229,7 @@ def _dest_grads(model, tokens, mask, positions, metric, extra_hooks=(), start_la
     def f(deltas):
         hooks = [Hook(k, ALL_LAYERS, PerLayer(Add(deltas[k]))) for k in _dest_kinds(cfg)]
         hooks.append(Hook("hook_resid_post", L - 1, Add(deltas["logits"])))
-        out = run(model, tokens, hooks=[*extra_hooks, *hooks], attention_mask=mask, return_logits=False,
-                  start_layer=start_layer, resid=resid)  # fmt: skip
-        return _score(model, out.resid, positions, metric)
+        return _hooked_metric(model, tokens, mask, positions, metric, [*extra_hooks, *hooks], start_layer, resid)
 
     value, g = jax.value_and_grad(f)(zeros)
     return value, _dest_stack(cfg, {k: g[k] for k in _dest_kinds(cfg)}, g["logits"])
@@ -426,9 +424,7 @@ def _edge_chunk(model, tokens, mask, positions, resid, diff, metric, weights, st
             else:
                 value = sum(delta[a] for a, _ in slots)
             hooks.append(Hook(kind, layer, Add(value)))
-        out = run(model, tokens, hooks=hooks, attention_mask=mask, start_layer=start, resid=resid,
-                  return_logits=False)  # fmt: skip
-        return _score(model, out.resid, positions, metric)
+        return _hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid)
 
     return jax.vmap(one)(weights)
 
@@ -510,9 +506,7 @@ def _single_edge_chunk(model, tokens, mask, positions, resid, diff, metric, star
                 value = x[:, :, None, :] * (jnp.arange(n) == row[3]).astype(x.dtype)[None, None, :, None]
             hooks.append(Hook(kind, jnp.where(row[1] == k, row[2], -1), Add(value)))
         hooks.append(Hook("hook_resid_post", L - 1, Add(x * (row[1] == 4).astype(x.dtype))))
-        out = run(model, tokens, hooks=hooks, attention_mask=mask, start_layer=start, resid=resid[start],
-                  return_logits=False)  # fmt: skip
-        return _score(model, out.resid, positions, metric)
+        return _hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid[start])
 
     return jax.vmap(one)(rows)
 

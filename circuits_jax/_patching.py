@@ -131,9 +131,7 @@ def _score_chunk(model, tokens, mask, positions, resid, source, metric, start, r
     def one(row):
         layer = row[0]
         hook = Hook(kind, layer, Replace(source[layer], _hit(act_shape, axis_of, row[1:])[None]))
-        out = run(model, tokens, hooks=[hook], attention_mask=mask, start_layer=start, resid=resid[start],
-                  return_logits=False)  # fmt: skip
-        return _score(model, out.resid, positions, metric)
+        return _hooked_metric(model, tokens, mask, positions, metric, [hook], start, resid[start])
 
     return jax.vmap(one)(rows)
 
@@ -150,10 +148,15 @@ def _rows_changed(source, target, rows, axis_of, act_shape):
     return jax.lax.map(one, rows, batch_size=256)
 
 
+def _hooked_metric(model, tokens, mask, positions, metric, hooks=(), start=0, resid=None):
+    """The metric of one run with `hooks`, from layer `start` (entering it with `resid`) to the scored positions."""
+    out = run(model, tokens, hooks=list(hooks), attention_mask=mask, start_layer=start, resid=resid, return_logits=False)
+    return _score(model, out.resid, positions, metric)
+
+
 @eqx.filter_jit
 def _metric_of(model, tokens, mask, positions, metric):
-    out = run(model, tokens, attention_mask=mask, return_logits=False)
-    return _score(model, out.resid, positions, metric)
+    return _hooked_metric(model, tokens, mask, positions, metric)
 
 
 class _Pairs:

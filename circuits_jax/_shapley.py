@@ -30,8 +30,8 @@ import numpy as np
 from jax import Array
 
 from ._interventions import ALL_LAYERS, Hook, PerLayer, Replace
-from ._model import Transformer, run
-from ._patching import SITES, _check_site_axes, _Pairs, _score, auto_chunk, in_chunks
+from ._model import Transformer
+from ._patching import SITES, _check_site_axes, _Pairs, _hooked_metric, auto_chunk, in_chunks
 from ._sites import Site, site_shape
 
 
@@ -109,8 +109,7 @@ def _coalition_values(model, tokens, mask, positions, metric, start, resid, sour
             members = coalition[cols[kind]].astype(jnp.float32)
             hit = jnp.tensordot(members, masks[kind], axes=1) > 0.5  # [L, 1, *act]: the union of its members
             hooks.append(Hook(kind, ALL_LAYERS, PerLayer(Replace(source, hit))))
-        out = run(model, tokens, hooks=hooks, attention_mask=mask, start_layer=start, resid=resid, return_logits=False)
-        return _score(model, out.resid, positions, metric)
+        return _hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid)
 
     return jax.vmap(one)(coalitions)
 

@@ -233,7 +233,9 @@ def _discover(args) -> int:
     curve = faithfulness(model, task.clean, task.corrupt, task.metric, ranking, ablation=args.ablation, method=construct, **kw)
     eval_s = time.perf_counter() - t
     g = circuit.graph
-    point = (circuit.n_edges / g.n_edges, _circuit_f(model, task, circuit, curve, args.ablation))
+    # ACDC scored its circuit on the same full/empty scale already; an attribution circuit is scored here
+    f = circuit.meta["faithfulness"] if args.method == "acdc" else _circuit_f(model, task, circuit, curve, args.ablation)
+    point = (circuit.n_edges / g.n_edges, f)
     circuit.meta.update(task=task.name, seconds_found=found_s, seconds_faithfulness=eval_s, faithfulness=point[1],
                         cpr=curve["cpr"], cmd=curve["cmd"])  # fmt: skip
     if task.truth is not None:
