@@ -187,8 +187,9 @@ def induction_model(seed: int = 0, *, steps: int = 2000, prev_threshold: float =
     while several layer-0 heads share the previous-token job, partly. With training the job
     concentrates in one or two heads that attend to t - 1 more than 0.96 of the time while the rest
     stay below 0.52 (seeds 0-4), and the heads above the threshold carry the mechanism: the truth
-    circuit of `induction_task` recovers 0.96-1.01 of the clean-corrupt logit difference over seeds
-    0-4 (about 0.9-0.96 after 1000 steps). The truth is defined by attention patterns, so it can hold
+    circuit of `induction_task` (defaults) recovers 0.98, 0.99, 0.99, 0.90 and 1.00 of the
+    clean-corrupt logit difference for seeds 0-4 (`circuit_metrics` of the truth between the full and
+    empty circuits). The truth is defined by attention patterns, so it can hold
     a head that attends like a previous-token head but is barely read: seed 1's a0.h0 (0.97), whose
     K-composition edges move the metric by 0.2 % each.
     """
