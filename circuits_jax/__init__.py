@@ -52,6 +52,15 @@ from ._tasks import (
     task_from_prompts,
 )
 from ._circuit_io import load_circuit, save_circuit
+from ._sae import SAE, CrossLayerTranscoder, LossConfig, init_clt, init_sae
+from ._activations import ActivationStore, build_store, open_store, pack_contexts, read_corpus
+from ._sae_train import TrainConfig
+from ._sae_train import train as train_sae
+from ._sae_eval import Evaluation
+from ._sae_eval import evaluate as evaluate_dictionary
+from ._sae_io import load_dictionary, save_dictionary
+from ._sae_pipeline import train_dictionary
+from ._dashboard import dashboard_data, feature_activations, write_dashboards
 from . import _known as known
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
 from ._config import Config
@@ -71,6 +80,9 @@ __all__ = [
     "EDGE_METHODS", "EdgeScores", "Graph", "PathPatchResult", "edge_attribution", "edge_patch_all", "patch_edges",
     "patch_single_edges", "path_patch", "atp_star", "ShapleyResult", "shapley_values",
     "KNOWN_TASKS", "TASKS", "ProbMassDiff", "Task", "factual_recall_task", "greater_than_task", "induction_task",
+    "SAE", "CrossLayerTranscoder", "LossConfig", "init_clt", "init_sae", "ActivationStore", "build_store", "open_store",
+    "pack_contexts", "read_corpus", "TrainConfig", "train_sae", "Evaluation", "evaluate_dictionary", "load_dictionary",
+    "save_dictionary", "train_dictionary", "dashboard_data", "feature_activations", "write_dashboards",
     "ioi_task", "load_task", "single_token_ids", "task", "task_from_prompts", "load_circuit", "save_circuit", "known",
     "node_chain_losses", "FAITHFULNESS_KS", "Circuit", "acdc", "ablated_outputs", "circuit_from_scores", "node_ranking", "prune_dangling", "roc_auc", "roc_sweep", "circuit_metrics", "faithfulness", "top_edges",
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",

@@ -280,6 +280,81 @@ def _circuit_f(model, task, circuit, curve, ablation) -> float:
     return (m - curve["empty"]) / (curve["full"] - curve["empty"])
 
 
+def _layers_arg(text: str) -> list[int]:
+    """'0-3' or '0,1,2,3' -> [0, 1, 2, 3]."""
+    try:
+        if "-" in text:
+            a, b = text.split("-")
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--clt-layers takes a range '0-3' or a list '0,1,2,3', got {text!r}") from None
+
+
+def _train_sae(args) -> int:
+    from . import _sae_pipeline
+    from .loaders._registry import load
+
+    site, target, layers = args.site, args.target, None
+    if args.transcoder is not None:
+        site, target = f"blocks.{args.transcoder}.ln2.hook_normalized", f"blocks.{args.transcoder}.hook_mlp_out"
+    if args.clt_layers is not None:
+        layers = _layers_arg(args.clt_layers)
+    if site is None and layers is None:
+        raise ValueError("give --site (an SAE), --site with --target or --transcoder L (a transcoder), or --clt-layers")
+    if args.arch in ("topk", "batchtopk") and not args.k:
+        raise ValueError(f"--arch {args.arch} needs --k")
+    model, tok = load(args.model)
+    train_cfg = dict(batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, dead_after=args.dead_after)
+    from ._sae import LossConfig
+
+    train_cfg["loss"] = LossConfig(l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff)
+    summary = _sae_pipeline.train_dictionary(
+        model, tok, args.out, site=site, target=target, clt_layers=layers, arch=args.arch, k=args.k, width=args.width,
+        n_tokens=args.tokens, corpus=args.corpus, ctx_len=args.ctx_len, n_eval_contexts=args.eval_contexts,
+        store_dir=args.store, train_cfg=train_cfg, seed=args.seed, progress=not args.quiet, model_name=str(args.model),
+    )  # fmt: skip
+    keys = ("l0", "fve", "ce_clean", "ce_splice", "ce_zero", "ce_recovered", "kl_recovered", "dead", "dense")
+    print(" ".join(f"{k}={summary[k]:.4g}" for k in keys))
+    if summary.get("layer_fvu"):
+        print("per-layer FVU:", " ".join(f"{v:.3f}" for v in summary["layer_fvu"]))
+    print(f"tokens/s (train step) {summary['tokens_per_second']:.0f}; seconds {summary['seconds']}")
+    print(f"saved to {args.out}/dictionary (eval.json, history.json, density.png beside it)")
+    return 0
+
+
+def _features(args) -> int:
+    from pathlib import Path
+
+    from . import _activations as A
+    from . import _dashboard as dash
+    from ._sae_io import dictionary_info, load_dictionary
+    from .loaders._registry import load
+
+    root = Path(args.dir)
+    ddir = root / "dictionary" if (root / "dictionary" / "dictionary.json").exists() else root
+    info = dictionary_info(ddir)
+    if info["kind"] == "clt":
+        raise ValueError("dashboards are per SAE or transcoder; a cross-layer transcoder has none yet")
+    if not args.html:
+        raise ValueError("nothing to do: pass --html to write the dashboards page")
+    d = load_dictionary(ddir)
+    meta = info.get("info", {})
+    model_name = args.model or meta.get("model") or "smollm2"
+    model, tok = load(model_name)
+    corpus = args.corpus or meta.get("corpus") or "python-docs"
+    ctx = A.pack_contexts(tok, A.read_corpus(corpus), args.ctx_len, max_contexts=args.contexts)
+    stats = dash.feature_stats(model, d, ctx)
+    feats = dash.select_features(stats, args.how, n=args.n, seed=args.seed, width=d.width)
+    data = dash.dashboard_data(model, tok, d, ctx, feats)
+    out = Path(args.out) if args.out else root / "features.html"
+    dash.write_dashboards(out, data, title=f"{info['arch']} {d.out_site} ({d.width} latents) on {corpus}")
+    dead = float((stats["density"] == 0).mean())
+    print(f"{len(feats)} features ({args.how}) over {stats['n_tokens']} tokens; {dead:.1%} of latents never fired there")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -329,6 +404,57 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--quiet", action="store_true", help="no progress bar")
     dc.set_defaults(func=_discover)
 
+    ts = sub.add_parser(
+        "train-sae", help="train a sparse dictionary (SAE, transcoder or cross-layer transcoder) and evaluate it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  circuits-jax train-sae --site blocks.6.hook_resid_post --arch topk --k 32 --width 4608 --tokens 1000000 --out runs/sae6\n"
+        "  circuits-jax train-sae --transcoder 6 --arch topk --k 32 --width 4608 --tokens 1000000 --out runs/tc6\n"
+        "  circuits-jax train-sae --clt-layers 0-3 --arch topk --k 16 --width 1024 --tokens 300000 --out runs/clt\n"
+        "Run the same command again to resume an interrupted run.",
+    )  # fmt: skip
+    ts.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    ts.add_argument("--site", help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
+    ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
+    ts.add_argument("--transcoder", type=int, metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
+    ts.add_argument("--clt-layers", metavar="A-B", help="a cross-layer transcoder over layers A..B")
+    ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
+    ts.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
+    ts.add_argument("--width", type=int, default=4608, help="number of latents")
+    ts.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (activations stored on disk)")
+    ts.add_argument("--out", required=True, help="output directory (store, checkpoints, dictionary, eval)")
+    ts.add_argument("--corpus", default="python-docs", help="python-docs (Debian python3.11-doc), pydoc-topics, a .txt/.jsonl file or a directory")
+    ts.add_argument("--store", help="activation store directory to reuse or build (default OUT/store)")
+    ts.add_argument("--ctx-len", type=int, default=128)
+    ts.add_argument("--batch-size", type=int, default=1024)
+    ts.add_argument("--lr", type=float, default=4e-4)
+    ts.add_argument("--lr-schedule", default="linear", choices=["linear", "cosine", "constant"],
+                    help="after a 100-step warm-up: constant then linear decay over the last 20%% (default), cosine, constant")  # fmt: skip
+    ts.add_argument("--l1-coeff", type=float, default=5.0, help="relu: L1 coefficient")
+    ts.add_argument("--l0-coeff", type=float, default=1e-3, help="jumprelu: L0 coefficient")
+    ts.add_argument("--dead-after", type=int, default=200_000, help="tokens without firing before a latent counts as dead")
+    ts.add_argument("--eval-contexts", type=int, default=64, help="held-out contexts for evaluation")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--quiet", action="store_true", help="no progress bars")
+    ts.set_defaults(func=_train_sae)
+
+    fe = sub.add_parser(
+        "features", help="per-feature dashboards of a trained dictionary as one static HTML page",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax features runs/sae6 --html --n 40    # writes runs/sae6/features.html",
+    )  # fmt: skip
+    fe.add_argument("dir", help="a train-sae output directory (or its dictionary/ folder)")
+    fe.add_argument("--html", action="store_true", help="write the dashboards page")
+    fe.add_argument("--out", help="HTML file (default DIR/features.html)")
+    fe.add_argument("--n", type=int, default=32, help="features to show")
+    fe.add_argument("--how", default="random", choices=["random", "top_density", "top_max"], help="which features")
+    fe.add_argument("--contexts", type=int, default=256, help="corpus contexts to scan")
+    fe.add_argument("--ctx-len", type=int, default=64)
+    fe.add_argument("--model", help="override the model recorded with the dictionary")
+    fe.add_argument("--corpus", help="override the corpus recorded with the dictionary")
+    fe.add_argument("--seed", type=int, default=0)
+    fe.set_defaults(func=_features)
+
     pp = sub.add_parser("path-patch", help="path patching: each sender's direct effect through chosen receivers")
     _pair_arguments(pp)
     pp.add_argument("--receivers", action="append", required=True,
@@ -364,7 +490,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as e:
+    except (FileNotFoundError, ValueError, KeyError, NotImplementedError, MemoryError) as e:
         print(f"circuits-jax: error: {e}", file=sys.stderr)
         return 2
 

@@ -426,3 +426,30 @@ def faithfulness_curves(curves: dict, path=None, *, title: str = "faithfulness",
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+def feature_density(density, path=None, *, title: str = "feature density", dense_threshold: float = 0.1):
+    """Histogram of log10 latent density (fraction of tokens where each latent fires), with the
+    dead latents counted in the legend and the dense threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from ._sae_eval import density_histogram
+
+    counts, edges, n_dead = density_histogram(density)
+    d = np.ravel(density)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4878a8",
+           label=f"{d.size - n_dead} live, {n_dead} dead, {int(np.sum(d > dense_threshold))} dense")  # fmt: skip
+    ax.axvline(np.log10(dense_threshold), color="grey", ls=":", lw=1)
+    ax.set_xlabel("log10 feature density")
+    ax.set_ylabel("latents")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig

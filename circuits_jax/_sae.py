@@ -1,0 +1,493 @@
+"""Sparse dictionaries as pytrees with their losses: SAEs, transcoders, cross-layer transcoders.
+
+Axes: N tokens (any leading shape), D model width, F latents (features), L layers of a CLT.
+
+    pre   = (x * in_scale) @ W_enc + b_enc                      [N, F]
+    acts  = sparsify(pre)                                        [N, F]   (the architecture)
+    y_hat = (acts @ W_dec + b_dec) / out_scale                   [N, D]
+
+An SAE reads and writes one site (`in_site == out_site`); a transcoder reads an MLP's input
+and writes its output. `in_scale`/`out_scale` fold the store's normalisation into the
+dictionary, so it maps raw activations to raw activations and splices into a model as is.
+The layout (`W_enc [D, F]`, `b_enc`, `W_dec [F, D]`, `b_dec`, `threshold`) is Gemma Scope's,
+which is why there is no pre-encoder `b_dec` subtraction: it is a reparametrisation of `b_enc`.
+
+Architectures (`arch`):
+    relu       ReLU; loss MSE + l1_coeff * sum_f a_f ||W_dec f|| ("weighted", Anthropic's
+               April 2024 update) or + l1_coeff * sum_f a_f with unit-norm decoder rows ("unit").
+    topk       keep each token's k largest pre-activations (ReLU'd); AuxK: the top k_aux
+               *dead* latents reconstruct the residual error (OpenAI, Gao et al. 2024).
+    batchtopk  keep the batch's k*N largest; inference uses a learned global threshold
+               (Bussmann et al. 2024), so it is a JumpReLU with one threshold at eval.
+    jumprelu   a * [a > threshold] with straight-through (rectangle kernel) gradients for the
+               threshold and an L0 penalty (Rajamanoharan et al. 2024, Gemma Scope).
+
+Every loss returns `(loss, Stats)` in normalised units; the trainer (`_sae_train`) is one
+optax loop for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Hyperparameters of the sparsity terms (which apply depends on `arch`)."""
+
+    l1_coeff: float = 5.0  # relu
+    l1: str = "weighted"  # relu: "weighted" (norm-weighted L1) or "unit" (unit-norm decoder rows)
+    l0_coeff: float = 1e-3  # jumprelu: coefficient of the (straight-through) L0 penalty
+    bandwidth: float = 1e-3  # jumprelu: width of the rectangle kernel of the pseudo-derivative
+    aux_coeff: float = 1 / 32  # topk / batchtopk: weight of the AuxK loss
+    k_aux: int = 256  # topk / batchtopk: dead latents used by AuxK
+    threshold_decay: float = 0.99  # batchtopk: EMA of the smallest kept activation
+
+    def __post_init__(self):
+        if self.l1 not in ("weighted", "unit"):
+            raise ValueError(f"l1 must be 'weighted' or 'unit', got {self.l1!r}")
+
+
+class Stats(NamedTuple):
+    """Per-batch training statistics (scalars except `fired`)."""
+
+    loss: Array
+    mse: Array  # mean over tokens of ||y - y_hat||^2 (normalised units)
+    sparsity: Array  # the sparsity or AuxK term, before its coefficient
+    l0: Array  # mean active latents per token
+    fve: Array  # 1 - SSE / SST of this batch
+    fired: Array  # [F] (or [L, F]) bool: latent active on some token of the batch
+    min_kept: Array  # batchtopk: smallest kept activation (for the inference threshold); else 0
+
+
+# ---------------------------------------------------------------- straight-through JumpReLU
+
+
+def _rect(u):
+    return (jnp.abs(u) < 0.5).astype(u.dtype)
+
+
+@jax.custom_vjp
+def jumprelu(z: Array, threshold: Array, bandwidth: float) -> Array:
+    """`z * [z > threshold]`; d/dθ = -(θ/ε) rect((z-θ)/ε) (the JumpReLU paper's estimator)."""
+    return z * (z > threshold).astype(z.dtype)
+
+
+def _jumprelu_fwd(z, threshold, bandwidth):
+    return jumprelu(z, threshold, bandwidth), (z, threshold, bandwidth)
+
+
+def _jumprelu_bwd(res, g):
+    z, t, eps = res
+    dz = g * (z > t).astype(z.dtype)
+    dt = g * (-(t / eps) * _rect((z - t) / eps))
+    return dz, _sum_to(dt, t.shape), None
+
+
+@jax.custom_vjp
+def step(z: Array, threshold: Array, bandwidth: float) -> Array:
+    """Heaviside `[z > threshold]`; d/dθ = -(1/ε) rect((z-θ)/ε), d/dz = 0."""
+    return (z > threshold).astype(z.dtype)
+
+
+def _step_fwd(z, threshold, bandwidth):
+    return step(z, threshold, bandwidth), (z, threshold, bandwidth)
+
+
+def _step_bwd(res, g):
+    z, t, eps = res
+    dt = g * (-(1.0 / eps) * _rect((z - t) / eps))
+    return jnp.zeros_like(z), _sum_to(dt, t.shape), None
+
+
+def _sum_to(x, shape):
+    extra = x.ndim - len(shape)
+    return jnp.sum(x, axis=tuple(range(extra))) if extra else x
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+step.defvjp(_step_fwd, _step_bwd)
+
+
+# ---------------------------------------------------------------- sparsifiers (shared by SAE and CLT)
+
+
+def _topk(pre: Array, k: int) -> tuple[Array, Array]:
+    """Dense `[N, F]` activations keeping each row's top k (ReLU'd), and the values/indices."""
+    vals, idx = lax.top_k(pre, k)
+    vals = jax.nn.relu(vals)
+    rows = jnp.arange(pre.shape[0])[:, None]
+    return jnp.zeros_like(pre).at[rows, idx].set(vals), (vals, idx)
+
+
+def _batch_topk(pre: Array, k: int) -> tuple[Array, Array]:
+    """Keep the batch's k*N largest ReLU'd pre-activations.
+
+    Exact unless one row holds more than `min(F, 4k)` of them: the candidates are each
+    row's top `4k`, which keeps `lax.top_k` off the full `N*F` array (slow on CPU)."""
+    n, f = pre.shape
+    m = min(f, 4 * k)
+    vals, idx = lax.top_k(pre, m)
+    flat = vals.reshape(-1)
+    kept, _ = lax.top_k(flat, k * n)
+    cut = kept[-1]
+    vals = jnp.where(vals >= cut, jax.nn.relu(vals), 0.0)
+    rows = jnp.arange(n)[:, None]
+    return jnp.zeros_like(pre).at[rows, idx].set(vals), jnp.maximum(cut, 0.0)
+
+
+def _aux_k(pre: Array, dead: Array, err: Array, W_dec: Array, k_aux: int) -> Array:
+    """AuxK: normalised MSE of the residual error reconstructed by the top-k_aux dead latents."""
+    k_aux = min(k_aux, pre.shape[-1])
+    err = lax.stop_gradient(err)
+
+    def aux(pre, W_dec):
+        acts, _ = _topk(jnp.where(dead, pre, -jnp.inf), k_aux)  # dead latents only: -inf ReLUs to 0
+        sst = jnp.sum((err - err.mean(0)) ** 2)
+        return jnp.sum((err - acts @ W_dec) ** 2) / jnp.maximum(sst, 1e-12)
+
+    # skipped at run time while no latent is dead (most of a healthy run)
+    return lax.cond(jnp.any(dead), aux, lambda p, w: jnp.zeros((), p.dtype), pre, W_dec)
+
+
+def _check_arch(arch: str, k: int | None):
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch in ("topk", "batchtopk") and (k is None or k < 1):
+        raise ValueError(f"arch={arch!r} needs k >= 1 (active latents per token)")
+
+
+def _fve(y, y_hat):
+    sst = jnp.sum((y - y.mean(0)) ** 2)
+    return 1.0 - jnp.sum((y - y_hat) ** 2) / jnp.maximum(sst, 1e-12)
+
+
+# ---------------------------------------------------------------- SAE / transcoder
+
+
+class SAE(eqx.Module):
+    """A sparse autoencoder (`in_site == out_site`) or a per-layer transcoder."""
+
+    W_enc: Array  # [D_in, F]
+    b_enc: Array  # [F]
+    W_dec: Array  # [F, D_out]
+    b_dec: Array  # [D_out]
+    threshold: Array  # [F]: jumprelu's thresholds, batchtopk's inference threshold; else zeros
+    in_scale: Array  # [] multiplies the raw input
+    out_scale: Array  # [] multiplies the raw target
+    arch: str = eqx.field(static=True)
+    k: int | None = eqx.field(static=True, default=None)
+    in_site: str = eqx.field(static=True, default="")
+    out_site: str = eqx.field(static=True, default="")
+
+    @property
+    def width(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.in_site != self.out_site
+
+    def pre(self, x: Array) -> Array:
+        return (x * self.in_scale) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Array) -> Array:
+        """Inference activations (batchtopk uses its threshold, so one token's code does not
+        depend on the rest of the batch)."""
+        if self.arch == "relu":
+            return jax.nn.relu(pre)
+        if self.arch == "topk":
+            flat = pre.reshape(-1, pre.shape[-1])
+            return _topk(flat, self.k)[0].reshape(pre.shape)
+        return pre * (pre > self.threshold).astype(pre.dtype)  # jumprelu, batchtopk
+
+    def encode(self, x: Array) -> Array:
+        """Latent activations `[..., F]` of raw activations `[..., D_in]`."""
+        return self.activate(self.pre(x))
+
+    def decode(self, acts: Array) -> Array:
+        """Raw-unit output `[..., D_out]` of latent activations."""
+        return (acts @ self.W_dec + self.b_dec) / self.out_scale
+
+    def __call__(self, x: Array) -> Array:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: Array, y: Array, dead: Array, hp: LossConfig) -> tuple[Array, Stats]:
+        """Training loss on a batch `x [N, D_in]`, target `y [N, D_out]` (raw units), with `dead [F]`
+        the latents that have not fired for a while (used by AuxK only)."""
+        pre = self.pre(x)
+        y_n = y * self.out_scale
+        min_kept = jnp.zeros(())
+        sparsity = jnp.zeros(())
+        if self.arch == "relu":
+            acts = jax.nn.relu(pre)
+        elif self.arch == "topk":
+            acts = _topk(pre, self.k)[0]
+        elif self.arch == "batchtopk":
+            acts, min_kept = _batch_topk(pre, self.k)
+        else:
+            acts = jumprelu(pre, self.threshold, hp.bandwidth)
+        y_hat = acts @ self.W_dec + self.b_dec
+        mse = jnp.mean(jnp.sum((y_n - y_hat) ** 2, -1))
+        if self.arch == "relu":
+            w = _safe_norm(self.W_dec) if hp.l1 == "weighted" else 1.0
+            sparsity = jnp.mean(jnp.sum(acts * w, -1))
+            loss = mse + hp.l1_coeff * sparsity
+        elif self.arch == "jumprelu":
+            sparsity = jnp.mean(jnp.sum(step(pre, self.threshold, hp.bandwidth), -1))
+            loss = mse + hp.l0_coeff * sparsity
+        else:
+            sparsity = _aux_k(pre, dead, y_n - y_hat, self.W_dec, hp.k_aux)
+            loss = mse + hp.aux_coeff * sparsity
+        active = acts > 0
+        stats = Stats(loss, mse, sparsity, jnp.mean(jnp.sum(active, -1)), _fve(y_n, y_hat), jnp.any(active, 0), min_kept)
+        return loss, stats
+
+    def project(self, hp: LossConfig, stats: Stats) -> SAE:
+        """After an optimiser step: unit-norm decoder rows ("unit" L1), positive thresholds,
+        batchtopk's inference threshold as an EMA of the smallest kept activation."""
+        out = self
+        if self.arch == "relu" and hp.l1 == "unit":
+            out = eqx.tree_at(lambda s: s.W_dec, out, _unit_rows(out.W_dec))
+        if self.arch == "jumprelu":
+            out = eqx.tree_at(lambda s: s.threshold, out, jnp.maximum(out.threshold, 1e-6))
+        if self.arch == "batchtopk":
+            d = hp.threshold_decay
+            t = jnp.where(out.threshold > 0, d * out.threshold + (1 - d) * stats.min_kept, stats.min_kept)
+            out = eqx.tree_at(lambda s: s.threshold, out, t)
+        return out
+
+
+def _safe_norm(w):
+    """Row norms with a finite gradient at a zero row."""
+    return jnp.sqrt(jnp.sum(w * w, axis=-1) + 1e-12)
+
+
+def _unit_rows(w):
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-8)
+
+
+def init_sae(
+    d_in: int,
+    width: int,
+    *,
+    key: Array,
+    arch: str = "topk",
+    k: int | None = None,
+    d_out: int | None = None,
+    in_site: str = "",
+    out_site: str | None = None,
+    b_dec: Array | None = None,
+    in_scale: float = 1.0,
+    out_scale: float = 1.0,
+    threshold: float = 1e-3,
+    dec_norm: float | None = None,
+) -> SAE:
+    """A new dictionary: decoder rows of norm `dec_norm` in random directions, the encoder their
+    transpose (tied initialisation), `b_dec` the target mean if given. `dec_norm` defaults to 1
+    for topk/batchtopk (whose latents need no L1 pressure to stay small; unit rows make the
+    initial codes of normalised inputs the right size) and 0.1 for relu/jumprelu."""
+    if dec_norm is None:
+        dec_norm = 1.0 if arch in ("topk", "batchtopk") else 0.1
+    _check_arch(arch, k)
+    d_out = d_in if d_out is None else d_out
+    out_site = in_site if out_site is None else out_site
+    if arch in ("topk", "batchtopk") and k > width:
+        raise ValueError(f"k={k} exceeds the width {width}")
+    w = jax.random.normal(key, (width, d_out), jnp.float32)
+    W_dec = dec_norm * _unit_rows(w)
+    W_enc = W_dec.T if d_in == d_out else dec_norm * _unit_rows(jax.random.normal(jax.random.fold_in(key, 1), (width, d_in))).T
+    t = threshold if arch == "jumprelu" else 0.0
+    return SAE(
+        W_enc=W_enc,
+        b_enc=jnp.zeros(width, jnp.float32),
+        W_dec=W_dec,
+        b_dec=jnp.zeros(d_out, jnp.float32) if b_dec is None else jnp.asarray(b_dec, jnp.float32) * out_scale,
+        threshold=jnp.full(width, t, jnp.float32),
+        in_scale=jnp.asarray(in_scale, jnp.float32),
+        out_scale=jnp.asarray(out_scale, jnp.float32),
+        arch=arch,
+        k=k,
+        in_site=in_site,
+        out_site=out_site,
+    )
+
+
+# ---------------------------------------------------------------- cross-layer transcoder
+
+
+class CrossLayerTranscoder(eqx.Module):
+    """Features read at layer l (from that layer's MLP input) and write to the MLP outputs of
+    layers l, l+1, ... (Anthropic's circuit-tracing CLT), over the contiguous `layers`.
+
+    x, y: `[N, L, D]` stacked per-layer inputs and targets. `W_dec[s, t]` (`[L, L, F, D]`) is the
+    decoder from source layer s to target layer t; entries with t < s are held at zero.
+    """
+
+    W_enc: Array  # [L, D, F]
+    b_enc: Array  # [L, F]
+    W_dec: Array  # [L(src), L(dst), F, D]
+    b_dec: Array  # [L, D]
+    threshold: Array  # [L, F]
+    in_scale: Array  # [L]
+    out_scale: Array  # [L]
+    arch: str = eqx.field(static=True)
+    k: int | None = eqx.field(static=True, default=None)
+    layers: tuple[int, ...] = eqx.field(static=True, default=())
+    in_kind: str = eqx.field(static=True, default="ln2.hook_normalized")
+    out_kind: str = eqx.field(static=True, default="hook_mlp_out")
+
+    @property
+    def width(self) -> int:
+        return self.W_enc.shape[-1]
+
+    @property
+    def in_sites(self) -> list[str]:
+        return [f"blocks.{l}.{self.in_kind}" for l in self.layers]
+
+    @property
+    def out_sites(self) -> list[str]:
+        return [f"blocks.{l}.{self.out_kind}" for l in self.layers]
+
+    def _mask(self):
+        L = len(self.layers)
+        return jnp.triu(jnp.ones((L, L), self.W_dec.dtype))  # [src, dst]: dst >= src
+
+    def pre(self, x: Array) -> Array:
+        return jnp.einsum("nld,ldf->nlf", x * self.in_scale[:, None], self.W_enc) + self.b_enc
+
+    def _sparsify(self, pre, hp: LossConfig | None):
+        n, L, f = pre.shape
+        if self.arch == "relu":
+            return jax.nn.relu(pre), jnp.zeros(())
+        if self.arch == "topk":
+            flat = pre.transpose(1, 0, 2).reshape(L * n, f)
+            return _topk(flat, self.k)[0].reshape(L, n, f).transpose(1, 0, 2), jnp.zeros(())
+        if self.arch == "batchtopk" and hp is not None:
+            flat = pre.transpose(1, 0, 2).reshape(L * n, f)
+            acts, cut = _batch_topk(flat, self.k)
+            return acts.reshape(L, n, f).transpose(1, 0, 2), cut
+        if self.arch == "jumprelu" and hp is not None:
+            return jumprelu(pre, self.threshold, hp.bandwidth), jnp.zeros(())
+        return pre * (pre > self.threshold).astype(pre.dtype), jnp.zeros(())
+
+    def encode(self, x: Array) -> Array:
+        lead = x.shape[:-2]
+        x = x.reshape(-1, *x.shape[-2:])
+        return self._sparsify(self.pre(x), None)[0].reshape(*lead, *x.shape[-2:-1], self.width)
+
+    def _decode_n(self, acts):
+        W = self.W_dec * self._mask()[:, :, None, None]
+        return jnp.einsum("nsf,stfd->ntd", acts, W) + self.b_dec
+
+    def decode(self, acts: Array) -> Array:
+        lead = acts.shape[:-2]
+        a = acts.reshape(-1, *acts.shape[-2:])
+        return (self._decode_n(a) / self.out_scale[:, None]).reshape(*lead, len(self.layers), -1)
+
+    def __call__(self, x: Array) -> Array:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: Array, y: Array, dead: Array, hp: LossConfig) -> tuple[Array, Stats]:
+        pre = self.pre(x)
+        y_n = y * self.out_scale[:, None]
+        acts, min_kept = self._sparsify(pre, hp)
+        y_hat = self._decode_n(acts)
+        mse = jnp.mean(jnp.sum((y_n - y_hat) ** 2, (-1, -2)))
+        if self.arch == "relu":
+            # decoder norm of a feature: over all the layers it writes to
+            w = jnp.sqrt(jnp.sum((self.W_dec * self._mask()[:, :, None, None]) ** 2, (1, 3)) + 1e-12)  # [L, F]
+            w = w if hp.l1 == "weighted" else 1.0
+            sparsity = jnp.mean(jnp.sum(acts * w, (-1, -2)))
+            loss = mse + hp.l1_coeff * sparsity
+        elif self.arch == "jumprelu":
+            sparsity = jnp.mean(jnp.sum(step(pre, self.threshold, hp.bandwidth), (-1, -2)))
+            loss = mse + hp.l0_coeff * sparsity
+        else:
+            err = y_n - y_hat
+            W = self.W_dec * self._mask()[:, :, None, None]
+            aux = [
+                _aux_k(pre[:, s], dead[s], err.reshape(len(err), -1), W[s].transpose(1, 0, 2).reshape(self.width, -1), hp.k_aux)
+                for s in range(len(self.layers))
+            ]
+            sparsity = jnp.mean(jnp.stack(aux))
+            loss = mse + hp.aux_coeff * sparsity
+        active = acts > 0
+        sst = jnp.sum((y_n - y_n.mean(0)) ** 2)
+        fve = 1.0 - jnp.sum((y_n - y_hat) ** 2) / jnp.maximum(sst, 1e-12)
+        # l0: active latents per token, summed over the source layers
+        return loss, Stats(loss, mse, sparsity, jnp.mean(jnp.sum(active, (-1, -2))), fve, jnp.any(active, 0), min_kept)
+
+    def project(self, hp: LossConfig, stats: Stats) -> CrossLayerTranscoder:
+        out = eqx.tree_at(lambda s: s.W_dec, self, self.W_dec * self._mask()[:, :, None, None])
+        if self.arch == "jumprelu":
+            out = eqx.tree_at(lambda s: s.threshold, out, jnp.maximum(out.threshold, 1e-6))
+        if self.arch == "batchtopk":
+            d = hp.threshold_decay
+            t = jnp.where(out.threshold > 0, d * out.threshold + (1 - d) * stats.min_kept, stats.min_kept)
+            out = eqx.tree_at(lambda s: s.threshold, out, t)
+        return out
+
+    def layer_errors(self, x: Array, y: Array) -> Array:
+        """Per target layer: fraction of variance unexplained `[L]` (raw units in, normalised out)."""
+        y_n = y * self.out_scale[:, None]
+        y_hat = self._decode_n(self._sparsify(self.pre(x), None)[0])
+        sse = jnp.sum((y_n - y_hat) ** 2, (0, 2))
+        sst = jnp.sum((y_n - y_n.mean(0)) ** 2, (0, 2))
+        return sse / jnp.maximum(sst, 1e-12)
+
+
+def init_clt(
+    d_model: int,
+    width: int,
+    layers: tuple[int, ...],
+    *,
+    key: Array,
+    arch: str = "topk",
+    k: int | None = None,
+    b_dec: Array | None = None,
+    in_scale=None,
+    out_scale=None,
+    threshold: float = 1e-3,
+    in_kind: str = "ln2.hook_normalized",
+    out_kind: str = "hook_mlp_out",
+) -> CrossLayerTranscoder:
+    """A new CLT over contiguous `layers`; decoder norms shrink with the number of layers a
+    feature writes to, so the initial output has the scale of one SAE's."""
+    _check_arch(arch, k)
+    layers = tuple(int(l) for l in layers)
+    if not layers:
+        raise ValueError("a cross-layer transcoder needs at least one layer")
+    if list(layers) != list(range(layers[0], layers[0] + len(layers))):
+        raise ValueError(f"a cross-layer transcoder needs contiguous layers, got {layers}")
+    L = len(layers)
+    k1, k2 = jax.random.split(key)
+    W_enc = 0.1 * _unit_rows(jax.random.normal(k1, (L, width, d_model))).transpose(0, 2, 1)
+    W_dec = (0.1 / math.sqrt(L)) * _unit_rows(jax.random.normal(k2, (L, L, width, d_model)))
+    W_dec = W_dec * jnp.triu(jnp.ones((L, L)))[:, :, None, None]
+    ones = jnp.ones(L, jnp.float32)
+    in_scale = ones if in_scale is None else jnp.asarray(in_scale, jnp.float32)
+    out_scale = ones if out_scale is None else jnp.asarray(out_scale, jnp.float32)
+    return CrossLayerTranscoder(
+        W_enc=W_enc,
+        b_enc=jnp.zeros((L, width), jnp.float32),
+        W_dec=W_dec,
+        b_dec=jnp.zeros((L, d_model), jnp.float32) if b_dec is None else jnp.asarray(b_dec, jnp.float32) * out_scale[:, None],
+        threshold=jnp.full((L, width), threshold if arch == "jumprelu" else 0.0, jnp.float32),
+        in_scale=in_scale,
+        out_scale=out_scale,
+        arch=arch,
+        k=k,
+        layers=layers,
+        in_kind=in_kind,
+        out_kind=out_kind,
+    )

@@ -1,0 +1,144 @@
+"""From a model and a corpus to a trained, evaluated, saved dictionary (what `train-sae` runs).
+
+    corpus -> contexts (train | held out) -> activation store -> init from the store's mean
+    and scale -> train (checkpointed) -> evaluate on held-out contexts -> save
+
+Every check that can fail (site names, corpus, memory for the width) runs before any
+forward pass. The output directory holds `store/` (unless another store is given),
+`checkpoints/`, `dictionary/`, `eval.json`, `history.json` and `density.png`; running the
+same command again resumes whatever was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from . import _activations as A
+from ._sae import LossConfig, init_clt, init_sae
+from ._sae_eval import evaluate
+from ._sae_io import save_dictionary
+from ._sae_train import TrainConfig, dictionary_sites, train
+
+
+def dictionary_spec(model, *, site: str | None = None, target: str | None = None, clt_layers=None) -> tuple[list[str], list[str]]:
+    """Input and target sites: an SAE (`site`), a transcoder (`site` -> `target`) or a CLT
+    (`clt_layers`: MLP inputs -> MLP outputs). Unknown names raise with the closest valid ones."""
+    if clt_layers is not None:
+        layers = list(clt_layers)
+        bad = [l for l in layers if not 0 <= l < model.cfg.n_layers]
+        if bad:
+            raise ValueError(f"CLT layers {bad} are outside the model's {model.cfg.n_layers} layers")
+        ins = [f"blocks.{l}.ln2.hook_normalized" for l in layers]
+        outs = [f"blocks.{l}.hook_mlp_out" for l in layers]
+    else:
+        if site is None:
+            raise ValueError("give a site (and a target for a transcoder), or CLT layers")
+        ins, outs = [site], [target or site]
+    A.check_sites(model, ins + outs)
+    return ins, outs
+
+
+def n_parameters(d_model_in: int, d_model_out: int, width: int, n_layers: int | None = None) -> int:
+    if n_layers is None:
+        return 2 * d_model_in * width + width * d_model_out + width + d_model_out
+    return n_layers * (d_model_in * width + width) + n_layers * n_layers * width * d_model_out + 2 * n_layers * width
+
+
+def train_dictionary(
+    model,
+    tok,
+    out: str | os.PathLike,
+    *,
+    site: str | None = None,
+    target: str | None = None,
+    clt_layers=None,
+    arch: str = "topk",
+    k: int | None = 32,
+    width: int = 4608,
+    n_tokens: int = 1_000_000,
+    corpus: str = "python-docs",
+    ctx_len: int = 128,
+    n_eval_contexts: int = 64,
+    store_dir: str | os.PathLike | None = None,
+    train_cfg: dict | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    model_name: str = "",
+    log=print,
+) -> dict:
+    """Train one dictionary end to end and return its summary (also written to `out/eval.json`)."""
+    out = Path(out)
+    ins, outs = dictionary_spec(model, site=site, target=target, clt_layers=clt_layers)
+    D = [int(np.prod(A._site_dim(model, A.parse_site(s, model.cfg)))) for s in ins + outs]
+    tc = TrainConfig(n_tokens=n_tokens, seed=seed, **(train_cfg or {}))
+    L = None if clt_layers is None else len(ins)
+    A.memory_check(n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1), width,
+                   what="cross-layer transcoder" if L else "dictionary")  # fmt: skip
+    docs = A.read_corpus(corpus)
+    per_ctx = ctx_len - 1
+    n_ctx = -(-n_tokens // per_ctx) + 2 * (1 << 16) // per_ctx + n_eval_contexts
+    contexts = A.pack_contexts(tok, docs, ctx_len, max_contexts=n_ctx)
+    if len(contexts) <= n_eval_contexts:
+        raise ValueError(f"the corpus gives {len(contexts)} contexts of {ctx_len} tokens, too few to hold out {n_eval_contexts}")
+    held_out, train_ctx = contexts[-n_eval_contexts:], contexts[:-n_eval_contexts]
+    sites = list(dict.fromkeys(ins + outs))
+    store_path = Path(store_dir) if store_dir is not None else out / "store"
+    t0 = time.perf_counter()
+    store = _reuse_store(store_path, sites, n_tokens)
+    if store is None:
+        store = A.build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress,
+                              info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len))  # fmt: skip
+    t_store = time.perf_counter() - t0
+    key = jax.random.key(seed)
+    scale = {s: store.scales[store.sites.index(s)] for s in sites}
+    mean = {s: np.asarray(store.means[store.sites.index(s)], np.float32) for s in sites}
+    if clt_layers is not None:
+        d = init_clt(D[0], width, tuple(clt_layers), key=key, arch=arch, k=k, b_dec=np.stack([mean[s] for s in outs]),
+                     in_scale=[scale[s] for s in ins], out_scale=[scale[s] for s in outs])  # fmt: skip
+    else:
+        d = init_sae(D[0], width, key=key, arch=arch, k=k, d_out=D[-1], in_site=ins[0], out_site=outs[0], b_dec=mean[outs[0]],
+                     in_scale=scale[ins[0]], out_scale=scale[outs[0]])  # fmt: skip
+    log(f"training {arch} {'CLT' if L else ('transcoder' if ins != outs else 'SAE')} of width {width} on {store.n_tokens:,} "
+        f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
+    res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress)
+    t_train = res.seconds
+    t0 = time.perf_counter()
+    ev = evaluate(model, res.dictionary, held_out, progress=progress)
+    t_eval = time.perf_counter() - t0
+    info = dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len, n_tokens=store.n_tokens, train=_jsonable(tc), seed=seed)
+    save_dictionary(out / "dictionary", res.dictionary, info)
+    summary = dict(ev.summary(), seconds=dict(store=t_store, train=t_train, eval=t_eval), resumed_from=res.resumed_from,
+                   tokens_per_second=(tc.steps - res.resumed_from) * tc.batch_size / max(t_train, 1e-9), sites=sites,
+                   arch=arch, k=k, width=width, n_tokens=store.n_tokens)  # fmt: skip
+    (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    (out / "history.json").write_text(json.dumps(res.history))
+    np.save(out / "density.npy", ev.density)
+    try:
+        from .plot import feature_density
+
+        feature_density(ev.density, path=out / "density.png", title=f"{arch} {', '.join(outs[:1])} ({width} latents)")
+    except Exception as e:  # a plot must never lose a finished run
+        log(f"(density plot skipped: {e})")
+    return summary
+
+
+def _reuse_store(path: Path, sites: list[str], n_tokens: int):
+    """An existing complete store at `path` holding all `sites` and enough tokens, else None."""
+    if not (path / "store.json").exists():
+        return None
+    meta = json.loads((path / "store.json").read_text())
+    if set(sites) <= set(meta["sites"]) and meta["n_chunks"] >= max(1, n_tokens // meta["chunk_tokens"]):
+        return A.open_store(path)
+    return None
+
+
+def _jsonable(cfg) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
