@@ -37,7 +37,7 @@ from ._sites import parse_site
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 CORPORA = ("python-docs", "pydoc-topics")
-_TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text", ".jsonl", ".json")
+_TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text", ".jsonl")
 
 
 def read_corpus(source: str | os.PathLike, *, jsonl_field: str = "text") -> list[str]:
@@ -219,7 +219,7 @@ def build_store(
     ctx_per_chunk = chunk_tokens // per_ctx
     n_chunks = n_tokens // chunk_tokens
     if n_chunks == 0:
-        raise ValueError(f"n_tokens={n_tokens} is less than one chunk ({chunk_tokens} tokens)")
+        raise ValueError(f"n_tokens={n_tokens} (--tokens) is less than one chunk ({chunk_tokens} tokens): ask for more tokens")
     if n_chunks * ctx_per_chunk > N:
         raise ValueError(
             f"{n_tokens} tokens need {n_chunks * ctx_per_chunk} contexts of {T}, the corpus gives {N} "

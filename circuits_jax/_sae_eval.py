@@ -107,7 +107,7 @@ def _eval_batch(model: Transformer, d, tokens):
     return dict(
         active=jnp.sum((acts[:, 1:] > 0), (0, 1)),
         l0=jnp.sum(acts[:, 1:] > 0),
-        sse=jnp.sum(((y - y_hat) * m) ** 2, axes if len(axes) == 1 else (0, 1, 3)),
+        sse=jnp.sum(((y - y_hat) * m) ** 2, (0, 1, 3) if len(axes) == 2 else None),  # CLT: per target layer
         s1=jnp.sum(yv, (0, 1)),
         s2=jnp.sum(yv * yv, (0, 1)),
         ce=jnp.stack([ce_clean, *ce_kl(spliced)[:1], *ce_kl(zeroed)[:1]]),
@@ -132,9 +132,7 @@ def evaluate(
 
     tot: dict[str, np.ndarray] = {}
     for b in tqdm(range(0, N, batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
-        part = contexts[b : b + batch_size]
-        if len(part) < batch_size:
-            part = part[: len(part)]  # a smaller last batch: one more compile, exact counts
+        part = contexts[b : b + batch_size]  # a smaller last batch costs one more compile, counts stay exact
         got = jax.device_get(_eval_batch(model, dictionary, jnp.asarray(part)))
         for k, v in got.items():
             tot[k] = tot.get(k, 0) + np.asarray(v, np.float64)

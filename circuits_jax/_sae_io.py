@@ -86,6 +86,9 @@ def load_dictionary(
     if missing:
         raise ValueError(f"{path} lacks {missing} (the Gemma Scope layout has W_enc, b_enc, W_dec, b_dec, threshold); it has {sorted(arrays)}")
     W_enc, b_enc, W_dec, b_dec = (np.asarray(arrays[k], np.float32) for k in _GEMMA_SCOPE)
+    shapes = f"W_enc {W_enc.shape}, b_enc {b_enc.shape}, W_dec {W_dec.shape}, b_dec {b_dec.shape}"
+    if W_enc.ndim != 2 or W_dec.ndim != 2:
+        raise ValueError(f"{path}: W_enc and W_dec must be matrices ([D, F] and [F, D]); got {shapes}")
     d_in, width = W_enc.shape
     if W_dec.shape[0] != width or b_enc.shape != (width,) or b_dec.shape != (W_dec.shape[1],):
         raise ValueError(
@@ -97,6 +100,8 @@ def load_dictionary(
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     threshold = np.asarray(arrays["threshold"], np.float32) if has_t else np.zeros(width, np.float32)
+    if threshold.shape not in ((), (1,), (width,)):
+        raise ValueError(f"{path}: threshold has shape {threshold.shape}; expected [{width}] (one per latent) or a scalar")
     site = site or ""
     return SAE(
         W_enc=jnp.asarray(W_enc), b_enc=jnp.asarray(b_enc), W_dec=jnp.asarray(W_dec), b_dec=jnp.asarray(b_dec),

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from . import _activations as A
-from ._sae import LossConfig, init_clt, init_sae
+from ._sae import _check_arch, init_clt, init_sae
 from ._sae_eval import evaluate
 from ._sae_io import save_dictionary
 from ._sae_train import TrainConfig, dictionary_sites, train
@@ -30,10 +30,12 @@ def dictionary_spec(model, *, site: str | None = None, target: str | None = None
     """Input and target sites: an SAE (`site`), a transcoder (`site` -> `target`) or a CLT
     (`clt_layers`: MLP inputs -> MLP outputs). Unknown names raise with the closest valid ones."""
     if clt_layers is not None:
-        layers = list(clt_layers)
+        layers = [int(l) for l in clt_layers]
         bad = [l for l in layers if not 0 <= l < model.cfg.n_layers]
         if bad:
             raise ValueError(f"CLT layers {bad} are outside the model's {model.cfg.n_layers} layers")
+        if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
+            raise ValueError(f"a cross-layer transcoder needs contiguous increasing layers such as 0-3, got {layers}")
         ins = [f"blocks.{l}.ln2.hook_normalized" for l in layers]
         outs = [f"blocks.{l}.hook_mlp_out" for l in layers]
     else:
@@ -75,12 +77,18 @@ def train_dictionary(
     """Train one dictionary end to end and return its summary (also written to `out/eval.json`)."""
     out = Path(out)
     ins, outs = dictionary_spec(model, site=site, target=target, clt_layers=clt_layers)
+    _check_arch(arch, k)
+    if k is not None and arch in ("topk", "batchtopk") and k > width:
+        raise ValueError(f"k={k} exceeds the width {width}")
+
     D = [int(np.prod(A._site_dim(model, A.parse_site(s, model.cfg)))) for s in ins + outs]
     tc = TrainConfig(n_tokens=n_tokens, seed=seed, **(train_cfg or {}))
     L = None if clt_layers is None else len(ins)
     A.memory_check(n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1), width,
                    what="cross-layer transcoder" if L else "dictionary")  # fmt: skip
     docs = A.read_corpus(corpus)
+    if model.cfg.positional == "learned" and ctx_len > model.cfg.n_ctx:
+        raise ValueError(f"ctx_len={ctx_len} exceeds the model's context of {model.cfg.n_ctx}")
     per_ctx = ctx_len - 1
     n_ctx = -(-n_tokens // per_ctx) + 2 * (1 << 16) // per_ctx + n_eval_contexts
     contexts = A.pack_contexts(tok, docs, ctx_len, max_contexts=n_ctx)
@@ -92,7 +100,9 @@ def train_dictionary(
     t0 = time.perf_counter()
     store = _reuse_store(store_path, sites, n_tokens)
     if store is None:
-        store = A.build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress,
+        # chunks of at most 65,536 rows, and at least 4 of them for the shuffle buffer of a small run
+        chunk = max(per_ctx, min(1 << 16, n_tokens // 4))
+        store = A.build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress, chunk_tokens=chunk,
                               info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len))  # fmt: skip
     t_store = time.perf_counter() - t0
     key = jax.random.key(seed)

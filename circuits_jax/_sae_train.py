@@ -117,7 +117,8 @@ def make_step(cfg: TrainConfig) -> Callable[[TrainState, Any, Any], tuple[TrainS
             return eqx.combine(diff, static).loss(x, y, dead, hp)
 
         (_, stats), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(diff)
-        updates, opt_state = opt.update(grads, state.opt_state, diff)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes float and int32
+            updates, opt_state = opt.update(grads, state.opt_state, diff)
         d = eqx.combine(eqx.apply_updates(diff, updates), static).project(hp, stats)
         since = jnp.where(stats.fired, 0, jnp.minimum(state.since_fired + x.shape[0], 2**30))
         return TrainState(d, opt_state, since, state.step + 1), stats

@@ -285,10 +285,14 @@ def _layers_arg(text: str) -> list[int]:
     try:
         if "-" in text:
             a, b = text.split("-")
-            return list(range(int(a), int(b) + 1))
-        return [int(x) for x in text.split(",")]
+            layers = list(range(int(a), int(b) + 1))
+        else:
+            layers = [int(x) for x in text.split(",")]
     except ValueError:
         raise ValueError(f"--clt-layers takes a range '0-3' or a list '0,1,2,3', got {text!r}") from None
+    if not layers:
+        raise ValueError(f"--clt-layers {text!r} names no layer (a range is low-high, e.g. 0-3)")
+    return layers
 
 
 def _train_sae(args) -> int:
