@@ -258,13 +258,19 @@ class SAE(eqx.Module):
         out = self
         if self.arch == "relu" and hp.l1 == "unit":
             out = eqx.tree_at(lambda s: s.W_dec, out, _unit_rows(out.W_dec))
-        if self.arch == "jumprelu":
-            out = eqx.tree_at(lambda s: s.threshold, out, jnp.maximum(out.threshold, 1e-6))
-        if self.arch == "batchtopk":
-            d = hp.threshold_decay
-            t = jnp.where(out.threshold > 0, d * out.threshold + (1 - d) * stats.min_kept, stats.min_kept)
-            out = eqx.tree_at(lambda s: s.threshold, out, t)
-        return out
+        return _project_threshold(out, hp, stats)
+
+
+def _project_threshold(d, hp: LossConfig, stats: Stats):
+    """Positive jumprelu thresholds; batchtopk's inference threshold as an EMA of the smallest
+    kept activation (started at the first batch's)."""
+    if d.arch == "jumprelu":
+        return eqx.tree_at(lambda s: s.threshold, d, jnp.maximum(d.threshold, 1e-6))
+    if d.arch == "batchtopk":
+        r = hp.threshold_decay
+        t = jnp.where(d.threshold > 0, r * d.threshold + (1 - r) * stats.min_kept, stats.min_kept)
+        return eqx.tree_at(lambda s: s.threshold, d, t)
+    return d
 
 
 def _safe_norm(w):
@@ -429,13 +435,7 @@ class CrossLayerTranscoder(eqx.Module):
 
     def project(self, hp: LossConfig, stats: Stats) -> CrossLayerTranscoder:
         out = eqx.tree_at(lambda s: s.W_dec, self, self.W_dec * self._mask()[:, :, None, None])
-        if self.arch == "jumprelu":
-            out = eqx.tree_at(lambda s: s.threshold, out, jnp.maximum(out.threshold, 1e-6))
-        if self.arch == "batchtopk":
-            d = hp.threshold_decay
-            t = jnp.where(out.threshold > 0, d * out.threshold + (1 - d) * stats.min_kept, stats.min_kept)
-            out = eqx.tree_at(lambda s: s.threshold, out, t)
-        return out
+        return _project_threshold(out, hp, stats)
 
     def layer_errors(self, x: Array, y: Array) -> Array:
         """Per target layer: fraction of variance unexplained `[L]` (raw units in, normalised out)."""

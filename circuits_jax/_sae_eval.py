@@ -80,16 +80,9 @@ def _eval_batch(model: Transformer, d, tokens):
     x, y = _inputs_of(d, out.cache)
     B, T = tokens.shape
     mask = jnp.broadcast_to((jnp.arange(T) > 0)[None, :, None], (B, T, 1))  # non-BOS positions
-    if isinstance(d, CrossLayerTranscoder):
-        mask_x = mask[..., None]
-        acts = d.encode(x)
-        y_hat = d(x)
-        axes = (2, 3)
-    else:
-        mask_x = mask
-        acts = d.encode(x)
-        y_hat = d(x)
-        axes = (2,)
+    clt = isinstance(d, CrossLayerTranscoder)
+    acts = d.encode(x)
+    y_hat = d.decode(acts)
     logp = jax.nn.log_softmax(out.logits[:, :-1])
     nxt = tokens[:, 1:]
 
@@ -99,19 +92,19 @@ def _eval_batch(model: Transformer, d, tokens):
         kl = jnp.sum(jnp.exp(logp) * (logp - lq), -1)
         return jnp.sum(ce), jnp.sum(kl)
 
-    spliced = run(model, tokens, hooks=_hooks(model.cfg, d, x, mask, zero=False)).logits
-    zeroed = run(model, tokens, hooks=_hooks(model.cfg, d, x, mask, zero=True)).logits
+    ce_s, kl_s = ce_kl(run(model, tokens, hooks=_hooks(model.cfg, d, x, mask, zero=False)).logits)
+    ce_z, kl_z = ce_kl(run(model, tokens, hooks=_hooks(model.cfg, d, x, mask, zero=True)).logits)
     ce_clean = -jnp.sum(jnp.take_along_axis(logp, nxt[..., None], -1))
-    m = mask_x.astype(x.dtype)
+    err = (y - y_hat)[:, 1:]
     yv = y[:, 1:]
     return dict(
         active=jnp.sum((acts[:, 1:] > 0), (0, 1)),
         l0=jnp.sum(acts[:, 1:] > 0),
-        sse=jnp.sum(((y - y_hat) * m) ** 2, (0, 1, 3) if len(axes) == 2 else None),  # CLT: per target layer
+        sse=jnp.sum(err**2, (0, 1, 3) if clt else None),  # CLT: per target layer
         s1=jnp.sum(yv, (0, 1)),
         s2=jnp.sum(yv * yv, (0, 1)),
-        ce=jnp.stack([ce_clean, *ce_kl(spliced)[:1], *ce_kl(zeroed)[:1]]),
-        kl=jnp.stack([ce_kl(spliced)[1], ce_kl(zeroed)[1]]),
+        ce=jnp.stack([ce_clean, ce_s, ce_z]),
+        kl=jnp.stack([kl_s, kl_z]),
     )
 
 

@@ -64,6 +64,7 @@ def train_dictionary(
     k: int | None = 32,
     width: int = 4608,
     n_tokens: int = 1_000_000,
+    epochs: int = 1,
     corpus: str = "python-docs",
     ctx_len: int = 128,
     n_eval_contexts: int = 64,
@@ -74,7 +75,9 @@ def train_dictionary(
     model_name: str = "",
     log=print,
 ) -> dict:
-    """Train one dictionary end to end and return its summary (also written to `out/eval.json`)."""
+    """Train one dictionary end to end and return its summary (also written to `out/eval.json`).
+
+    `n_tokens` activations are stored; training sees them `epochs` times (reshuffled each time)."""
     out = Path(out)
     ins, outs = dictionary_spec(model, site=site, target=target, clt_layers=clt_layers)
     _check_arch(arch, k)
@@ -82,7 +85,9 @@ def train_dictionary(
         raise ValueError(f"k={k} exceeds the width {width}")
 
     D = [int(np.prod(A._site_dim(model, A.parse_site(s, model.cfg)))) for s in ins + outs]
-    tc = TrainConfig(n_tokens=n_tokens, seed=seed, **(train_cfg or {}))
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    tc = TrainConfig(n_tokens=n_tokens * epochs, seed=seed, **(train_cfg or {}))
     L = None if clt_layers is None else len(ins)
     A.memory_check(n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1), width,
                    what="cross-layer transcoder" if L else "dictionary")  # fmt: skip
@@ -123,9 +128,9 @@ def train_dictionary(
     t_eval = time.perf_counter() - t0
     info = dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len, n_tokens=store.n_tokens, train=_jsonable(tc), seed=seed)
     save_dictionary(out / "dictionary", res.dictionary, info)
-    summary = dict(ev.summary(), seconds=dict(store=t_store, train=t_train, eval=t_eval), resumed_from=res.resumed_from,
+    summary = dict(ev.summary(), eval_tokens=ev.n_tokens, seconds=dict(store=t_store, train=t_train, eval=t_eval), resumed_from=res.resumed_from,
                    tokens_per_second=(tc.steps - res.resumed_from) * tc.batch_size / max(t_train, 1e-9), sites=sites,
-                   arch=arch, k=k, width=width, n_tokens=store.n_tokens)  # fmt: skip
+                   arch=arch, k=k, width=width, n_tokens=store.n_tokens, epochs=epochs)  # fmt: skip
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
     (out / "history.json").write_text(json.dumps(res.history))
     np.save(out / "density.npy", ev.density)

@@ -315,7 +315,7 @@ def _train_sae(args) -> int:
     train_cfg["loss"] = LossConfig(l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff)
     summary = _sae_pipeline.train_dictionary(
         model, tok, args.out, site=site, target=target, clt_layers=layers, arch=args.arch, k=args.k, width=args.width,
-        n_tokens=args.tokens, corpus=args.corpus, ctx_len=args.ctx_len, n_eval_contexts=args.eval_contexts,
+        n_tokens=args.tokens, epochs=args.epochs, corpus=args.corpus, ctx_len=args.ctx_len, n_eval_contexts=args.eval_contexts,
         store_dir=args.store, train_cfg=train_cfg, seed=args.seed, progress=not args.quiet, model_name=str(args.model),
     )  # fmt: skip
     keys = ("l0", "fve", "ce_clean", "ce_splice", "ce_zero", "ce_recovered", "kl_recovered", "dead", "dense")
@@ -426,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
     ts.add_argument("--width", type=int, default=4608, help="number of latents")
     ts.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (activations stored on disk)")
+    ts.add_argument("--epochs", type=int, default=1, help="passes over the stored tokens (each reshuffled)")
     ts.add_argument("--out", required=True, help="output directory (store, checkpoints, dictionary, eval)")
     ts.add_argument("--corpus", default="python-docs", help="python-docs (Debian python3.11-doc), pydoc-topics, a .txt/.jsonl file or a directory")
     ts.add_argument("--store", help="activation store directory to reuse or build (default OUT/store)")
