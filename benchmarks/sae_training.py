@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +148,11 @@ class TorchSAE:
             self.aux_ran.append(ran)
             if ran:
                 err = (y_n - y_hat).detach()
-                acts_aux = _topk_dense(torch.where(dead, pre, -torch.inf), min(hp.k_aux, pre.shape[-1]))
+                k_aux = min(hp.k_aux, pre.shape[-1])
+                if int(dead.sum()) <= k_aux:  # the same exact shortcut as `_aux_k`: all dead latents
+                    acts_aux = torch.relu(pre) * dead
+                else:
+                    acts_aux = _topk_dense(torch.where(dead, pre, -torch.inf), k_aux)
                 sst = ((err - err.mean(0)) ** 2).sum()
                 sparsity = ((err - acts_aux @ p["W_dec"]) ** 2).sum() / sst.clamp_min(1e-12)
             else:
@@ -166,7 +171,9 @@ class TorchSAE:
             )
         return loss, stats
 
-    def step(self, x, y, lr: float) -> dict:
+    def step(self, x, y, lr: float, since=None) -> dict:
+        if since is not None:
+            self.since = torch.from_numpy(since)
         dead = self.since >= self.cfg.dead_after
         loss, stats = self.loss(x, y, dead)
         self.opt.zero_grad(set_to_none=True)
@@ -288,6 +295,12 @@ def bench_arch(arch: str, args, batches_np) -> dict:
     # ---- ours
     step_fn = make_step(cfg)
     state = init_state(sae, cfg)
+    planted = None
+    if args.dead_frac is not None:  # a fixed random set of dead latents, re-planted before each step
+        dead = np.random.default_rng(args.seed).random(args.width) < args.dead_frac
+        planted = np.where(dead, cfg.dead_after, 0).astype(np.int32)
+    if planted is not None:
+        state = eqx.tree_at(lambda s: s.since_fired, state, jnp.asarray(planted))
     t0 = time.perf_counter()
     state, stats = step_fn(state, xs_j[0], xs_j[0])  # trace + compile + one step
     jax.block_until_ready((state, stats))
@@ -297,6 +310,8 @@ def bench_arch(arch: str, args, batches_np) -> dict:
     with OtherLoad() as jload:
         for i in range(1, total):
             x = xs_j[i % len(xs_j)]
+            if planted is not None:  # outside the timing: the same dead latents before every step
+                state = eqx.tree_at(lambda s: s.since_fired, state, jnp.asarray(planted))
             t0 = time.perf_counter()
             state, stats = step_fn(state, x, x)
             jax.block_until_ready((state, stats))
@@ -313,7 +328,7 @@ def bench_arch(arch: str, args, batches_np) -> dict:
         for i in range(total):
             x = xs_t[i % len(xs_t)]
             t0 = time.perf_counter()
-            stats = tsae.step(x, x, lrs[i])
+            stats = tsae.step(x, x, lrs[i], planted)
             dt = time.perf_counter() - t0
             if i == 0:
                 torch_p1 = tsae.params()
@@ -384,6 +399,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (JAX's first includes compilation)")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument(
+        "--dead-frac", type=float, default=None,
+        help="plant this fraction of latents as dead before every step (with --dead-after > 0): AuxK as in "
+        "a real run, where few latents are dead; default: none planted",
+    )
+    p.add_argument(
         "--dead-after", type=int, default=0,
         help="TrainConfig.dead_after; 0 (default): every latent counts as dead, so AuxK runs in every step "
         "(its cost does not depend on how many are dead). The trainer's 200000 from fresh counters: no "
@@ -423,7 +443,7 @@ def main(argv=None) -> dict:
         print(f"CPU used by other processes before the start: {env['other_cpu_before']:.0%}")
     print(
         f"SAE d={args.d} F={args.width} k={args.k} batch={args.batch}: {args.warmup} warm-up + {args.steps} timed steps, "
-        f"lr {args.lr:g} (lr/100 at step 0, as schedule() gives), dead_after={args.dead_after}, {POOL} random batches cycled"
+        f"lr {args.lr:g} (lr/100 at step 0, as schedule() gives), dead_after={args.dead_after}, dead_frac={args.dead_frac}, {POOL} random batches cycled"
     )
 
     mm = matmul_reference(args.batch, args.d, args.width, max(args.steps, 5))

@@ -151,11 +151,18 @@ def _aux_k(pre: Array, dead: Array, err: Array, W_dec: Array, k_aux: int) -> Arr
     err = lax.stop_gradient(err)
 
     def aux(pre, W_dec):
-        acts, _ = _topk(jnp.where(dead, pre, -jnp.inf), k_aux)  # dead latents only: -inf ReLUs to 0
+        # with at most k_aux dead latents the top k_aux of them are all of them: no top-k needed
+        # (exact, and much cheaper on CPU, where top-k of a few hundred is slow)
+        acts = lax.cond(
+            jnp.sum(dead) <= k_aux,
+            lambda p: jax.nn.relu(p) * dead.astype(p.dtype),
+            lambda p: _topk(jnp.where(dead, p, -jnp.inf), k_aux)[0],  # -inf ReLUs to 0
+            pre,
+        )
         sst = jnp.sum((err - err.mean(0)) ** 2)
         return jnp.sum((err - acts @ W_dec) ** 2) / jnp.maximum(sst, 1e-12)
 
-    # skipped at run time while no latent is dead (most of a healthy run)
+    # skipped at run time while no latent is dead
     return lax.cond(jnp.any(dead), aux, lambda p, w: jnp.zeros((), p.dtype), pre, W_dec)
 
 
