@@ -276,11 +276,13 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
-def table(rows: list[dict]) -> str:
-    """A Markdown table of the per-shape results."""
-    head = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---:" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(f.format(r[k]) for _, k, f in COLUMNS) + " |" for r in rows]
+def table(rows: list[dict], columns=None, *, left: tuple[str, ...] = ()) -> str:
+    """A Markdown table of `rows` with `(header, key, format)` columns (default: this file's);
+    columns whose key is in `left` are left-aligned (the sibling benchmarks use it too)."""
+    columns = COLUMNS if columns is None else columns
+    head = "| " + " | ".join(h for h, _, _ in columns) + " |"
+    rule = "|" + "|".join(":---" if k in left else "---:" for _, k, _ in columns) + "|"
+    body = ["| " + " | ".join(f.format(r[k]) for _, k, f in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 

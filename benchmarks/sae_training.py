@@ -44,7 +44,7 @@ from circuits_jax._sae import ARCHS, LossConfig, init_sae
 from circuits_jax._sae_train import TrainConfig, init_state, make_step, schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import OtherLoad, cpu_model, idle_check  # noqa: E402  (the sibling benchmark)
+from forward import OtherLoad, cpu_model, idle_check, table  # noqa: E402  (the sibling benchmark)
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 POOL = 8  # distinct batches, cycled through the steps (the same ones on both sides)
@@ -381,13 +381,6 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
-def table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |"
-    rule = "|" + "|".join(":---" if k == "arch" else "---:" for _, k, _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(f.format(r[k]) for _, k, f in COLUMNS) + " |" for r in rows]
-    return "\n".join([head, rule, *body])
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default="topk", help=f"comma-separated, of {','.join(ARCHS)} (default: topk)")
@@ -481,7 +474,7 @@ def main(argv=None) -> dict:
         )
 
     print()
-    print(table(rows))
+    print(table(rows, COLUMNS, left=("arch",)))
     print(
         "\ntok/s = batch / median step time; jax/torch > 1: ours is faster. %mm: the step's matmul FLOP/s "
         "(10·N·D·F, +6·N·D·F while AuxK runs; see step_flop) as a share of the same framework's "

@@ -397,17 +397,32 @@ Destination input: {legend}; dashed: negative score.</p>
     return path
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _saved(fig, path):
+    """Lay out `fig`, write it to `path` (then close it) if given, and return it."""
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        _pyplot().close(fig)
+    return fig
+
+
 def faithfulness_curves(curves: dict, path=None, *, title: str = "faithfulness", points: dict | None = None):
     """MIB faithfulness f(k) against the fraction of edges kept (log axis), one line per method.
 
     curves: `{label: faithfulness(...) result}`; points: `{label: (fraction, f)}` for single circuits
     (e.g. ACDC's at its threshold). The dotted lines mark the full model (1) and the empty circuit (0).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, r in curves.items():
         ax.plot(np.asarray(r["ks"]) * 100, r["f"], marker="o", ms=3,
@@ -421,21 +436,13 @@ def faithfulness_curves(curves: dict, path=None, *, title: str = "faithfulness",
     ax.set_ylabel("f = (m(C) - m(∅)) / (m(M) - m(∅))")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return _saved(fig, path)
 
 
 def feature_density(density, path=None, *, title: str = "feature density", dense_threshold: float = 0.1):
     """Histogram of log10 latent density (fraction of tokens where each latent fires), with the
     dead latents counted in the legend and the dense threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     from ._sae_eval import density_histogram
 
     counts, edges, n_dead = density_histogram(density)
@@ -448,8 +455,4 @@ def feature_density(density, path=None, *, title: str = "feature density", dense
     ax.set_ylabel("latents")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return _saved(fig, path)
