@@ -5,9 +5,9 @@ directory of such files, or one of the named corpora that the package registries
 
     python-docs   the reStructuredText sources of the Python 3.11 documentation, from
                   Debian's `python3.11-doc` (`apt-get install python3.11-doc`; 497 files,
-                  11 MB of English prose and code under /usr/share/doc/python3.11/html/_sources)
+                  11 MB, 2.86 M SmolLM2 tokens of English prose and code under /usr/share/doc/python3.11/html/_sources)
     pydoc-topics  the language-reference topics that CPython ships as `pydoc_data.topics`
-                  (always present; about 0.7 MB) for tests and small runs
+                  (always present; 79 topics, 0.46 MB, 113k SmolLM2 tokens) for tests and small runs
 
 Documents are tokenised, joined with EOS and cut into contexts of `ctx_len` tokens, each
 starting with BOS. BOS positions are never stored: their activations are outliers that a
