@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 

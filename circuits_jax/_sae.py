@@ -145,6 +145,26 @@ def _batch_topk(pre: Array, k: int) -> tuple[Array, Array]:
     return jnp.zeros_like(pre).at[rows, idx].set(vals), jnp.maximum(cut, 0.0)
 
 
+def _sparsify(arch: str, k: int | None, threshold: Array, pre: Array, hp: LossConfig | None) -> tuple[Array, Array]:
+    """Activations of pre-activations `[..., F]` (every leading row a token, or a token at one
+    CLT layer), and batchtopk's smallest kept activation (0 otherwise). With `hp` the training
+    form: jumprelu's straight-through gradients, batchtopk's cut over the whole batch. Without
+    it the inference form, where batchtopk uses its threshold so a token's code does not depend
+    on the rest of the batch."""
+    none = jnp.zeros((), pre.dtype)
+    if arch == "relu":
+        return jax.nn.relu(pre), none
+    rows = pre.reshape(-1, pre.shape[-1])
+    if arch == "topk":
+        return _topk(rows, k)[0].reshape(pre.shape), none
+    if arch == "batchtopk" and hp is not None:
+        acts, cut = _batch_topk(rows, k)
+        return acts.reshape(pre.shape), cut
+    if arch == "jumprelu" and hp is not None:
+        return jumprelu(pre, threshold, hp.bandwidth), none
+    return pre * (pre > threshold).astype(pre.dtype), none  # jumprelu, batchtopk at inference
+
+
 def _aux_k(pre: Array, dead: Array, err: Array, W_dec: Array, k_aux: int) -> Array:
     """AuxK: normalised MSE of the residual error reconstructed by the top-k_aux dead latents."""
     k_aux = min(k_aux, pre.shape[-1])
@@ -204,18 +224,21 @@ class SAE(eqx.Module):
     def is_transcoder(self) -> bool:
         return self.in_site != self.out_site
 
+    @property
+    def in_sites(self) -> list[str]:
+        return [self.in_site]
+
+    @property
+    def out_sites(self) -> list[str]:
+        return [self.out_site]
+
     def pre(self, x: Array) -> Array:
         return (x * self.in_scale) @ self.W_enc + self.b_enc
 
     def activate(self, pre: Array) -> Array:
         """Inference activations (batchtopk uses its threshold, so one token's code does not
         depend on the rest of the batch)."""
-        if self.arch == "relu":
-            return jax.nn.relu(pre)
-        if self.arch == "topk":
-            flat = pre.reshape(-1, pre.shape[-1])
-            return _topk(flat, self.k)[0].reshape(pre.shape)
-        return pre * (pre > self.threshold).astype(pre.dtype)  # jumprelu, batchtopk
+        return _sparsify(self.arch, self.k, self.threshold, pre, None)[0]
 
     def encode(self, x: Array) -> Array:
         """Latent activations `[..., F]` of raw activations `[..., D_in]`."""
@@ -233,16 +256,7 @@ class SAE(eqx.Module):
         the latents that have not fired for a while (used by AuxK only)."""
         pre = self.pre(x)
         y_n = y * self.out_scale
-        min_kept = jnp.zeros(())
-        sparsity = jnp.zeros(())
-        if self.arch == "relu":
-            acts = jax.nn.relu(pre)
-        elif self.arch == "topk":
-            acts = _topk(pre, self.k)[0]
-        elif self.arch == "batchtopk":
-            acts, min_kept = _batch_topk(pre, self.k)
-        else:
-            acts = jumprelu(pre, self.threshold, hp.bandwidth)
+        acts, min_kept = _sparsify(self.arch, self.k, self.threshold, pre, hp)
         y_hat = acts @ self.W_dec + self.b_dec
         mse = jnp.mean(jnp.sum((y_n - y_hat) ** 2, -1))
         if self.arch == "relu":
@@ -278,6 +292,16 @@ def _project_threshold(d, hp: LossConfig, stats: Stats):
         t = jnp.where(d.threshold > 0, r * d.threshold + (1 - r) * stats.min_kept, stats.min_kept)
         return eqx.tree_at(lambda s: s.threshold, d, t)
     return d
+
+
+def gather_xy(d, acts) -> tuple[Array, Array]:
+    """A dictionary's `(x, y)` from activations keyed by site name (a store batch, a model cache);
+    a cross-layer transcoder stacks its layers on axis -2 (`[..., L, D]`)."""
+    x = [acts[s] for s in d.in_sites]
+    y = [acts[s] for s in d.out_sites]
+    if isinstance(d, CrossLayerTranscoder):
+        return jnp.stack(x, -2), jnp.stack(y, -2)
+    return x[0], y[0]
 
 
 def _safe_norm(w):
@@ -378,25 +402,10 @@ class CrossLayerTranscoder(eqx.Module):
     def pre(self, x: Array) -> Array:
         return jnp.einsum("nld,ldf->nlf", x * self.in_scale[:, None], self.W_enc) + self.b_enc
 
-    def _sparsify(self, pre, hp: LossConfig | None):
-        n, L, f = pre.shape
-        if self.arch == "relu":
-            return jax.nn.relu(pre), jnp.zeros(())
-        if self.arch == "topk":
-            flat = pre.transpose(1, 0, 2).reshape(L * n, f)
-            return _topk(flat, self.k)[0].reshape(L, n, f).transpose(1, 0, 2), jnp.zeros(())
-        if self.arch == "batchtopk" and hp is not None:
-            flat = pre.transpose(1, 0, 2).reshape(L * n, f)
-            acts, cut = _batch_topk(flat, self.k)
-            return acts.reshape(L, n, f).transpose(1, 0, 2), cut
-        if self.arch == "jumprelu" and hp is not None:
-            return jumprelu(pre, self.threshold, hp.bandwidth), jnp.zeros(())
-        return pre * (pre > self.threshold).astype(pre.dtype), jnp.zeros(())
-
     def encode(self, x: Array) -> Array:
         lead = x.shape[:-2]
         x = x.reshape(-1, *x.shape[-2:])
-        return self._sparsify(self.pre(x), None)[0].reshape(*lead, *x.shape[-2:-1], self.width)
+        return _sparsify(self.arch, self.k, self.threshold, self.pre(x), None)[0].reshape(*lead, *x.shape[-2:-1], self.width)
 
     def _decode_n(self, acts):
         W = self.W_dec * self._mask()[:, :, None, None]
@@ -413,7 +422,7 @@ class CrossLayerTranscoder(eqx.Module):
     def loss(self, x: Array, y: Array, dead: Array, hp: LossConfig) -> tuple[Array, Stats]:
         pre = self.pre(x)
         y_n = y * self.out_scale[:, None]
-        acts, min_kept = self._sparsify(pre, hp)
+        acts, min_kept = _sparsify(self.arch, self.k, self.threshold, pre, hp)
         y_hat = self._decode_n(acts)
         mse = jnp.mean(jnp.sum((y_n - y_hat) ** 2, (-1, -2)))
         if self.arch == "relu":
@@ -435,8 +444,7 @@ class CrossLayerTranscoder(eqx.Module):
             sparsity = jnp.mean(jnp.stack(aux))
             loss = mse + hp.aux_coeff * sparsity
         active = acts > 0
-        sst = jnp.sum((y_n - y_n.mean(0)) ** 2)
-        fve = 1.0 - jnp.sum((y_n - y_hat) ** 2) / jnp.maximum(sst, 1e-12)
+        fve = _fve(y_n, y_hat)
         # l0: active latents per token, summed over the source layers
         return loss, Stats(loss, mse, sparsity, jnp.mean(jnp.sum(active, (-1, -2))), fve, jnp.any(active, 0), min_kept)
 
@@ -447,7 +455,7 @@ class CrossLayerTranscoder(eqx.Module):
     def layer_errors(self, x: Array, y: Array) -> Array:
         """Per target layer: fraction of variance unexplained `[L]` (raw units in, normalised out)."""
         y_n = y * self.out_scale[:, None]
-        y_hat = self._decode_n(self._sparsify(self.pre(x), None)[0])
+        y_hat = self._decode_n(_sparsify(self.arch, self.k, self.threshold, self.pre(x), None)[0])
         sse = jnp.sum((y_n - y_hat) ** 2, (0, 2))
         sst = jnp.sum((y_n - y_n.mean(0)) ** 2, (0, 2))
         return sse / jnp.maximum(sst, 1e-12)

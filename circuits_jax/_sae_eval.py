@@ -26,7 +26,7 @@ import numpy as np
 
 from ._interventions import Hook, Replace, Zero
 from ._model import Transformer, run
-from ._sae import SAE, CrossLayerTranscoder
+from ._sae import CrossLayerTranscoder, gather_xy
 from ._sites import parse_site
 
 
@@ -48,8 +48,8 @@ class Evaluation:
     layer_fvu: list[float] | None = None  # CLT: fraction of variance unexplained per target layer
 
     def summary(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "density"}
-        return out
+        """Every field but the per-latent density (JSON-ready)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "density"}
 
 
 def _hooks(cfg, d, x, mask, *, zero: bool):
@@ -62,22 +62,10 @@ def _hooks(cfg, d, x, mask, *, zero: bool):
     return [Hook(s.kind, s.layer, Zero(mask) if zero else Replace(d(x), mask))]
 
 
-def _inputs_of(d, cache):
-    if isinstance(d, CrossLayerTranscoder):
-        return jnp.stack([cache[s] for s in d.in_sites], 2), jnp.stack([cache[s] for s in d.out_sites], 2)
-    return cache[d.in_site], cache[d.out_site]
-
-
-def _sites_of(d) -> list[str]:
-    if isinstance(d, CrossLayerTranscoder):
-        return d.in_sites + d.out_sites
-    return list(dict.fromkeys([d.in_site, d.out_site]))
-
-
 @eqx.filter_jit
 def _eval_batch(model: Transformer, d, tokens):
-    out = run(model, tokens, cache=_sites_of(d))
-    x, y = _inputs_of(d, out.cache)
+    out = run(model, tokens, cache=list(dict.fromkeys(d.in_sites + d.out_sites)))
+    x, y = gather_xy(d, out.cache)
     B, T = tokens.shape
     mask = jnp.broadcast_to((jnp.arange(T) > 0)[None, :, None], (B, T, 1))  # non-BOS positions
     clt = isinstance(d, CrossLayerTranscoder)
@@ -129,20 +117,14 @@ def evaluate(
         got = jax.device_get(_eval_batch(model, dictionary, jnp.asarray(part)))
         for k, v in got.items():
             tot[k] = tot.get(k, 0) + np.asarray(v, np.float64)
-    n_tok = N * (T - 1)
-    n_pred = N * (T - 1)
-    clt = isinstance(dictionary, CrossLayerTranscoder)
+    n_tok = N * (T - 1)  # scored positions; also the number of next-token predictions
     sst = tot["s2"] - tot["s1"] ** 2 / n_tok  # per dim (CLT: [L, D])
-    if clt:
-        layer_fvu = (tot["sse"] / np.maximum(sst.sum(-1), 1e-12)).tolist()
-        fve = 1.0 - tot["sse"].sum() / max(sst.sum(), 1e-12)
-        l0 = tot["l0"] / n_tok  # summed over layers
-    else:
-        layer_fvu = None
-        fve = 1.0 - tot["sse"].sum() / max(sst.sum(), 1e-12)
-        l0 = tot["l0"] / n_tok
-    ce_clean, ce_splice, ce_zero = tot["ce"] / n_pred
-    kl_splice, kl_zero = tot["kl"] / n_pred
+    fve = 1.0 - tot["sse"].sum() / max(sst.sum(), 1e-12)
+    l0 = tot["l0"] / n_tok  # a CLT sums its layers
+    clt = isinstance(dictionary, CrossLayerTranscoder)
+    layer_fvu = (tot["sse"] / np.maximum(sst.sum(-1), 1e-12)).tolist() if clt else None
+    ce_clean, ce_splice, ce_zero = tot["ce"] / n_tok
+    kl_splice, kl_zero = tot["kl"] / n_tok
     density = tot["active"] / n_tok
     return Evaluation(
         l0=float(l0), fve=float(fve), ce_clean=float(ce_clean), ce_splice=float(ce_splice), ce_zero=float(ce_zero),

@@ -23,7 +23,7 @@ from . import _activations as A
 from ._sae import _check_arch, init_clt, init_sae
 from ._sae_eval import evaluate
 from ._sae_io import save_dictionary
-from ._sae_train import TrainConfig, dictionary_sites, train
+from ._sae_train import TrainConfig, train
 
 
 def dictionary_spec(model, *, site: str | None = None, target: str | None = None, clt_layers=None) -> tuple[list[str], list[str]]:

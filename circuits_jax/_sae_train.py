@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from . import _checkpoint
-from ._sae import SAE, CrossLayerTranscoder, LossConfig, Stats
+from ._sae import LossConfig, Stats, gather_xy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,25 +157,12 @@ def _restore(root: Path, like: TrainState) -> tuple[TrainState, list[dict]] | No
     return state, json.loads((d / "history.json").read_text())
 
 
-def dictionary_sites(d) -> tuple[list[str], list[str]]:
-    """`(input sites, target sites)` of a dictionary, in the order its `(x, y)` stack them."""
-    if isinstance(d, CrossLayerTranscoder):
-        return d.in_sites, d.out_sites
-    return [d.in_site], [d.out_site]
-
-
-def _selector(d, store) -> Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, np.ndarray]]:
-    """Pick the dictionary's `(x, y)` out of a store batch by site name (a CLT stacks its L
-    layers to `[N, L, D]`)."""
-    ins, outs = dictionary_sites(d)
-    missing = [s for s in ins + outs if s not in store.sites]
+def _selector(d, store) -> Callable[[tuple[np.ndarray, ...]], tuple[jax.Array, jax.Array]]:
+    """Pick the dictionary's `(x, y)` out of a store batch by site name."""
+    missing = [s for s in d.in_sites + d.out_sites if s not in store.sites]
     if missing:
         raise ValueError(f"the activation store at {store.path} holds {list(store.sites)}, not {missing}")
-    ii = [store.sites.index(s) for s in ins]
-    oi = [store.sites.index(s) for s in outs]
-    if isinstance(d, CrossLayerTranscoder):
-        return lambda b: (np.stack([b[i] for i in ii], 1), np.stack([b[i] for i in oi], 1))
-    return lambda b: (b[ii[0]], b[oi[0]])
+    return lambda batch: gather_xy(d, dict(zip(store.sites, batch)))
 
 
 def train(
