@@ -91,15 +91,10 @@ def train_dictionary(
     L = None if clt_layers is None else len(ins)
     A.memory_check(n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1), width,
                    what="cross-layer transcoder" if L else "dictionary")  # fmt: skip
-    docs = A.read_corpus(corpus)
+    train_ctx, held_out = split_contexts(tok, corpus, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
     if model.cfg.positional == "learned" and ctx_len > model.cfg.n_ctx:
         raise ValueError(f"ctx_len={ctx_len} exceeds the model's context of {model.cfg.n_ctx}")
     per_ctx = ctx_len - 1
-    n_ctx = -(-n_tokens // per_ctx) + 2 * (1 << 16) // per_ctx + n_eval_contexts
-    contexts = A.pack_contexts(tok, docs, ctx_len, max_contexts=n_ctx)
-    if len(contexts) <= n_eval_contexts:
-        raise ValueError(f"the corpus gives {len(contexts)} contexts of {ctx_len} tokens, too few to hold out {n_eval_contexts}")
-    held_out, train_ctx = contexts[-n_eval_contexts:], contexts[:-n_eval_contexts]
     sites = list(dict.fromkeys(ins + outs))
     store_path = Path(store_dir) if store_dir is not None else out / "store"
     t0 = time.perf_counter()
@@ -141,6 +136,18 @@ def train_dictionary(
     except Exception as e:  # a plot must never lose a finished run
         log(f"(density plot skipped: {e})")
     return summary
+
+
+def split_contexts(tok, corpus, *, n_tokens: int, ctx_len: int = 128, n_eval_contexts: int = 64):
+    """`(train, held_out)` contexts of `corpus`: enough for `n_tokens` stored tokens (plus two
+    chunks' slack), and the last `n_eval_contexts` held out for evaluation. A store built from
+    `train` never sees the held-out contexts, whoever builds it."""
+    per_ctx = ctx_len - 1
+    n_ctx = -(-n_tokens // per_ctx) + 2 * (1 << 16) // per_ctx + n_eval_contexts
+    contexts = A.pack_contexts(tok, A.read_corpus(corpus), ctx_len, max_contexts=n_ctx)
+    if len(contexts) <= n_eval_contexts:
+        raise ValueError(f"the corpus gives {len(contexts)} contexts of {ctx_len} tokens, too few to hold out {n_eval_contexts}")
+    return contexts[:-n_eval_contexts], contexts[-n_eval_contexts:]
 
 
 def _reuse_store(path: Path, sites: list[str], n_tokens: int):

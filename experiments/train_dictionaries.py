@@ -18,7 +18,7 @@ from pathlib import Path
 
 import circuits_jax as cj
 from circuits_jax import _activations as A
-from circuits_jax._sae_pipeline import train_dictionary
+from circuits_jax._sae_pipeline import split_contexts, train_dictionary
 
 
 def main() -> None:
@@ -46,9 +46,9 @@ def main() -> None:
     if "sae" in parts or "transcoder" in parts:
         sites = [f"blocks.{L}.hook_resid_post", f"blocks.{L}.ln2.hook_normalized", f"blocks.{L}.hook_mlp_out"]
         t0 = time.perf_counter()
-        ctx = A.pack_contexts(tok, A.read_corpus(args.corpus), 128, max_contexts=args.tokens // 127 + 1100)
-        # the last 64 contexts are held out for evaluation by train_dictionary (same packing)
-        A.build_store(model, ctx[:-64], sites, out / "store_L", n_tokens=args.tokens, progress=not args.quiet,
+        # the contexts train_dictionary holds out for evaluation stay out of the store
+        train_ctx, _ = split_contexts(tok, args.corpus, n_tokens=args.tokens)
+        A.build_store(model, train_ctx, sites, out / "store_L", n_tokens=args.tokens, progress=not args.quiet,
                       info=dict(model="smollm2", corpus=args.corpus, ctx_len=128))  # fmt: skip
         store_s = time.perf_counter() - t0
         print(f"store of {sites}: {store_s:.0f} s (a resumed build counts only this call)")
