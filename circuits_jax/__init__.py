@@ -59,7 +59,31 @@ from ._sae_train import train as train_sae
 from ._sae_eval import Evaluation
 from ._sae_eval import evaluate as evaluate_dictionary
 from ._sae_io import load_dictionary, save_dictionary
-from ._sae_pipeline import train_dictionary
+from ._sae_pipeline import train_dictionary, train_transcoders
+from ._replacement import (
+    FeatureEdit,
+    Trace,
+    Transcoders,
+    edit_features,
+    evaluate_transcoders,
+    inject_features,
+    intervene,
+    load_transcoders,
+    replacement_forward,
+    stack_transcoders,
+)
+from ._replacement import trace as trace_replacement
+from ._attribution_graph import (
+    AttributionGraph,
+    feature_examples,
+    graph_json,
+    graph_scores,
+    node_influence,
+    write_graph,
+)
+from ._attribution_graph import attribute as attribution_graph
+from ._attribution_graph import prune as prune_graph
+from ._graph_html import graph_html
 from ._dashboard import dashboard_data, feature_activations, write_dashboards
 from . import _known as known
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
@@ -82,7 +106,10 @@ __all__ = [
     "KNOWN_TASKS", "TASKS", "ProbMassDiff", "Task", "factual_recall_task", "greater_than_task", "induction_task",
     "SAE", "CrossLayerTranscoder", "LossConfig", "init_clt", "init_sae", "ActivationStore", "build_store", "open_store",
     "pack_contexts", "read_corpus", "TrainConfig", "train_sae", "Evaluation", "evaluate_dictionary", "load_dictionary",
-    "save_dictionary", "train_dictionary", "dashboard_data", "feature_activations", "write_dashboards",
+    "save_dictionary", "train_dictionary", "train_transcoders", "FeatureEdit", "Trace", "Transcoders", "edit_features",
+    "evaluate_transcoders", "inject_features", "intervene", "load_transcoders", "replacement_forward", "stack_transcoders",
+    "trace_replacement", "AttributionGraph", "attribution_graph", "feature_examples", "graph_json", "graph_scores",
+    "node_influence", "prune_graph", "write_graph", "graph_html", "dashboard_data", "feature_activations", "write_dashboards",
     "ioi_task", "load_task", "single_token_ids", "task", "task_from_prompts", "load_circuit", "save_circuit", "known",
     "node_chain_losses", "FAITHFULNESS_KS", "Circuit", "acdc", "ablated_outputs", "circuit_from_scores", "node_ranking", "prune_dangling", "roc_auc", "roc_sweep", "circuit_metrics", "faithfulness", "top_edges",
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",

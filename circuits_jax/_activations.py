@@ -133,6 +133,7 @@ class ActivationStore:
     scales: tuple[float, ...]  # per site: sqrt(D / E||x||^2) over the first chunk (1.0 when off)
     means: tuple[list[float], ...]  # per site: mean activation over the first chunk
     meta: dict
+    files: tuple[int, ...] | None = None  # file index of each site (a `select`ed view); None: 0, 1, ...
 
     @property
     def n_tokens(self) -> int:
@@ -141,7 +142,21 @@ class ActivationStore:
     def chunk(self, c: int) -> tuple[np.ndarray, ...]:
         if not 0 <= c < self.n_chunks:
             raise IndexError(f"chunk {c} of a store with {self.n_chunks}")
-        return tuple(np.load(self.path / f"chunk_{c:05d}.{s}.npy", mmap_mode="r") for s in range(len(self.sites)))
+        files = self.files if self.files is not None else range(len(self.sites))
+        return tuple(np.load(self.path / f"chunk_{c:05d}.{s}.npy", mmap_mode="r") for s in files)
+
+    def select(self, sites: Sequence[str]) -> ActivationStore:
+        """A view holding only `sites`: its batches read (and buffer) those sites' files alone,
+        so one store of many layers feeds one small dictionary at a time."""
+        missing = [s for s in sites if s not in self.sites]
+        if missing:
+            raise ValueError(f"the activation store at {self.path} holds {list(self.sites)}, not {missing}")
+        idx = [self.sites.index(s) for s in sites]
+        files = self.files if self.files is not None else tuple(range(len(self.sites)))
+        return dataclasses.replace(
+            self, sites=tuple(sites), dims=tuple(self.dims[i] for i in idx), scales=tuple(self.scales[i] for i in idx),
+            means=tuple(self.means[i] for i in idx), files=tuple(files[i] for i in idx),
+        )  # fmt: skip
 
     def batches(self, batch_size: int, *, seed: int = 0, start: int = 0, buffer_chunks: int = 4) -> Iterator[tuple[np.ndarray, ...]]:
         """Endless seeded batches `(site arrays [batch_size, D_s] ...)` from a shuffle buffer of

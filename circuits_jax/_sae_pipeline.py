@@ -105,15 +105,7 @@ def train_dictionary(
         store = A.build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress, chunk_tokens=chunk,
                               info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len))  # fmt: skip
     t_store = time.perf_counter() - t0
-    key = jax.random.key(seed)
-    scale = {s: store.scales[store.sites.index(s)] for s in sites}
-    mean = {s: np.asarray(store.means[store.sites.index(s)], np.float32) for s in sites}
-    if clt_layers is not None:
-        d = init_clt(D[0], width, tuple(clt_layers), key=key, arch=arch, k=k, b_dec=np.stack([mean[s] for s in outs]),
-                     in_scale=[scale[s] for s in ins], out_scale=[scale[s] for s in outs])  # fmt: skip
-    else:
-        d = init_sae(D[0], width, key=key, arch=arch, k=k, d_out=D[-1], in_site=ins[0], out_site=outs[0], b_dec=mean[outs[0]],
-                     in_scale=scale[ins[0]], out_scale=scale[outs[0]])  # fmt: skip
+    d = _new_dictionary(store, ins, outs, D, width=width, arch=arch, k=k, seed=seed, clt_layers=clt_layers)
     log(f"training {arch} {'CLT' if L else ('transcoder' if ins != outs else 'SAE')} of width {width} on {store.n_tokens:,} "
         f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
     res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress)
@@ -136,6 +128,99 @@ def train_dictionary(
     except Exception as e:  # a plot must never lose a finished run
         log(f"(density plot skipped: {e})")
     return summary
+
+
+def _new_dictionary(store, ins, outs, D, *, width, arch, k, seed, clt_layers=None):
+    """A fresh dictionary initialised from the store: decoder bias at the target mean, the
+    store's normalisation scales inside."""
+    key = jax.random.key(seed)
+    scale = {s: store.scales[store.sites.index(s)] for s in ins + outs}
+    mean = {s: np.asarray(store.means[store.sites.index(s)], np.float32) for s in ins + outs}
+    if clt_layers is not None:
+        return init_clt(D[0], width, tuple(clt_layers), key=key, arch=arch, k=k, b_dec=np.stack([mean[s] for s in outs]),
+                        in_scale=[scale[s] for s in ins], out_scale=[scale[s] for s in outs])  # fmt: skip
+    return init_sae(D[0], width, key=key, arch=arch, k=k, d_out=D[-1], in_site=ins[0], out_site=outs[0], b_dec=mean[outs[0]],
+                    in_scale=scale[ins[0]], out_scale=scale[outs[0]])  # fmt: skip
+
+
+def transcoder_sites(layer: int) -> tuple[str, str]:
+    """A per-layer transcoder's (input, target): the MLP's normalised input and its output."""
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+
+
+def train_transcoders(
+    model,
+    tok,
+    out: str | os.PathLike,
+    *,
+    layers=None,
+    arch: str = "topk",
+    k: int | None = 16,
+    width: int = 2304,
+    n_tokens: int = 400_000,
+    corpus: str = "python-docs",
+    ctx_len: int = 128,
+    n_eval_contexts: int = 64,
+    train_cfg: dict | None = None,
+    store_dtype=np.float16,
+    chunk_tokens: int = 1 << 14,
+    seed: int = 0,
+    progress: bool = True,
+    model_name: str = "",
+    log=print,
+) -> dict:
+    """Per-layer transcoders (MLP input -> MLP output) for `layers` (default: every layer), all
+    trained from one activation store of every layer's two sites, built once.
+
+    Resumable at every level: the store resumes by chunk, a finished layer is skipped, an
+    interrupted layer resumes from its last checkpoint. Writes `out/layer_{l:02d}/dictionary`
+    per layer and `out/transcoders.json` (the manifest `load_transcoders` reads). The store is
+    `store_dtype` (float16 halves the disk: 30 layers x 2 sites x 576 floats per token)."""
+    out = Path(out)
+    L = model.cfg.n_layers
+    layers = list(range(L)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < L]
+    if bad:
+        raise ValueError(f"layers {bad} are outside the model's {L} layers")
+    if model.cfg.attn_only:
+        raise ValueError("the model has no MLPs to transcode")
+    _check_arch(arch, k)
+    pairs = {l: transcoder_sites(l) for l in layers}
+    sites = [s for l in layers for s in pairs[l]]
+    A.check_sites(model, sites)
+    D = [int(np.prod(A._site_dim(model, A.parse_site(s, model.cfg)))) for s in pairs[layers[0]]]
+    tc = TrainConfig(n_tokens=n_tokens, seed=seed, **(train_cfg or {}))
+    A.memory_check(n_parameters(D[0], D[1], width), tc.batch_size, width, what="transcoder")
+    train_ctx, _ = split_contexts(tok, corpus, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
+    t0 = time.perf_counter()
+    store = _reuse_store(out / "store", sites, n_tokens)
+    if store is None:
+        store = A.build_store(model, train_ctx, sites, out / "store", n_tokens=n_tokens, progress=progress, chunk_tokens=chunk_tokens,
+                              dtype=store_dtype, info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len))  # fmt: skip
+    t_store = time.perf_counter() - t0
+    manifest_file = out / "transcoders.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else dict(layers={})
+    manifest.update(model=model_name, n_layers=L, arch=arch, k=k, width=width, n_tokens=store.n_tokens, corpus=str(corpus),
+                    ctx_len=ctx_len, n_eval_contexts=n_eval_contexts, train=_jsonable(tc), seed=seed)  # fmt: skip
+    manifest.setdefault("seconds", {})["store"] = manifest.get("seconds", {}).get("store", 0.0) + t_store
+    for l in layers:
+        sub = out / f"layer_{l:02d}"
+        if str(l) in manifest["layers"] and (sub / "dictionary" / "dictionary.json").exists():
+            continue
+        ins, outs = [pairs[l][0]], [pairs[l][1]]
+        view = store.select(ins + outs)
+        d = _new_dictionary(view, ins, outs, D, width=width, arch=arch, k=k, seed=seed + l)
+        log(f"layer {l}: training a {arch} transcoder of width {width} on {view.n_tokens:,} tokens ({tc.steps} steps)")
+        res = train(d, view, tc, checkpoint_dir=sub / "checkpoints", progress=progress)
+        save_dictionary(sub / "dictionary", res.dictionary, dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len,
+                                                                 n_tokens=view.n_tokens, train=_jsonable(tc), seed=seed + l))  # fmt: skip
+        (sub / "history.json").write_text(json.dumps(res.history))
+        last = res.history[-1] if res.history else {}
+        manifest["layers"][str(l)] = dict(path=f"layer_{l:02d}/dictionary", in_site=ins[0], out_site=outs[0], seconds=res.seconds,
+                                          train_fve=last.get("fve"), train_l0=last.get("l0"), dead=last.get("dead"))  # fmt: skip
+        manifest_file.write_text(json.dumps(manifest, indent=1))
+    manifest_file.write_text(json.dumps(manifest, indent=1))
+    return manifest
 
 
 def split_contexts(tok, corpus, *, n_tokens: int, ctx_len: int = 128, n_eval_contexts: int = 64):

