@@ -6,7 +6,8 @@ pair of prompts that differ in one concept token, it switches off the target's f
 the target's pruned graph keeps at that token, switches on the source's kept features there
 (at 1x, 2x and 4x their activation), and reads the answer probabilities of the replacement
 model with attention frozen and free. Also the whole-position swap (every feature at that token,
-every layer) and, for scale, the real model with the token itself swapped.
+every layer; then features and error nodes, i.e. every MLP output there) and, for scale, the real
+model with the token itself swapped.
 
     .venv/bin/python experiments/attribution_graphs.py --transcoders runs/transcoders --out runs/graphs
 """
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=48, help="corpus contexts for each kept feature's top examples")
     p.add_argument("--corpus", default="python-docs")
     p.add_argument("--max-feature-nodes", type=int, default=None)
+    p.add_argument("--reuse", action="store_true", help="load OUT/<slug>/graph.npz where it exists instead of recomputing")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     out = Path(args.out)
@@ -60,6 +62,11 @@ def main() -> None:
     graphs, pruned, summary = {}, {}, {"graphs": {}, "swaps": []}
     for slug, prompt in {**GRAPHS, **EXTRA}.items():
         ids = tok.encode(prompt, prepend_bos=True)
+        if args.reuse and (out / slug / "graph.npz").exists():
+            g, pr = cj.AttributionGraph.load(out / slug / "graph.npz"), None
+            graphs[slug], pruned[slug] = g, cj.prune_graph(g)
+            summary["graphs"][slug] = json.loads((out / slug / "scores.json").read_text())
+            continue
         g = cj.attribution_graph(model, ts, ids, prompt=prompt, token_strs=tok.to_str_tokens(ids), decode=decode,
                                  max_feature_nodes=args.max_feature_nodes, progress=not args.quiet)  # fmt: skip
         pr = cj.prune_graph(g)
@@ -122,6 +129,10 @@ def swap_experiment(model, tok, ts, gt, gs, prt, prs, tc, sc, answers) -> list[d
                              f"suppress + inject {len(on)} {sc!r} features x{mult} ({att})"))  # fmt: skip
         whole = cj.inject_features(tr_t, tr_s, positions=[(pt, ps)])
         rows.append(read(cj.intervene(model, ts, tr_t, whole, freeze_attention=frozen)[0], f"every feature at {tc!r}, all layers ({att})"))
+        # the same with the source's error nodes there too: the whole MLP output of every layer at that token
+        errs = tr_t.errors.at[:, :, pt].set(tr_s.errors[:, :, ps])
+        full, _ = cj.replacement_forward(model, ts, tr_t.tokens, frozen=tr_t.frozen, errors=errs, edit=whole, freeze_attention=frozen)
+        rows.append(read(full, f"every feature and error at {tc!r}, all layers ({att})"))
     swapped = ids_t.copy()
     swapped[0, pt] = gs.tokens[ps]
     rows.append(read(model(jnp.asarray(swapped)), f"reference: real model, token {tc!r} replaced by {sc!r}"))

@@ -48,7 +48,7 @@ def main() -> None:
           f"training {sum(v['seconds'] for v in manifest['layers'].values()):.0f} s in all", flush=True)  # fmt: skip
     if args.no_eval:
         return
-    _, held_out = split_contexts(tok, args.corpus, n_tokens=manifest["n_tokens"])
+    _, held_out = split_contexts(tok, args.corpus, n_tokens=args.tokens)  # the split train_transcoders made
     held_out = held_out[: args.eval_contexts]
     ts = cj.load_transcoders(out, model=model, model_name="smollm2")
     t0 = time.perf_counter()

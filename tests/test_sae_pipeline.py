@@ -185,6 +185,20 @@ def test_store_rows_are_the_cached_activations_without_bos(model, contexts, full
     assert open_store(s.path).n_chunks == 3
 
 
+def test_store_view_of_some_sites(full_store):
+    """`select` reads only the named sites' files and yields the same batches, column for column."""
+    s = full_store
+    v = s.select([SITES[1]])
+    assert v.sites == (SITES[1],) and v.dims == (16,) and v.scales == (s.scales[1],) and v.n_chunks == s.n_chunks
+    np.testing.assert_array_equal(v.chunk(2)[0], s.chunk(2)[1])
+    full, view = s.batches(16, seed=3), v.batches(16, seed=3)
+    for _ in range(7):
+        np.testing.assert_array_equal(next(view)[0], next(full)[1])
+    assert s.select([SITES[1], SITES[0]]).select([SITES[0]]).chunk(0)[0].tobytes() == s.chunk(0)[0].tobytes()
+    with pytest.raises(ValueError, match="holds .* not \\['blocks.0.hook_mlp_out'\\]"):
+        s.select(["blocks.0.hook_mlp_out"])
+
+
 def test_store_resumes_to_identical_chunks(model, contexts, full_store, tmp_path):
     want = _files(full_store.path)
     assert len(want) == 6
