@@ -84,6 +84,7 @@ from ._attribution_graph import (
 from ._attribution_graph import attribute as attribution_graph
 from ._attribution_graph import prune as prune_graph
 from ._graph_html import graph_html
+from ._generate import Generation, generate
 from ._dashboard import dashboard_data, feature_activations, write_dashboards
 from . import _known as known
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
@@ -109,7 +110,7 @@ __all__ = [
     "save_dictionary", "train_dictionary", "train_transcoders", "FeatureEdit", "Trace", "Transcoders", "edit_features",
     "evaluate_transcoders", "inject_features", "intervene", "load_transcoders", "replacement_forward", "stack_transcoders",
     "trace_replacement", "AttributionGraph", "attribution_graph", "feature_examples", "graph_json", "graph_scores",
-    "node_influence", "prune_graph", "write_graph", "graph_html", "dashboard_data", "feature_activations", "write_dashboards",
+    "node_influence", "prune_graph", "write_graph", "graph_html", "Generation", "generate", "dashboard_data", "feature_activations", "write_dashboards",
     "ioi_task", "load_task", "single_token_ids", "task", "task_from_prompts", "load_circuit", "save_circuit", "known",
     "node_chain_losses", "FAITHFULNESS_KS", "Circuit", "acdc", "ablated_outputs", "circuit_from_scores", "node_ranking", "prune_dangling", "roc_auc", "roc_sweep", "circuit_metrics", "faithfulness", "top_edges",
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",

@@ -259,16 +259,17 @@ def _block(
         q = tap("attn.hook_rot_q", _rope(cfg, q, positions))
         k = tap("attn.hook_rot_k", _rope(cfg, k, positions))
     qg = q.reshape(B, T, K, G, E)
-    scores = jnp.einsum("btkge,bske->bkgts", qg, k).reshape(B, H, T, T) / np.sqrt(E).astype(np.float32)
-    allowed = jnp.ones((T, T), bool)
+    S = k.shape[1]  # keys: T, or a KV cache's slots when generating (queries are then the last T of them)
+    scores = jnp.einsum("btkge,bske->bkgts", qg, k).reshape(B, H, T, S) / np.sqrt(E).astype(np.float32)
+    allowed = jnp.ones((T, S), bool)
     if cfg.causal:
-        allowed = jnp.tril(allowed)
+        allowed = jnp.tril(allowed, S - T)
     allowed = allowed[None, None]
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]
     scores = tap("attn.hook_attn_scores", jnp.where(allowed, scores, jnp.finfo(scores.dtype).min))
     pattern = tap("attn.hook_pattern", jax.nn.softmax(scores, axis=-1))
-    z = jnp.einsum("bkgts,bske->btkge", pattern.reshape(B, K, G, T, T), v).reshape(B, T, H, E)
+    z = jnp.einsum("bkgts,bske->btkge", pattern.reshape(B, K, G, T, S), v).reshape(B, T, H, E)
     z = tap("attn.hook_z", z)
     if result_hooked:  # the per-head outputs feed the stream only when something rewrites them
         attn_out = tap("attn.hook_result", jnp.einsum("bthe,hed->bthd", z, p.W_O)).sum(axis=2)
