@@ -502,15 +502,18 @@ def feature_examples(model: Transformer, ts: Transcoders, keys, contexts, *, dec
 
 
 def write_graph(out: str | os.PathLike, g: AttributionGraph, *, slug: str = "graph", node_threshold: float = 0.8,
-                edge_threshold: float = 0.98, features: dict | None = None, supernodes=(), title: str = "") -> dict:  # fmt: skip
+                edge_threshold: float = 0.98, pruned: Pruned | None = None, features: dict | None = None, supernodes=(),
+                title: str = "") -> dict:  # fmt: skip
     """Write `graph.json` (circuit-tracer / Neuronpedia schema, pruned), `graph.html` (the
-    standalone viewer), `scores.json` and `graph.npz` (the full graph) into directory `out`."""
+    standalone viewer), `scores.json` and `graph.npz` (the full graph) into directory `out`.
+    `pruned`: a `prune` result already computed for `g` (its thresholds win); else pruned here."""
     from ._graph_html import graph_html
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scores = graph_scores(g)
-    pruned = prune(g, node_threshold, edge_threshold)
+    pruned = pruned or prune(g, node_threshold, edge_threshold)
+    node_threshold, edge_threshold = pruned.node_threshold, pruned.edge_threshold
     js = graph_json(g, pruned, slug=slug, supernodes=supernodes, scores=scores,
                     labels={k: v.get("label", "") for k, v in (features or {}).items()})  # fmt: skip
     (out / "graph.json").write_text(json.dumps(js))

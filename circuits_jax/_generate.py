@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from ._model import Transformer, _block, _norm, _Tap, normalize_hooks, positions_from_mask
+from ._model import Transformer, _add, _block, _norm, _Tap, normalize_hooks, positions_from_mask
 
 
 class Generation(NamedTuple):
@@ -67,7 +67,7 @@ def _forward(model: Transformer, tokens, positions, key_mask, cache, slot, hooks
 
     x, cache = lax.scan(body, x, (model.blocks, jnp.arange(cfg.n_layers), *cache))
     h = _norm(cfg, x[:, -1:], model.lnf_w, model.lnf_b, "ln_final", gtap)
-    logits = h @ model.W_U if model.b_U is None else h @ model.W_U + model.b_U
+    logits = _add(h @ model.W_U, model.b_U)
     return logits[:, 0], cache
 
 

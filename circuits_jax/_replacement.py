@@ -27,7 +27,7 @@ import numpy as np
 from jax import Array, lax
 
 from ._interventions import ALL_LAYERS, Hook, Zero
-from ._model import Transformer, _block, _norm, positions_from_mask, run
+from ._model import Transformer, _add, _block, _norm, positions_from_mask, run
 from ._sae import SAE
 
 
@@ -234,7 +234,7 @@ def replacement_forward(
     sf = None if frozen is None else frozen.scale_final
     ftap = lambda kind, v: sf if (kind == "ln_final.hook_scale" and freeze_norms and sf is not None) else v  # noqa: E731
     h = _norm(cfg, x, model.lnf_w, model.lnf_b, "ln_final", ftap)
-    logits = h @ model.W_U if model.b_U is None else h @ model.W_U + model.b_U
+    logits = _add(h @ model.W_U, model.b_U)
     return logits, acts
 
 

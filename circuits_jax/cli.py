@@ -383,14 +383,13 @@ def _graph(args) -> int:
     g = G.attribute(model, ts, ids, prompt=args.prompt, token_strs=tok.to_str_tokens(ids), decode=lambda i: tok.decode([i]),
                     max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
     features = None
+    pruned = G.prune(g, args.node_threshold, args.edge_threshold)
     if args.examples > 0:
-        pruned = G.prune(g, args.node_threshold, args.edge_threshold)
         keep = [(l, f) for i, (l, _, f) in enumerate(g.features.tolist()) if pruned.node_mask[i]]
         n_ctx = 64 if model.cfg.positional != "learned" else min(64, model.cfg.n_ctx)
         ctx = A.pack_contexts(tok, A.read_corpus(args.corpus), n_ctx, max_contexts=args.examples)
         features = G.feature_examples(model, ts, keep, ctx, decode=lambda i: tok.decode([i]), progress=not args.quiet)
-    s = G.write_graph(args.out, g, slug=args.slug or "graph", node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-                      features=features, title=args.prompt)  # fmt: skip
+    s = G.write_graph(args.out, g, slug=args.slug or "graph", pruned=pruned, features=features, title=args.prompt)
     print(f"prompt ({len(ids)} tokens): {args.prompt!r}")
     print("top logits: " + ", ".join(f"{k!r} {v:.3f}" for k, v in s["logits"].items()))
     print(f"{s['active_features']} active features, {s['visited_features']} attributed in {s['backward_passes']} compiled backward "

@@ -63,7 +63,7 @@ def main() -> None:
     for slug, prompt in {**GRAPHS, **EXTRA}.items():
         ids = tok.encode(prompt, prepend_bos=True)
         if args.reuse and (out / slug / "graph.npz").exists():
-            g, pr = cj.AttributionGraph.load(out / slug / "graph.npz"), None
+            g = cj.AttributionGraph.load(out / slug / "graph.npz")
             graphs[slug], pruned[slug] = g, cj.prune_graph(g)
             summary["graphs"][slug] = json.loads((out / slug / "scores.json").read_text())
             continue
@@ -73,7 +73,7 @@ def main() -> None:
         keep = [(l, f) for i, (l, _, f) in enumerate(g.features.tolist()) if pr.node_mask[i]]
         t0 = time.perf_counter()
         feats = cj.feature_examples(model, ts, keep, ctx, decode=decode, progress=not args.quiet) if slug in GRAPHS else None
-        s = cj.write_graph(out / slug, g, slug=slug, features=feats, title=prompt)
+        s = cj.write_graph(out / slug, g, slug=slug, pruned=pr, features=feats, title=prompt)
         s["examples_seconds"] = time.perf_counter() - t0
         graphs[slug], pruned[slug] = g, pr
         summary["graphs"][slug] = s
