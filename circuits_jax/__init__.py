@@ -85,6 +85,51 @@ from ._attribution_graph import attribute as attribution_graph
 from ._attribution_graph import prune as prune_graph
 from ._graph_html import graph_html
 from ._generate import Generation, generate
+from ._steering import (
+    AddAt,
+    actadd,
+    caa,
+    feature_steering,
+    perplexity,
+    perplexity_sweep,
+    steering_hook,
+    steering_sweep,
+)
+from ._causal_tracing import CausalTrace, causal_trace, default_noise, subject_positions, trace_fact
+from ._rome import (
+    RomeInfo,
+    apply_rank_one,
+    compute_value,
+    corpus_tokens,
+    evaluate_edit,
+    key_covariance,
+    rank_one_update,
+    rome_edit,
+    subject_key,
+)
+from ._concepts import (
+    LayerProbes,
+    NeuronAttribution,
+    Probe,
+    PureSplit,
+    TCAVResult,
+    activation_gradients,
+    cav_pairs,
+    diff_of_means,
+    diff_of_means_accuracy,
+    diff_of_means_layers,
+    layer_activations,
+    logit_diff_target,
+    neuron_activations,
+    neuron_attributions,
+    pca,
+    probe_accuracy,
+    probe_layers,
+    pure_split,
+    tcav,
+    tcav_scores,
+    train_probe,
+)
 from ._dashboard import dashboard_data, feature_activations, write_dashboards
 from . import _known as known
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
@@ -110,7 +155,15 @@ __all__ = [
     "save_dictionary", "train_dictionary", "train_transcoders", "FeatureEdit", "Trace", "Transcoders", "edit_features",
     "evaluate_transcoders", "inject_features", "intervene", "load_transcoders", "replacement_forward", "stack_transcoders",
     "trace_replacement", "AttributionGraph", "attribution_graph", "feature_examples", "graph_json", "graph_scores",
-    "node_influence", "prune_graph", "write_graph", "graph_html", "Generation", "generate", "dashboard_data", "feature_activations", "write_dashboards",
+    "node_influence", "prune_graph", "write_graph", "graph_html", "Generation", "generate",
+    "AddAt", "actadd", "caa", "feature_steering", "perplexity", "perplexity_sweep", "steering_hook", "steering_sweep",
+    "CausalTrace", "causal_trace", "default_noise", "subject_positions", "trace_fact",
+    "RomeInfo", "apply_rank_one", "compute_value", "corpus_tokens", "evaluate_edit", "key_covariance", "rank_one_update",
+    "rome_edit", "subject_key",
+    "LayerProbes", "NeuronAttribution", "Probe", "PureSplit", "TCAVResult", "activation_gradients", "cav_pairs",
+    "diff_of_means", "diff_of_means_accuracy", "diff_of_means_layers", "layer_activations", "logit_diff_target",
+    "neuron_activations", "neuron_attributions", "pca", "probe_accuracy", "probe_layers", "pure_split", "tcav",
+    "tcav_scores", "train_probe", "dashboard_data", "feature_activations", "write_dashboards",
     "ioi_task", "load_task", "single_token_ids", "task", "task_from_prompts", "load_circuit", "save_circuit", "known",
     "node_chain_losses", "FAITHFULNESS_KS", "Circuit", "acdc", "ablated_outputs", "circuit_from_scores", "node_ranking", "prune_dangling", "roc_auc", "roc_sweep", "circuit_metrics", "faithfulness", "top_edges",
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",

@@ -400,6 +400,105 @@ def _graph(args) -> int:
     return 0
 
 
+def _steer(args) -> int:
+    """ActAdd steering of one prompt: the greedy generation per coefficient, next-token sweep and plot."""
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from . import _steering as S
+    from ._generate import generate
+    from .loaders._registry import load
+    from .plot import steering_curves
+
+    coeffs = [float(c) for c in args.coeffs.split(",") if c.strip()]
+    if not coeffs:
+        raise ValueError(f"--coeffs needs comma-separated numbers, got {args.coeffs!r}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model, tok = load(args.model)
+    if tok is None:
+        print(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)", file=sys.stderr)
+        return 2
+    v = S.actadd(model, tok, args.positive, args.negative, args.layer, align=args.align, prepend_bos=args.bos)
+    ids = tok.encode(args.prompt, prepend_bos=args.bos)
+    if len(ids) < v.shape[0]:
+        raise ValueError(f"the prompt has {len(ids)} tokens, fewer than the {v.shape[0]} of the steering vector "
+                         f"({tok.to_str_tokens(ids)}); give a longer prompt")  # fmt: skip
+    prompt = np.asarray([ids], np.int32)
+    print(f"ActAdd {args.positive!r} - {args.negative!r} at blocks.{args.layer}.hook_resid_pre, {v.shape[0]} positions, "
+          f"|v| per position {[round(float(x), 2) for x in jnp.linalg.norm(v, axis=-1)]}")  # fmt: skip
+    gens = {}
+    for c in coeffs:
+        g = generate(model, prompt, args.max_new_tokens, hooks=S.steering_hook(v, args.layer, c, model=model), hooks_on="prompt")
+        gens[c] = tok.decode(np.asarray(g.tokens[0]))
+        print(f"coeff {c:+g}: {args.prompt}{gens[c]!s}")
+    # next-token probabilities of the tokens the unsteered and the most steered runs rank first
+    sweep = jnp.asarray([0.0, *coeffs], jnp.float32)
+    probs = np.asarray(S.steering_sweep(model, prompt, v, args.layer, sweep, lambda lg: jax.nn.softmax(lg[0, -1].astype(jnp.float32))))
+    top = list(dict.fromkeys([*np.argsort(-probs[0])[:3].tolist(), *np.argsort(-probs[int(np.argmax(np.abs(sweep)))])[:3].tolist()]))
+    curves = {repr(tok.decode([t])): probs[1:, t].tolist() for t in top}
+    base = generate(model, prompt, args.max_new_tokens).tokens
+    text = np.concatenate([prompt, np.asarray(base)], 1)
+    ppl = np.asarray(S.perplexity_sweep(model, text, v, args.layer, jnp.asarray(coeffs, jnp.float32))).tolist()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steering_curves(coeffs, curves, ppl, out / "steer.png", title=f"ActAdd {args.positive!r} - {args.negative!r}, layer {args.layer}",
+                    ylabel="next-token probability", ppl_label="perplexity of the unsteered continuation")  # fmt: skip
+    (out / "steer.json").write_text(json.dumps(dict(
+        positive=args.positive, negative=args.negative, layer=args.layer, prompt=args.prompt, coeffs=coeffs,
+        generations={str(c): t for c, t in gens.items()}, next_token_probs=curves, perplexity=ppl), indent=1))  # fmt: skip
+    print(f"wrote {out}/steer.png, steer.json")
+    return 0
+
+
+def _trace_fact(args) -> int:
+    """Causal tracing of one fact: clean/corrupt p(answer), the peak per kind, heatmaps and arrays in OUT."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from ._causal_tracing import KINDS, trace_fact
+    from .loaders._registry import load
+    from .plot import causal_traces
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"--kinds {args.kinds!r}: each must be one of {', '.join(KINDS)}")
+    model, tok = load(args.model)
+    if tok is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)")
+    res = trace_fact(model, tok, args.prompt, args.subject, args.answer, kinds=kinds, prepend_bos=args.bos, noise=args.noise,
+                     samples=args.samples, window=args.window, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    r0 = next(iter(res.values()))
+    strs = tok.to_str_tokens(r0.tokens)
+    a, b = r0.subject_span
+    answer = tok.decode([r0.answer_id])
+    print(f"prompt ({len(strs)} tokens): {' '.join(repr(s) + ('*' if a <= i < b else '') for i, s in enumerate(strs))}")
+    print(f"answer {answer!r}: clean p={r0.clean:.4f}, subject noised p={r0.corrupt:.4f} "
+          f"({r0.samples} draws, noise std {r0.noise:.4g})")  # fmt: skip
+    summary = {}
+    for k, r in res.items():
+        l, t, s = r.peak()
+        print(f"  {k:5s} peak p={s:.4f} at layer {l}, token {t} {strs[t]!r} (window {r.window}; {r.seconds:.1f} s)")
+        summary[k] = dict(peak_layer=l, peak_token=t, peak_prob=s, window=r.window, seconds=r.seconds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "trace.npz", tokens=r0.tokens, str_tokens=np.array(strs), subject_span=np.array(r0.subject_span),
+             answer_id=r0.answer_id, clean=r0.clean, corrupt=r0.corrupt, noise=r0.noise, samples=r0.samples,
+             **{f"scores_{k}": r.scores for k, r in res.items()})  # fmt: skip
+    meta = dict(prompt=args.prompt, subject=args.subject, answer=answer, answer_id=r0.answer_id, str_tokens=strs,
+                subject_span=list(r0.subject_span), clean=r0.clean, corrupt=r0.corrupt, noise=r0.noise, samples=r0.samples,
+                kinds=summary, scores={k: r.scores.tolist() for k, r in res.items()})  # fmt: skip
+    (out / "trace.json").write_text(json.dumps(meta, indent=1))
+    causal_traces(res, out / "trace.png", tokens=strs, title=f"{args.prompt!r} -> {answer!r}")
+    print(f"wrote {out}/trace.png, trace.json, trace.npz")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -522,6 +621,35 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--slug", help="graph name in the JSON")
     gr.add_argument("--quiet", action="store_true", help="no progress bars")
     gr.set_defaults(func=_graph)
+
+    st = sub.add_parser("steer", help="ActAdd steering: generations per coefficient and a next-token / perplexity sweep plot")
+    st.add_argument("--model", default="smollm2")
+    st.add_argument("--positive", required=True, help="positive ActAdd prompt, e.g. 'Love'")
+    st.add_argument("--negative", required=True, help="negative ActAdd prompt, e.g. 'Hate'")
+    st.add_argument("--layer", type=int, required=True, help="steer blocks.LAYER.hook_resid_pre")
+    st.add_argument("--coeffs", required=True, help="comma-separated coefficients; write --coeffs=-5,0,5 when the first is negative")
+    st.add_argument("--prompt", required=True, help="the prompt to steer (at least as many tokens as the ActAdd prompts)")
+    st.add_argument("--max-new-tokens", type=int, default=20)
+    st.add_argument("--align", choices=("error", "pad"), default="error",
+                    help="prompts of different token lengths: error (default) or right-pad the shorter with ' '")  # fmt: skip
+    st.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None, help="prepend BOS (default: the model's)")
+    st.add_argument("--out", default="steer_out", help="directory for steer.png and steer.json")
+    st.set_defaults(func=_steer)
+
+    tf = sub.add_parser("trace-fact", help="causal tracing (Meng et al.): where restoring clean states brings a fact back")
+    tf.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    tf.add_argument("--prompt", required=True, help="e.g. 'The Eiffel Tower is located in the city of'")
+    tf.add_argument("--subject", required=True, help="the subject as it appears in the prompt (its tokens are noised)")
+    tf.add_argument("--answer", default=None, help="the answer token, e.g. ' Paris' (default: the model's top next token)")
+    tf.add_argument("--kinds", default="resid,mlp,attn", help="comma list of resid, mlp, attn")
+    tf.add_argument("--samples", type=int, default=10, help="noise draws")
+    tf.add_argument("--window", type=int, default=10, help="layers restored around each layer for mlp/attn")
+    tf.add_argument("--noise", type=float, default=None, help="noise std (default 3 x std of the token embeddings)")
+    tf.add_argument("--seed", type=int, default=0)
+    tf.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None)
+    tf.add_argument("--out", required=True, help="output directory (trace.png, trace.json, trace.npz)")
+    tf.add_argument("--quiet", action="store_true", help="no progress bar")
+    tf.set_defaults(func=_trace_fact)
 
     pp = sub.add_parser("path-patch", help="path patching: each sender's direct effect through chosen receivers")
     _pair_arguments(pp)

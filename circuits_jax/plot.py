@@ -456,3 +456,117 @@ def feature_density(density, path=None, *, title: str = "feature density", dense
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _saved(fig, path)
+
+
+def steering_curves(coeffs, curves, perplexity=None, path=None, *, title: str = "steering sweep", ylabel: str = "probability",
+                    ppl_label: str = "perplexity (neutral text)"):  # fmt: skip
+    """Target and off-target measures against the steering coefficient (`curves`: name -> values,
+    left axis) and perplexity (right axis, dashed black), as returned by `steering_sweep` /
+    `perplexity_sweep`."""
+    plt = _pyplot()
+    c = np.asarray(coeffs, float)
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for name, vals in curves.items():
+        ax.plot(c, np.asarray(vals, float), marker="o", ms=4, label=str(name))
+    ax.set_xlabel("steering coefficient")
+    ax.set_ylabel(ylabel)
+    ax.axvline(0, color="grey", ls=":", lw=1)
+    handles, labels = ax.get_legend_handles_labels()
+    if perplexity is not None:
+        ax2 = ax.twinx()
+        (line,) = ax2.plot(c, np.asarray(perplexity, float), color="black", ls="--", marker="s", ms=3, label=ppl_label)
+        ax2.set_ylabel(ppl_label)
+        ax2.set_yscale("log")
+        handles, labels = handles + [line], labels + [ppl_label]
+    ax.legend(handles, labels, fontsize=7, loc="best")
+    ax.set_title(title)
+    return _saved(fig, path)
+
+
+_TRACE_CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+_TRACE_NAMES = {"resid": "single restored layer (hook_resid_post)", "mlp": "restored MLP outputs", "attn": "restored attention outputs"}
+
+
+def causal_trace(result, path=None, *, tokens=None, title: str | None = None, ax=None):
+    """One causal-tracing heatmap (Meng et al.'s layout): layers on x, prompt tokens on y, colour
+    p(answer) after restoring that (layer, token), from the corrupted run's value up. Subject tokens
+    carry a "*". result: a `CausalTrace`; tokens: the prompt's token strings (default: the ids)."""
+    plt = _pyplot()
+    scores = np.asarray(result.scores)  # [L, T]
+    L, T = scores.shape
+    names = list(tokens) if tokens is not None else [str(int(i)) for i in np.ravel(result.tokens)]
+    if len(names) != T:
+        raise ValueError(f"{len(names)} token labels for a trace over {T} tokens")
+    start, stop = result.subject_span
+    labels = [f"{t!r}*" if start <= i < stop else repr(t) for i, t in enumerate(names)]
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(min(14.0, 2.5 + 0.18 * L), 1.2 + 0.32 * T))
+    im = ax.pcolormesh(scores.T, cmap=_TRACE_CMAPS.get(result.kind, "viridis"), vmin=min(result.corrupt, float(scores.min())),
+                       vmax=max(result.clean, float(scores.max())))  # fmt: skip
+    ax.invert_yaxis()
+    ax.set_yticks(np.arange(T) + 0.5)
+    ax.set_yticklabels(labels, fontsize=8)
+    step = max(1, L // 10)
+    ax.set_xticks(np.arange(0, L, step) + 0.5)
+    ax.set_xticklabels([str(l) for l in range(0, L, step)], fontsize=8)
+    window = "" if result.kind == "resid" else f", window {result.window}"
+    ax.set_xlabel(f"layer (centre of the restored window{window})" if result.kind != "resid" else "layer")
+    ax.set_title(title or f"{_TRACE_NAMES.get(result.kind, result.kind)}", fontsize=9)
+    cb = ax.figure.colorbar(im, ax=ax)
+    cb.ax.set_title("p", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    return _saved(fig, path) if fig is not None else ax.figure
+
+
+def causal_traces(results, path=None, *, tokens=None, title: str | None = None):
+    """Several causal traces side by side (Meng et al.'s figure 1: hidden states, MLP, attention).
+    results: `{kind: CausalTrace}` or a list of them; the suptitle reports the clean and corrupted
+    probabilities of the first."""
+    plt = _pyplot()
+    items = list(results.values()) if isinstance(results, dict) else list(results)
+    if not items:
+        raise ValueError("no causal traces to draw")
+    L, T = items[0].scores.shape
+    fig, axes = plt.subplots(1, len(items), figsize=(min(7.0, 2.5 + 0.15 * L) * len(items), 1.6 + 0.32 * T), squeeze=False)
+    for ax, r in zip(axes[0], items):
+        causal_trace(r, tokens=tokens, ax=ax)
+    r0 = items[0]
+    head = f"{title}\n" if title else ""
+    fig.suptitle(f"{head}p(answer): clean {r0.clean:.3f}, subject noised {r0.corrupt:.3f} ({r0.samples} draws, noise std {r0.noise:.3g})",
+                 fontsize=10)  # fmt: skip
+    return _saved(fig, path)
+
+
+def concept_probe_layers(layers, curves: dict, path=None, *, title: str = "held-out accuracy by layer"):
+    """Held-out accuracy of concept probes against the layer, one line per method (`{label: [L] accuracies}`);
+    `layers` are the x tick labels (e.g. "embed", "0", ...). The dotted line marks chance (0.5)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.0, 3.8))
+    x = np.arange(len(layers))
+    for label, acc in curves.items():
+        ax.plot(x, acc, marker="o", ms=3, label=label)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xticks(x[::2], [str(l) for l in layers][::2], fontsize=7)
+    ax.set_xlabel("layer (resid_post)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0.3, 1.03)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _saved(fig, path)
+
+
+def concept_pca(projected, labels, explained, path=None, *, class_names=("0", "1"), title: str = "PCA"):
+    """Scatter of the first two principal components `projected [N, 2]` coloured by the 0/1 `labels`,
+    with each component's explained variance ratio in its axis label."""
+    plt = _pyplot()
+    projected, labels = np.asarray(projected), np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    for c, colour in ((0, "#c44e52"), (1, "#4c72b0")):
+        sel = labels == c
+        ax.scatter(projected[sel, 0], projected[sel, 1], s=16, color=colour, label=class_names[c], alpha=0.8)
+    ax.set_xlabel(f"PC1 ({100 * float(explained[0]):.1f}% of variance)")
+    ax.set_ylabel(f"PC2 ({100 * float(explained[1]):.1f}% of variance)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _saved(fig, path)
