@@ -135,7 +135,7 @@ from . import _known as known
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
 from ._config import Config
 from ._interventions import ALL_LAYERS, PerLayer, Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
-from ._metrics import AnswerProb, CrossEntropy, KLFrom, LogitDiff, normalise
+from ._metrics import AnswerProb, CrossEntropy, KLFrom, LogitDiff, next_token_nll, normalise
 from ._patching import SITES as PATCH_SITES
 from ._patching import PatchResult, patch_every_block, patch_every_head, patch_set, patch_sweep
 from ._model import Blocks, RunOutput, Transformer, init_model, run, run_with_cache, unembed
@@ -169,7 +169,7 @@ __all__ = [
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",
     "logit_lens", "neuron_logit_attribution",
     "ALL_LAYERS", "PerLayer",
-    "AnswerProb", "CrossEntropy", "KLFrom", "LogitDiff", "normalise", "PATCH_SITES", "PatchResult", "patch_sweep",
+    "AnswerProb", "CrossEntropy", "KLFrom", "LogitDiff", "next_token_nll", "normalise", "PATCH_SITES", "PatchResult", "patch_sweep",
     "patch_set", "patch_every_head", "patch_every_block",
     "Add", "Apply", "Blocks", "Compose", "Config", "Hook", "Intervention", "Mean", "Replace", "RunOutput",
     "Scale", "Site", "Tokenizer", "Transformer", "Zero", "all_site_names", "cache_dir", "export_hf", "from_penzai",

@@ -55,6 +55,19 @@ class KLFrom(eqx.Module):
         return jnp.mean(jnp.sum(jnp.exp(ref) * (ref - jax.nn.log_softmax(logits, axis=-1)), axis=-1))
 
 
+def next_token_nll(logits, tokens, attention_mask=None):
+    """`(summed next-token NLL, number of scored targets)` of `tokens [B, T]` under `logits [B, T, V]`:
+    position t predicts token t + 1; with `attention_mask`, a target counts when it and the token
+    before it are both real. Cross-entropy is the ratio, perplexity its exp."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    tgt = tokens[:, 1:]
+    nll = -jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+    w = jnp.ones(tgt.shape, jnp.float32)
+    if attention_mask is not None:
+        w = (attention_mask[:, 1:] & attention_mask[:, :-1]).astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
 def normalise(value, clean, corrupt):
     """`(value - corrupt) / (clean - corrupt)`: 1 where the clean behaviour is restored, 0 at corrupt."""
     return (value - corrupt) / (clean - corrupt)

@@ -27,6 +27,7 @@ import numpy as np
 from jax import Array, lax
 
 from ._interventions import ALL_LAYERS, Hook, Zero
+from ._metrics import next_token_nll
 from ._model import Transformer, _add, _block, _norm, positions_from_mask, run
 from ._sae import SAE
 
@@ -380,11 +381,9 @@ def _eval_batch(model: Transformer, ts: Transcoders, tokens):
     tr = trace(model, ts, tokens)
     y = tr.mlp_out[:, :, 1:]
     err = tr.errors[:, :, 1:]
-    nxt = tokens[:, 1:]
 
     def ce(logits):
-        lp = jax.nn.log_softmax(logits[:, :-1])
-        return -jnp.sum(jnp.take_along_axis(lp, nxt[..., None], -1))
+        return next_token_nll(logits, tokens)[0]
 
     replaced, _ = replacement_forward(model, ts, tokens, freeze_attention=False)
     zero = run(model, tokens, hooks=[Hook("hook_mlp_out", ALL_LAYERS, Zero())]).logits

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._interventions import Hook, Replace, Zero
+from ._metrics import next_token_nll
 from ._model import Transformer, run
 from ._sae import CrossLayerTranscoder, gather_xy
 from ._sites import parse_site
@@ -72,17 +73,14 @@ def _eval_batch(model: Transformer, d, tokens):
     acts = d.encode(x)
     y_hat = d.decode(acts)
     logp = jax.nn.log_softmax(out.logits[:, :-1])
-    nxt = tokens[:, 1:]
 
     def ce_kl(logits):
         lq = jax.nn.log_softmax(logits[:, :-1])
-        ce = -jnp.take_along_axis(lq, nxt[..., None], -1)[..., 0]
-        kl = jnp.sum(jnp.exp(logp) * (logp - lq), -1)
-        return jnp.sum(ce), jnp.sum(kl)
+        return next_token_nll(logits, tokens)[0], jnp.sum(jnp.exp(logp) * (logp - lq))
 
     ce_s, kl_s = ce_kl(run(model, tokens, hooks=_hooks(model.cfg, d, x, mask, zero=False)).logits)
     ce_z, kl_z = ce_kl(run(model, tokens, hooks=_hooks(model.cfg, d, x, mask, zero=True)).logits)
-    ce_clean = -jnp.sum(jnp.take_along_axis(logp, nxt[..., None], -1))
+    ce_clean = next_token_nll(out.logits, tokens)[0]
     err = (y - y_hat)[:, 1:]
     yv = y[:, 1:]
     return dict(

@@ -37,6 +37,7 @@ import numpy as np
 from jax import Array, lax
 
 from ._interventions import Hook, Intervention
+from ._metrics import next_token_nll
 from ._model import Transformer, run
 from ._sites import layer_kinds, parse_site
 
@@ -248,17 +249,6 @@ def feature_steering(model, tok, sae, positive: Sequence[str], negative: Sequenc
 # ---------------------------------------------------------------- sweeps and perplexity
 
 
-def _nll(logits, tokens, attention_mask) -> tuple[Array, Array]:
-    """Summed next-token NLL and the count of scored targets (both real tokens)."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-    tgt = tokens[:, 1:]
-    nll = -jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]
-    w = jnp.ones(tgt.shape, jnp.float32)
-    if attention_mask is not None:
-        w = (attention_mask[:, 1:] & attention_mask[:, :-1]).astype(jnp.float32)
-    return jnp.sum(nll * w), jnp.sum(w)
-
-
 def _prep(tokens, attention_mask):
     tokens = jnp.atleast_2d(jnp.asarray(tokens, jnp.int32))
     if attention_mask is not None:
@@ -274,7 +264,7 @@ def perplexity(model, tokens, *, hooks=None, attention_mask=None) -> Array:
     tokens, attention_mask = _prep(tokens, attention_mask)
     if tokens.shape[1] < 2:
         raise ValueError("perplexity needs at least 2 tokens per row")
-    s, n = _nll(run(model, tokens, hooks=hooks, attention_mask=attention_mask).logits, tokens, attention_mask)
+    s, n = next_token_nll(run(model, tokens, hooks=hooks, attention_mask=attention_mask).logits, tokens, attention_mask)
     return jnp.exp(s / n)
 
 
@@ -313,7 +303,7 @@ class _UserMetric(eqx.Module):
 
 
 def _ppl_parts(logits, tokens, mask):
-    return _nll(logits, tokens, mask)
+    return next_token_nll(logits, tokens, mask)
 
 
 def steering_sweep(model, tokens, vector, layer: int, coeffs, metric: Callable[[Array], Array], *,
