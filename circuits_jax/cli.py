@@ -499,6 +499,77 @@ def _trace_fact(args) -> int:
     return 0
 
 
+def _scrub(args) -> int:
+    """Causal scrubbing of the induction hypothesis (and a variant with another previous-token head) on the
+    trained induction model: loss recovered with a 95 % interval per hypothesis."""
+    import numpy as np
+
+    from ._known import INDUCTION_CONFIG, induction_model
+    from ._scrubbing import NextTokenLoss, induction_hypothesis, repeated_dataset, scrub
+
+    H = INDUCTION_CONFIG.n_heads
+    given = {}
+    for what, text in (("--prev-heads", args.prev_heads), ("--induction-heads", args.induction_heads),
+                       ("--wrong-prev", "auto" if args.wrong_prev is None else str(args.wrong_prev))):  # fmt: skip
+        if text != "auto":
+            try:
+                hs = [int(h) for h in text.split(",") if h.strip()]
+            except ValueError:
+                hs = []
+            if not hs or any(not 0 <= h < H for h in hs):
+                raise ValueError(f"{what} {text!r}: need comma-separated head indices in [0, {H})")
+            given[what] = hs
+    model, info = induction_model(args.seed, progress=not args.quiet)
+    P = given.get("--prev-heads", info["prev_token_heads"])
+    I = given.get("--induction-heads", info["induction_heads"])
+    hyps = {f"induction (a0.h{P}, a1.h{I})": induction_hypothesis(P, I)}
+    if args.wrong_prev is not None:
+        hyps[f"induction (a0.h[{args.wrong_prev}], a1.h{I})"] = induction_hypothesis([args.wrong_prev], I)
+    tokens = repeated_dataset(args.rows, args.n, model.cfg.d_vocab, args.seed + 1)
+    res = scrub(model, tokens, hyps, NextTokenLoss((-2,)), n=args.trees, seed=args.seed, progress=not args.quiet)
+    print(f"previous-token scores {np.round(info['prev_token_scores'], 3)}, induction scores "
+          f"{np.round(info['induction_scores'], 3)}")  # fmt: skip
+    print(res.table())
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(dict(model_loss=res.model_loss, empty_loss=res.empty_loss, trees=res.n,
+            hypotheses={k: dict(recovered=res.recovered[k], ci95=list(res.ci[k]), loss=res.loss[k]) for k in hyps}),
+            indent=1))  # fmt: skip
+    return 0
+
+
+def _das(args) -> int:
+    """DAS on IOI's "position of the indirect object" variable: IIA per layer, JSON and a plot."""
+    from pathlib import Path
+
+    from ._das import das_search, ioi_position_pairs
+    from .loaders._registry import load
+    from .plot import das_layers
+
+    model, tok = load(args.model)
+    if tok is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)")
+    pairs = ioi_position_pairs(model, tok, args.pairs, args.seed)
+    layers = _layers_arg(args.layers) if args.layers else list(range(0, model.cfg.n_layers, args.layer_step))
+    res = das_search(model, pairs["base"], pairs["source"], pairs["labels"], pairs["candidates"], kind=args.kind,
+                     layers=layers, k=args.k, method=args.method, n_train=args.n_train, steps=args.steps,
+                     batch_size=args.batch, lr=args.lr, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    changed = pairs["changed"][res.n_train :]
+    out = dict(res.to_json(), model_ioi_accuracy=pairs["model_accuracy"],
+               iia_changed=res.correct[:, changed].mean(-1).tolist(),
+               iia_random_changed=res.correct_random[:, changed].mean(-1).tolist(),
+               iia_full_changed=res.correct_full[:, changed].mean(-1).tolist())  # fmt: skip
+    for i, l in enumerate(res.layers):
+        print(f"layer {l:3d}: IIA {res.iia[i]:.3f} (changed {out['iia_changed'][i]:.3f}), random {res.iia_random[i]:.3f}, "
+              f"full vector {res.iia_full[i]:.3f}")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        das_layers(out, Path(args.out).with_suffix(".png"), title=f"DAS {args.method} k={args.k} on IOI ({args.kind})")
+        print(f"wrote {args.out} and its .png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -650,6 +721,35 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--out", required=True, help="output directory (trace.png, trace.json, trace.npz)")
     tf.add_argument("--quiet", action="store_true", help="no progress bar")
     tf.set_defaults(func=_trace_fact)
+
+    sc = sub.add_parser("scrub", help="causal scrubbing of the induction hypothesis on the trained induction model")
+    sc.add_argument("--seed", type=int, default=0, help="training seed of cj.known.induction_model")
+    sc.add_argument("--prev-heads", default="auto", help="layer-0 previous-token heads, e.g. '2' (auto: from attention)")
+    sc.add_argument("--induction-heads", default="auto", help="layer-1 induction heads, e.g. '0,1' (auto: from attention)")
+    sc.add_argument("--wrong-prev", type=int, default=None, help="also scrub with this layer-0 head as the previous-token head")
+    sc.add_argument("--trees", type=int, default=1000, help="sampled input trees")
+    sc.add_argument("--rows", type=int, default=4096, help="dataset rows the inputs are drawn from")
+    sc.add_argument("--n", type=int, default=10, help="length of the repeated segment")
+    sc.add_argument("--out", default=None, help="write the numbers to this .json")
+    sc.add_argument("--quiet", action="store_true", help="no progress bars")
+    sc.set_defaults(func=_scrub)
+
+    da = sub.add_parser("das", help="distributed alignment search of IOI's IO-position variable, IIA per layer")
+    da.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    da.add_argument("--kind", default="hook_resid_pre", help="site kind at the END position, e.g. hook_resid_post")
+    da.add_argument("--layers", default=None, help="'0-3' or '0,6,12' (default: every --layer-step-th layer)")
+    da.add_argument("--layer-step", type=int, default=3)
+    da.add_argument("--method", default="low_rank", choices=["das", "low_rank", "boundless"])
+    da.add_argument("--k", type=int, default=1, help="interchanged rotated dimensions (initial boundary for boundless)")
+    da.add_argument("--pairs", type=int, default=192)
+    da.add_argument("--n-train", type=int, default=128)
+    da.add_argument("--steps", type=int, default=50)
+    da.add_argument("--batch", type=int, default=8)
+    da.add_argument("--lr", type=float, default=1e-2)
+    da.add_argument("--seed", type=int, default=0)
+    da.add_argument("--out", default=None, help="write the numbers to this .json (and a plot beside it)")
+    da.add_argument("--quiet", action="store_true", help="no progress bar")
+    da.set_defaults(func=_das)
 
     pp = sub.add_parser("path-patch", help="path patching: each sender's direct effect through chosen receivers")
     _pair_arguments(pp)

@@ -570,3 +570,25 @@ def concept_pca(projected, labels, explained, path=None, *, class_names=("0", "1
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return _saved(fig, path)
+
+
+def das_layers(result: dict, path=None, *, title: str = "DAS: interchange-intervention accuracy by layer"):
+    """IIA per layer from a DAS result dict (`DASResult.to_json()` plus optional `*_changed` keys):
+    trained DAS, a random rotation with the same k and the full vector (activation patching)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if "iia_changed" in result else 1, figsize=(10 if "iia_changed" in result else 5.5, 3.6),
+                             squeeze=False)  # fmt: skip
+    panels = [("", "all held-out pairs")] + ([("_changed", "pairs whose answer changes")] if "iia_changed" in result else [])
+    for ax, (suffix, name) in zip(axes[0], panels):
+        for key, label, style in (("iia", f"DAS ({result.get('method', '')}, k={result.get('k', '')})", "o-"),
+                                  ("iia_random", "random rotation, same k", "s--"),
+                                  ("iia_full", "full vector (k = D)", "^:")):  # fmt: skip
+            ax.plot(result["layers"], result[key + suffix], style, label=label)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("IIA")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _saved(fig, path)
