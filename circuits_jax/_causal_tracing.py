@@ -19,7 +19,8 @@ city of" -> " Paris"? Causal tracing runs the prompt three ways:
 Every (layer, token) restoration of one kind runs in ONE compiled program: the restoration is a
 single `Hook(site, ALL_LAYERS, PerLayer(Replace(clean_stack [L, 1, T, D], mask [L, 1, T, 1])))`
 whose mask is computed from a traced `(l, t)` pair, and `jax.vmap` maps it over pairs. The
-L * T pairs run in chunks of `chunk` rows (the last chunk padded, so one program serves all):
+L * T pairs run layer-major in chunks of `chunk` rows (the last chunk padded, so one program serves
+all), each chunk starting at its lowest restored layer from the corrupted run's residual stream:
 memory is `chunk * samples * T * max(D, M)` floats per layer, never `L * T * ...`. Only the last
 position is unembedded.
 
@@ -136,15 +137,19 @@ def _restore_mask(kind: str, layer, pos, window: int, L: int, T: int) -> Array:
 
 
 @eqx.filter_jit
-def _sweep_chunk(model, tokens, delta, clean_stack, answer_id, layers, positions, kind: str, window: Array):
-    """p(answer) for each `(layers[i], positions[i])` restoration: one vmapped program (window traced too)."""
+def _sweep_chunk(model, tokens, corrupt_resid, clean_stack, answer_id, layers, positions, kind: str, window: Array):
+    """p(answer) for each `(layers[i], positions[i])` restoration: one vmapped program (window traced too).
+
+    Layers below the chunk's lowest restored layer are the same corrupted run for every row, so
+    each run starts there, entering with the corrupted residual stream (`corrupt_resid [L, S, T, D]`,
+    `hook_resid_pre` of every layer): rows are layer-major, so this skips about half the work."""
     L, T = model.cfg.n_layers, tokens.shape[1]
-    embed = Hook("hook_embed", None, Add(delta))
+    start = jnp.min(layers) if kind == "resid" else jnp.maximum(0, jnp.min(layers) - window // 2)
 
     def one(layer, pos):
         mask = _restore_mask(kind, layer, pos, window, L, T)
         restore = Hook(KINDS[kind], ALL_LAYERS, PerLayer(Replace(clean_stack, mask)))
-        out = run(model, tokens, hooks=[embed, restore], return_logits=False)
+        out = run(model, tokens, hooks=[restore], start_layer=start, resid=corrupt_resid[start], return_logits=False)
         return _answer_prob(model, out.resid, answer_id)
 
     return jax.vmap(one)(layers, positions)
@@ -203,8 +208,10 @@ def causal_trace(
 
     batch = jnp.broadcast_to(jnp.asarray(tokens, jnp.int32)[None], (samples, T))
     delta = _noise_delta(jax.random.key(seed), samples, T, D, (start, stop), noise)
-    corrupt_out = run(model, batch, hooks=[Hook("hook_embed", None, Add(delta))], return_logits=False)
+    corrupt_out = run(model, batch, hooks=[Hook("hook_embed", None, Add(delta))], cache=[f"blocks.{l}.hook_resid_pre" for l in range(L)],
+                      return_logits=False)  # fmt: skip
     corrupt_prob = float(_answer_prob(model, corrupt_out.resid, answer))
+    corrupt_resid = jnp.stack([corrupt_out.cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)])  # [L, samples, T, D]
 
     pairs = np.stack(np.meshgrid(np.arange(L), np.arange(T), indexing="ij"), -1).reshape(-1, 2).astype(np.int32)
     n = len(pairs)
@@ -222,7 +229,7 @@ def causal_trace(
     out, first = [], 0.0
     for c in steps:
         rows = padded[c * chunk : (c + 1) * chunk]
-        p = _sweep_chunk(model, batch, delta, clean_stack, answer, jnp.asarray(rows[:, 0]), jnp.asarray(rows[:, 1]), kind, jnp.int32(window))
+        p = _sweep_chunk(model, batch, corrupt_resid, clean_stack, answer, jnp.asarray(rows[:, 0]), jnp.asarray(rows[:, 1]), kind, jnp.int32(window))
         out.append(np.asarray(p))
         first = first or time.perf_counter() - t0
     seconds = time.perf_counter() - t0
