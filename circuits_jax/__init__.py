@@ -124,6 +124,20 @@ from ._scrubbing import (
     token_at_match,
     token_before_match,
 )
+from ._das import (
+    DASParams,
+    DASResult,
+    Interchange,
+    basis_and_weights,
+    boundless_mask,
+    das_init,
+    das_search,
+    interchange,
+    intervened_logits,
+    ioi_position_pairs,
+    orthonormal_rows,
+    random_basis,
+)
 from ._concepts import (
     LayerProbes,
     NeuronAttribution,
@@ -183,7 +197,9 @@ __all__ = [
     "tcav_scores", "train_probe",
     "Hypothesis", "NextTokenLoss", "Node", "ScrubResult", "bootstrap_ci", "build_tree", "current_token",
     "identity_hypothesis", "induction_hypothesis", "repeated_dataset", "sample_trees", "scrub", "scrub_losses",
-    "token_at_match", "token_before_match", "dashboard_data", "feature_activations", "write_dashboards",
+    "token_at_match", "token_before_match",
+    "DASParams", "DASResult", "Interchange", "basis_and_weights", "boundless_mask", "das_init", "das_search",
+    "interchange", "intervened_logits", "ioi_position_pairs", "orthonormal_rows", "random_basis", "dashboard_data", "feature_activations", "write_dashboards",
     "ioi_task", "load_task", "single_token_ids", "task", "task_from_prompts", "load_circuit", "save_circuit", "known",
     "node_chain_losses", "FAITHFULNESS_KS", "Circuit", "acdc", "ablated_outputs", "circuit_from_scores", "node_ranking", "prune_dangling", "roc_auc", "roc_sweep", "circuit_metrics", "faithfulness", "top_edges",
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",

@@ -280,8 +280,8 @@ def _circuit_f(model, task, circuit, curve, ablation) -> float:
     return (m - curve["empty"]) / (curve["full"] - curve["empty"])
 
 
-def _layers_arg(text: str) -> list[int]:
-    """'0-3' or '0,1,2,3' -> [0, 1, 2, 3]."""
+def _layers_arg(text: str, flag: str = "--clt-layers") -> list[int]:
+    """'0-3' or '0,1,2,3' -> [0, 1, 2, 3]; errors name `flag`."""
     try:
         if "-" in text:
             a, b = text.split("-")
@@ -289,9 +289,9 @@ def _layers_arg(text: str) -> list[int]:
         else:
             layers = [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--clt-layers takes a range '0-3' or a list '0,1,2,3', got {text!r}") from None
+        raise ValueError(f"{flag} takes a range '0-3' or a list '0,1,2,3', got {text!r}") from None
     if not layers:
-        raise ValueError(f"--clt-layers {text!r} names no layer (a range is low-high, e.g. 0-3)")
+        raise ValueError(f"{flag} {text!r} names no layer (a range is low-high, e.g. 0-3)")
     return layers
 
 
@@ -551,7 +551,7 @@ def _das(args) -> int:
     if tok is None:
         raise ValueError(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)")
     pairs = ioi_position_pairs(model, tok, args.pairs, args.seed)
-    layers = _layers_arg(args.layers) if args.layers else list(range(0, model.cfg.n_layers, args.layer_step))
+    layers = _layers_arg(args.layers, "--layers") if args.layers else list(range(0, model.cfg.n_layers, args.layer_step))
     res = das_search(model, pairs["base"], pairs["source"], pairs["labels"], pairs["candidates"], kind=args.kind,
                      layers=layers, k=args.k, method=args.method, n_train=args.n_train, steps=args.steps,
                      batch_size=args.batch, lr=args.lr, seed=args.seed, progress=not args.quiet)  # fmt: skip
