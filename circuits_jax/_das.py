@@ -40,7 +40,7 @@ Shapes: tokens int `[N, T]`; `pos`, `source_pos`, `readout_pos`, `labels` int `[
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import equinox as eqx
 import jax
@@ -266,6 +266,17 @@ def _fit_layer(model, layer, src, base_resid, data, init, key, *, kind, k, metho
                 correct_full=acc(te, all_te, eye, jnp.ones((D,), jnp.float32)), losses=losses, basis=basis, weights=w)
 
 
+# Module-level compiled programs, so that every `das_search` call (other positions, other pair sets of
+# the same shapes, the CLI run twice in a process) reuses them instead of compiling a fresh closure.
+_fit_one = eqx.filter_jit(_fit_layer)
+
+
+@eqx.filter_jit
+def _fit_stack(model, layers, src, base_resid, data, inits, keys, **hp):
+    """`_fit_layer` vmapped over a chunk of layers (their sources, base streams, inits and keys)."""
+    return jax.vmap(lambda l, s, b, i, kk: _fit_layer(model, l, s, b, data, i, kk, **hp))(layers, src, base_resid, inits, keys)
+
+
 def das_search(model: Transformer, base_tokens, source_tokens, labels, candidates, *, kind: str = "hook_resid_pre",
                layers=None, pos=None, source_pos=None, readout_pos=None, attention_mask=None,
                source_attention_mask=None, k: int = 1, method: str = "das", n_train: int | None = None,
@@ -333,11 +344,9 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
 
     keys = jax.random.split(jax.random.key(seed), 2 * len(layers)).reshape(len(layers), 2)
     inits = [das_init(keys[i, 0], cfg.d_model, k, method) for i in range(len(layers))]
-    fit = lambda model, layer, src, base_resid, data, init, key: _fit_layer(  # noqa: E731
-        model, layer, src, base_resid, data, init, key, kind=kind, k=k, method=method, steps=steps, lr=lr,
-        boundary_lr=boundary_lr, temps=temps, boundary_penalty=boundary_penalty)
+    hp = dict(kind=kind, k=k, method=method, steps=steps, lr=lr, boundary_lr=boundary_lr, temps=temps,
+              boundary_penalty=boundary_penalty)  # the floats and strings are static: equal values reuse the program
     chunk = max(1, min(int(chunk), len(layers)))
-    fn = eqx.filter_jit(fit if chunk == 1 else jax.vmap(fit, in_axes=(None, 0, 0, 0, None, 0, 0)))
     outs = []
     starts = range(0, len(layers), chunk)
     if progress:
@@ -353,9 +362,9 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
                 keys[jnp.asarray(idx), 1])  # fmt: skip
         if chunk == 1:
             args = (args[0][0], args[1][0], args[2][0], data, inits[idx[0]], args[5][0])
-            out = jax.tree.map(lambda a: np.asarray(a)[None], fn(model, *args))
+            out = jax.tree.map(lambda a: np.asarray(a)[None], _fit_one(model, *args, **hp))
         else:
-            out = jax.tree.map(np.asarray, fn(model, *args))
+            out = jax.tree.map(np.asarray, _fit_stack(model, *args, **hp))
         n_real = min(s + chunk, len(layers)) - s
         outs.append(jax.tree.map(lambda a: a[:n_real], out))
     cat = {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}
@@ -366,6 +375,46 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
                      correct_random=cat["correct_random"], correct_full=cat["correct_full"], base_accuracy=base_acc,
                      losses=cat["losses"], basis=cat["basis"], weights=cat["weights"], n_train=n_train,
                      n_test=N - n_train)  # fmt: skip
+
+
+@dataclasses.dataclass
+class PositionSearch:
+    """DAS over named positions x layers: `iia [P, L]` (held-out) and each position's `DASResult`."""
+
+    names: list[str]
+    layers: list[int]
+    iia: np.ndarray  # [P, L]
+    iia_random: np.ndarray  # [P, L]
+    iia_full: np.ndarray  # [P, L]
+    results: dict[str, DASResult]
+
+    def best(self) -> tuple[str, int, float]:
+        """`(position name, layer, IIA)` of the highest held-out IIA."""
+        p, l = np.unravel_index(int(np.argmax(self.iia)), self.iia.shape)
+        return self.names[p], self.layers[l], float(self.iia[p, l])
+
+
+def das_position_search(model: Transformer, base_tokens, source_tokens, labels, candidates,
+                        positions: Mapping[str, Any], **kwargs) -> PositionSearch:  # fmt: skip
+    """`das_search` at each named position: `positions[name]` is the base position `[N]` (an int for
+    every row, or per row), or a `(pos, source_pos)` pair. Positions enter the compiled program as
+    arrays, so every (position, layer) reuses the one program of `das_search` (same pair shapes)."""
+    if not positions:
+        raise ValueError("positions: give at least one {name: pos} entry")
+    N = np.asarray(base_tokens).shape[0]
+    results = {}
+    for name, p in positions.items():
+        pos, src_pos = p if isinstance(p, tuple) else (p, None)
+        pos = np.broadcast_to(np.asarray(pos, np.int32), (N,))
+        src_pos = pos if src_pos is None else np.broadcast_to(np.asarray(src_pos, np.int32), (N,))
+        T = np.asarray(base_tokens).shape[1]
+        if pos.min() < 0 or pos.max() >= T:
+            raise ValueError(f"position {name!r}: indices must be in [0, {T - 1}], got {pos.min()}..{pos.max()}")
+        results[name] = das_search(model, base_tokens, source_tokens, labels, candidates, pos=pos, source_pos=src_pos, **kwargs)
+    names = list(results)
+    r0 = results[names[0]]
+    grid = lambda f: np.stack([getattr(results[n], f) for n in names])  # noqa: E731
+    return PositionSearch(names, r0.layers, grid("iia"), grid("iia_random"), grid("iia_full"), results)
 
 
 # ---------------------------------------------------------------------------------------------

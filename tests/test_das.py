@@ -128,3 +128,19 @@ def test_bad_input():
                               layer=0)  # fmt: skip
     with pytest.raises(ValueError, match="one source per base"):
         das.das_search(model, base, source[:5], labels, cand, progress=False)
+
+
+def test_position_search_finds_the_planted_position():
+    """The bit lives at the value token (position 1); the filler (position 0) carries nothing the answer
+    reads (W_O = 0), so a search over both positions must find position 1 and nothing at position 0."""
+    model, _, bits = _planted()
+    base, source, labels, cand = _pairs(bits, 192, seed=6)
+    res = das.das_position_search(model, base, source, labels, cand, {"filler": 0, "value": 1}, layers=[0, 1], k=1,
+                                  method="low_rank", n_train=128, steps=120, batch_size=48, lr=3e-2, progress=False)  # fmt: skip
+    assert res.iia.shape == (2, 2) and res.names == ["filler", "value"]
+    assert np.all(res.iia[1] >= 0.99), res.iia
+    assert np.all(res.iia[0] <= 0.05), res.iia  # every pair's answer changes, so chance is 0 here
+    assert res.best()[0] == "value"
+    np.testing.assert_array_equal(res.results["value"].iia, res.iia[1])
+    with pytest.raises(ValueError, match=r"position 'bad'.*\[0, 1\]"):
+        das.das_position_search(model, base, source, labels, cand, {"bad": 5}, layers=[0], progress=False)
