@@ -533,6 +533,7 @@ def _scrub(args) -> int:
     if args.out:
         from pathlib import Path
 
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(model_loss=res.model_loss, empty_loss=res.empty_loss, trees=res.n,
             hypotheses={k: dict(recovered=res.recovered[k], ci95=list(res.ci[k]), loss=res.loss[k]) for k in hyps}),
             indent=1))  # fmt: skip
@@ -564,6 +565,7 @@ def _das(args) -> int:
         print(f"layer {l:3d}: IIA {res.iia[i]:.3f} (changed {out['iia_changed'][i]:.3f}), random {res.iia_random[i]:.3f}, "
               f"full vector {res.iia_full[i]:.3f}")  # fmt: skip
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
         das_layers(out, Path(args.out).with_suffix(".png"), title=f"DAS {args.method} k={args.k} on IOI ({args.kind})")
         print(f"wrote {args.out} and its .png")
