@@ -68,7 +68,7 @@ def _reduce(full, axes: dict[str, int], by: Sequence[str]):
 
 def attribution_patch_all(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], sites: Sequence[str] | None = None,
-    *, noising: bool = False, attention_mask=None, answer_pos=None,
+    *, noising: bool = False, attention_mask=None, answer_pos=None, mesh=None,
 ) -> tuple[dict[str, np.ndarray], _Pairs]:  # fmt: skip
     """Per-element AtP estimates `[L, B, *activation]` of the metric change for each site, one backward.
 
@@ -78,7 +78,8 @@ def attribution_patch_all(
     sites = [s for s in SITES if not (cfg.attn_only and SITES[s][0].startswith("mlp."))] if sites is None else list(sites)
     for s in sites:
         _check_site_axes(s, ("layer",), cfg)
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     kinds = {s: SITES[s][0] for s in sites}
     source_metric, target_metric, per_kind = _atp(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens),
                                                   pairs.mask, pairs.positions, metric, tuple(sorted(set(kinds.values()))))  # fmt: skip
@@ -90,13 +91,13 @@ def attribution_patch_all(
 
 def attribution_patch(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], site: str = "resid_pre",
-    by: Sequence[str] = ("layer", "pos"), *, noising: bool = False, attention_mask=None, answer_pos=None,
+    by: Sequence[str] = ("layer", "pos"), *, noising: bool = False, attention_mask=None, answer_pos=None, mesh=None,
 ) -> PatchResult:  # fmt: skip
     """AtP estimate of `patch_sweep(...)` with the same arguments, shape and normalisation."""
     t0 = time.perf_counter()
     kind, axes = _check_site_axes(site, by, model.cfg)
     est, pairs = attribution_patch_all(model, clean_tokens, corrupt_tokens, metric, [site], noising=noising,
-                                       attention_mask=attention_mask, answer_pos=answer_pos)  # fmt: skip
+                                       attention_mask=attention_mask, answer_pos=answer_pos, mesh=mesh)  # fmt: skip
     change = np.asarray(_reduce(est[site], axes, by))
     base = pairs.clean_metric if noising else pairs.corrupt_metric
     return pairs.result((base + change).astype(np.float32), by, t0, 0)
@@ -136,7 +137,7 @@ def _ig(model, source_tokens, target_tokens, mask, positions, metric, kind: str,
 def integrated_gradients(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], site: str = "resid_pre",
     by: Sequence[str] = ("layer", "pos"), *, steps: int = 16, noising: bool = False, attention_mask=None,
-    answer_pos=None,
+    answer_pos=None, mesh=None,
 ) -> PatchResult:  # fmt: skip
     """Integrated-gradients estimate of `patch_sweep(...)` (EAP-IG's node score, inputs variant).
 
@@ -150,7 +151,8 @@ def integrated_gradients(
     kind, axes = _check_site_axes(site, by, cfg)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     source, target, grad = _ig(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask,
                                pairs.positions, metric, kind, int(steps))  # fmt: skip
     change = _reduce(np.asarray((source - target) * grad), axes, by)
@@ -325,7 +327,7 @@ def _atp_star(model, source_tokens, target_tokens, mask, positions, metric, kind
 def atp_star(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], site: str = "z",
     by: Sequence[str] = ("layer", "pos", "head"), *, graddrop: bool = False, noising: bool = False,
-    attention_mask=None, answer_pos=None,
+    attention_mask=None, answer_pos=None, mesh=None,
 ) -> PatchResult:  # fmt: skip
     """AtP* (Kramár et al. 2024) estimate of `patch_sweep(...)` with the same arguments and shape.
 
@@ -358,7 +360,8 @@ def atp_star(
     by = tuple(by)
     if graddrop and cfg.n_layers < 2:
         raise ValueError(f"GradDrop averages over the other layers; the model has {cfg.n_layers} layer")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     each_key = kind == _K and "pos" in by  # keys one position at a time: the closed form per key
     source_metric, target_metric, change = _atp_star(
         model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions,

@@ -32,13 +32,22 @@ def save(path: str | Path, tree: Any) -> Path:
     return path
 
 
+def _abstract(a) -> jax.ShapeDtypeStruct:
+    sharding = getattr(a, "sharding", None)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+
 def restore(path: str | Path, like: Any) -> Any:
-    """Read arrays saved by `save` into the structure of `like` (real or `jax.eval_shape` arrays)."""
+    """Read arrays saved by `save` into the structure of `like` (real or `jax.eval_shape` arrays).
+
+    Each array lands with the sharding of its `like` leaf when it has one, so a checkpoint written
+    from one device mesh restores onto another (a 4x2 mesh's state onto 8x1, or onto one device).
+    """
     path = Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     params, static = eqx.partition(like, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    abstract = jax.tree.map(_abstract, params)
     with ocp.StandardCheckpointer() as ckpt:
         loaded = ckpt.restore(path, abstract)
     return eqx.combine(loaded, static)
@@ -53,7 +62,9 @@ def save_model(path: str | Path, model) -> Path:
     return path
 
 
-def load_model(path: str | Path):
+def load_model(path: str | Path, *, mesh=None):
+    """A model saved by `save_model`; with `mesh`, each weight is read straight into its shards
+    (`_sharding.shard_model`'s layout), so no device ever holds the whole model."""
     from ._model import init_model
 
     path = Path(path).absolute()
@@ -61,6 +72,10 @@ def load_model(path: str | Path):
         raise FileNotFoundError(f"{path} is not a circuits_jax model checkpoint (no config.json)")
     cfg = Config(**json.loads((path / "config.json").read_text()))
     like = jax.eval_shape(lambda: init_model(cfg, key=jax.random.key(0)))
+    if mesh is not None:
+        from ._sharding import model_shardings
+
+        like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, model_shardings(like, mesh))
     return restore(path / "params", like)
 
 

@@ -351,7 +351,7 @@ EDGE_METHODS = ("eap", "eap-ig", "eap-ig-activations")
 
 def edge_attribution(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], method: str = "eap", *,
-    steps: int = 8, noising: bool = False, attention_mask=None, answer_pos=None,
+    steps: int = 8, noising: bool = False, attention_mask=None, answer_pos=None, mesh=None,
 ) -> EdgeScores:  # fmt: skip
     """Estimated metric change from patching each edge alone, `[sources, destinations]`, one compiled program.
 
@@ -375,7 +375,8 @@ def edge_attribution(
                        + (f" (did you mean {close[0]!r}?)" if close else ""))  # fmt: skip
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     args = (model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, metric)
     if method == "eap":
         s, t, scores = _eap(*args)
@@ -432,7 +433,7 @@ def _edge_chunk(model, tokens, mask, positions, resid, diff, metric, weights, st
 def patch_edges(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], edge_sets, *,
     noising: bool = False, attention_mask=None, answer_pos=None, chunk_size: int | None = None,
-    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: _Pairs | None = None,
+    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: _Pairs | None = None, mesh=None,
 ) -> np.ndarray:  # fmt: skip
     """Raw metric of the target run with each edge set patched, `[n]` (exact, batched and chunked).
 
@@ -451,7 +452,8 @@ def patch_edges(
         raise ValueError(f"edge sets have shape {w.shape[1:]}; the graph's [sources, destinations] is {graph.mask.shape}")
     w = w * graph.mask
     if pairs is None:
-        pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+        pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     active_s = np.flatnonzero(w.any(axis=(0, 2)))
     active_d = np.flatnonzero(w.any(axis=(0, 1)))
     return _patch_weights(model, pairs, active_s, active_d, w[:, active_s][:, :, active_d], chunk_size, memory_budget,
@@ -472,11 +474,11 @@ def _patch_weights(model, pairs, active_s, active_d, sub, chunk_size, memory_bud
         groups.setdefault((kind, layer), []).append((a, head))
     static_groups = tuple((k, l, tuple(v)) for (k, l), v in sorted(groups.items(), key=lambda kv: kv[0][1]))
     start = min(l for _, l, _ in static_groups)
-    chunk = max(1, min(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget), len(sub)))
+    chunk = pairs.chunk(max(1, min(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget), len(sub))))
 
     def score(part):
         return _edge_chunk(model, jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, pairs.resid[start],
-                           diff, pairs.metric, jnp.asarray(part), start, static_groups)  # fmt: skip
+                           diff, pairs.metric, pairs.rows(part), start, static_groups)  # fmt: skip
 
     return in_chunks(sub, chunk, score, "patching edges", progress)
 
@@ -514,7 +516,7 @@ def _single_edge_chunk(model, tokens, mask, positions, resid, diff, metric, star
 def patch_single_edges(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], edges, *,
     noising: bool = False, attention_mask=None, answer_pos=None, chunk_size: int | None = None,
-    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: _Pairs | None = None,
+    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: _Pairs | None = None, mesh=None,
 ) -> np.ndarray:  # fmt: skip
     """Raw metric with each edge patched alone; `edges` are names (`"a0.h1->a2.h3<q>"`) or
     `(source, destination)` index pairs. One compiled program for any edges (chunked `vmap`)."""
@@ -526,7 +528,8 @@ def patch_single_edges(
         bad = pairs_idx[~graph.mask[pairs_idx[:, 0], pairs_idx[:, 1]]][0]
         graph.edge_index(f"{graph.sources[bad[0]]}->{graph.destinations[bad[1]]}")  # raises, naming the nearest
     if pairs is None:
-        pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+        pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     if not len(pairs_idx):
         return np.zeros(0, np.float32)
     rows = np.zeros((len(pairs_idx), 4), np.int32)
@@ -537,22 +540,23 @@ def patch_single_edges(
         rows[r, 2], rows[r, 3] = layer, -1 if head is None else head
     diff = _output_diff(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask)
     order = np.argsort(rows[:, 2], kind="stable")  # layer-major: each chunk starts as late as it can
-    chunk = max(1, min(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget), len(rows)))
+    chunk = pairs.chunk(max(1, min(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget), len(rows))))
 
     def score(part):
         return _single_edge_chunk(model, jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, pairs.resid,
-                                  diff, pairs.metric, jnp.int32(part[:, 2].min()), jnp.asarray(part))  # fmt: skip
+                                  diff, pairs.metric, jnp.int32(part[:, 2].min()), pairs.rows(part))  # fmt: skip
 
     return in_chunks(rows, chunk, score, "patching edges", progress, order=order)
 
 
 def edge_patch_all(model: Transformer, clean_tokens, corrupt_tokens, metric, *, noising: bool = False,
-                   attention_mask=None, answer_pos=None, chunk_size=None, progress: bool = True) -> EdgeScores:  # fmt: skip
+                   attention_mask=None, answer_pos=None, chunk_size=None, progress: bool = True, mesh=None) -> EdgeScores:  # fmt: skip
     """Exact change of the metric from patching every edge alone (one forward per edge, in one compiled
     program): the ground truth for EAP. Affordable on small models; SmolLM2 has about 73k edges."""
     t0 = time.perf_counter()
     graph = Graph.of(model.cfg)
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     s, d = np.nonzero(graph.mask)
     raw = patch_single_edges(model, None, None, metric, np.stack([s, d], 1), chunk_size=chunk_size, progress=progress,
                              pairs=pairs)  # fmt: skip
@@ -578,7 +582,7 @@ class PathPatchResult:
 def path_patch(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array],
     receivers: str | Sequence[str], senders: str | Sequence[str] = "heads", *, noising: bool = False,
-    attention_mask=None, answer_pos=None, chunk_size: int | None = None, progress: bool = True,
+    attention_mask=None, answer_pos=None, chunk_size: int | None = None, progress: bool = True, mesh=None,
 ) -> PathPatchResult:  # fmt: skip
     """Path patching (Wang et al. 2022): each sender's effect through its direct paths to the receivers only.
 
@@ -606,7 +610,8 @@ def path_patch(
     else:
         send = graph.select(senders, of="sources")
         shape, axes = (len(send),), ("sender",)
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     raws = []
     for dests in groups:  # row i: sender i to every receiver it reaches (no dense [n, S, D] sets)
         sub = (np.eye(len(send), dtype=np.float32)[:, :, None] * graph.mask[send][:, dests][None]).astype(np.float32)

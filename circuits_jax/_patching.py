@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from . import _sharding
 from ._config import Config
 from ._interventions import Hook, Replace
 from ._metrics import normalise
@@ -162,7 +163,7 @@ def _metric_of(model, tokens, mask, positions, metric):
 class _Pairs:
     """A clean/corrupt batch prepared once: tokens, scored positions, metrics and the target residuals."""
 
-    def __init__(self, model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos):
+    def __init__(self, model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh=None):
         clean, corrupt = (np.atleast_2d(np.asarray(t, np.int32)) for t in (clean_tokens, corrupt_tokens))
         if clean.shape != corrupt.shape:
             raise ValueError(
@@ -174,7 +175,21 @@ class _Pairs:
         self.mask = None if attention_mask is None else jnp.asarray(np.atleast_2d(attention_mask), bool)
         self.positions = _answer_positions(self.B, self.T, self.mask, answer_pos)
         self.clean, self.corrupt = clean, corrupt
-        self.source_tokens, self.target_tokens = (corrupt, clean) if noising else (clean, corrupt)
+        self.mesh = mesh
+        if mesh is not None:  # the same programs, on placed inputs: GSPMD splits them (see _sharding)
+            self.model, self.metric = _sharding.shard_model(model, mesh), _sharding.replicate(metric, mesh)
+            self.clean, self.corrupt = (_sharding.shard_batch(t, mesh, what="a batch of prompts") for t in (clean, corrupt))
+            self.mask = _sharding.shard_batch(self.mask, mesh, what="a batch of prompts")
+            self.positions = _sharding.shard_batch(self.positions, mesh, what="a batch of prompts")
+        self.source_tokens, self.target_tokens = (self.corrupt, self.clean) if noising else (self.clean, self.corrupt)
+
+    def chunk(self, chunk: int) -> int:
+        """A chunk size every device of the mesh's `sweep` axis gets an equal share of."""
+        return _sharding.round_to(chunk, self.mesh)
+
+    def rows(self, part):
+        """A chunk of sweep rows, split over the mesh's `sweep` axis (as given without a mesh)."""
+        return part if self.mesh is None else _sharding.shard_rows(part, self.mesh)
 
     # Computed on first use (an estimator that gets them from its own passes assigns them instead).
     @functools.cached_property
@@ -207,11 +222,11 @@ class _Pairs:
         if skip_unchanged and len(rows):
             changed = _rows_changed(source, self.site_stack(kind, source=False), jnp.asarray(rows), axis_of, act_shape)
             todo = np.flatnonzero(np.asarray(changed))
-        chunk = max(1, min(chunk, max(len(todo), 1)))
+        chunk = self.chunk(max(1, min(chunk, max(len(todo), 1))))
 
         def score(part):
             return _score_chunk(self.model, self.target_tokens, self.mask, self.positions, self.resid, source,
-                                self.metric, jnp.int32(part[:, 0].min()), part, kind, axis_of, act_shape)  # fmt: skip
+                                self.metric, jnp.int32(part[:, 0].min()), self.rows(part), kind, axis_of, act_shape)  # fmt: skip
 
         raw[todo] = in_chunks(rows, chunk, score, desc, progress, order=todo)[todo]
         return raw, chunk
@@ -240,6 +255,7 @@ def patch_sweep(
     progress: bool = True,
     skip_unchanged: bool = True,
     layers: Sequence[int] | None = None,
+    mesh=None,
 ) -> PatchResult:
     """Patch every index of `site` along `by` and score each with `metric` (normalised: clean 1, corrupt 0).
 
@@ -253,6 +269,9 @@ def patch_sweep(
     skip_unchanged: patches whose source value equals the target's (e.g. every position before the
         first token where clean and corrupt differ, in a causal model) leave the target run exactly
         as it is; they get the target metric without being run.
+    mesh: a `make_mesh` mesh: patches split over its `sweep` axis (a chunk is rounded up to a
+        multiple of it), prompts over `data`, weights over `model`; the result equals the
+        single-device one. Every sweep and attribution function takes it.
     """
     t0 = time.perf_counter()
     cfg = model.cfg
@@ -261,7 +280,7 @@ def patch_sweep(
     chosen = np.arange(L) if layers is None else np.asarray(list(layers), np.int32)
     if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= L:
         raise ValueError(f"layers {list(chosen)} out of range: the model has layers 0..{L - 1}")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     act_shape = site_shape(Site(kind, 0), cfg, pairs.B, pairs.T)[1:]
     free = by[1:]
     sizes = [act_shape[axes[a]] for a in free]
@@ -287,6 +306,7 @@ def patch_set(
     memory_budget: int = 4 * 2**30,
     progress: bool = True,
     skip_unchanged: bool = True,
+    mesh=None,
 ) -> PatchResult:
     """Score an arbitrary list of single patches `(site, layer, {axis: index})`; result `[n_patches]`.
 
@@ -296,8 +316,8 @@ def patch_set(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
-    chunk = chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    chunk = pairs.chunk(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget))
     raw = np.zeros(len(patches), np.float32)
     groups: dict[str, list[int]] = {}
     for i, (site, layer, index) in enumerate(patches):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checkpoint
+from . import _checkpoint, _sharding
 from ._sae import LossConfig, Stats, gather_xy
 
 
@@ -141,7 +141,9 @@ def _ckpts(root: Path) -> list[int]:
 def _save(root: Path, state: TrainState, history: list[dict], keep: int = 2) -> None:
     step = int(state.step)
     d = root / f"step_{step:08d}"
-    _checkpoint.save(d / "state", state)
+    _checkpoint.save(d / "state", state)  # every process writes its own shards
+    if jax.process_index() != 0:
+        return
     (d / "history.json").write_text(json.dumps(history))
     (d / "done").write_text("")
     for old in _ckpts(root)[:-keep]:
@@ -174,14 +176,25 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     on_log: Callable[[dict], None] | None = None,
+    mesh=None,
 ) -> TrainResult:
     """Train `dictionary` on batches of `store` for `cfg.steps` steps.
 
     checkpoint_dir: save the train state every `cfg.checkpoint_every` steps and at the end;
         if it holds a checkpoint, resume from the latest one.
     stop_after: end after this many steps in total (to simulate an interruption).
+    mesh: a `make_mesh` mesh: tokens split over its `data` axis (the batch size must divide it),
+        the dictionary's width (and its Adam state) over `model`. Checkpoints restore onto the
+        mesh given, whatever mesh wrote them. Across processes (`init_distributed`), every process
+        reads the same seeded batch and keeps its own rows (`process_rows`); `global_batch`
+        assembles them.
     """
+    if mesh is not None:
+        _sharding.check_divides(cfg.batch_size, mesh, "data", "batch_size")
+        dictionary = _sharding.shard_dictionary(dictionary, mesh)
     state = init_state(dictionary, cfg)
+    if mesh is not None:
+        state = _sharding.shard_like(state, state.dictionary, mesh)
     history: list[dict] = []
     root = None if checkpoint_dir is None else Path(checkpoint_dir)
     resumed = 0
@@ -197,6 +210,10 @@ def train(
     batches = store.batches(cfg.batch_size, seed=cfg.seed, start=start, buffer_chunks=cfg.buffer_chunks)
     sched = schedule(cfg)
     inputs = _selector(dictionary, store)
+    if mesh is not None:
+        rows = _sharding.process_rows(cfg.batch_size)
+        select = inputs
+        inputs = lambda batch: tuple(_sharding.global_batch(np.asarray(a)[rows], mesh) for a in select(batch))  # noqa: E731
 
     from tqdm.auto import tqdm
 
