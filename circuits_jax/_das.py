@@ -48,7 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import Array
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from . import _sharding
 from ._interventions import Hook, Intervention
 from ._model import Transformer, run, unembed
 from ._sites import layer_kinds, parse_site
@@ -216,9 +219,17 @@ class DASResult:
 
 
 def _fit_layer(model, layer, src, base_resid, data, init, key, *, kind, k, method, steps, lr, boundary_lr,
-               temps, boundary_penalty):  # fmt: skip
-    """Train one layer's interchange and evaluate it (pure; `layer` may be traced). Returns a dict."""
+               temps, boundary_penalty, mesh=None):  # fmt: skip
+    """Train one layer's interchange and evaluate it (pure; `layer` may be traced). Returns a dict.
+
+    mesh: each minibatch is split over its `data` axis (a sharding constraint; gradients are
+    all-reduced by XLA)."""
     tr, te = data["train"], data["test"]
+    if mesh is None:
+        split = lambda x: x  # noqa: E731
+    else:
+        split = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
+            x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1)))))
     D = model.cfg.d_model
     labels = lambda p: "bnd" if p == "log_boundary" else "rot"  # noqa: E731
     opt = optax.multi_transform({"rot": optax.adam(lr), "bnd": optax.adam(boundary_lr)},
@@ -226,10 +237,11 @@ def _fit_layer(model, layer, src, base_resid, data, init, key, *, kind, k, metho
 
     def logits_of(p, part, idx, temp):
         basis, w = basis_and_weights(p, k, method, temp)
-        return intervened_logits(model, part["tokens"][idx], src[part["which"]][idx], part["pos"][idx], basis, w,
-                                 part["candidates"][idx], kind=kind, layer=layer, readout_pos=part["readout"][idx],
-                                 attention_mask=None if part["mask"] is None else part["mask"][idx],
-                                 base_resid=base_resid[part["which"]][idx])  # fmt: skip
+        return intervened_logits(model, split(part["tokens"][idx]), split(src[part["which"]][idx]),
+                                 split(part["pos"][idx]), basis, w, split(part["candidates"][idx]), kind=kind,
+                                 layer=layer, readout_pos=split(part["readout"][idx]),
+                                 attention_mask=None if part["mask"] is None else split(part["mask"][idx]),
+                                 base_resid=split(base_resid[part["which"]][idx]))  # fmt: skip
 
     def loss_fn(p, idx, temp):
         logits = logits_of(p, tr, idx, temp)
@@ -274,7 +286,10 @@ _fit_one = eqx.filter_jit(_fit_layer)
 @eqx.filter_jit
 def _fit_stack(model, layers, src, base_resid, data, inits, keys, **hp):
     """`_fit_layer` vmapped over a chunk of layers (their sources, base streams, inits and keys)."""
-    return jax.vmap(lambda l, s, b, i, kk: _fit_layer(model, l, s, b, data, i, kk, **hp))(layers, src, base_resid, inits, keys)
+    mesh = hp.get("mesh")
+    axis = None if mesh is None else "sweep"  # the layer axis of the stack is split over `sweep`
+    fit = lambda l, s, b, i, kk: _fit_layer(model, l, s, b, data, i, kk, **hp)  # noqa: E731
+    return jax.vmap(fit, spmd_axis_name=axis)(layers, src, base_resid, inits, keys)
 
 
 def das_search(model: Transformer, base_tokens, source_tokens, labels, candidates, *, kind: str = "hook_resid_pre",
@@ -282,7 +297,7 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
                source_attention_mask=None, k: int = 1, method: str = "das", n_train: int | None = None,
                steps: int = 100, batch_size: int = 32, lr: float = 1e-2, boundary_lr: float = 5e-2,
                temperature: tuple[float, float] = (50.0, 0.1), boundary_penalty: float = 1.0, chunk: int = 1,
-               seed: int = 0, progress: bool = True) -> DASResult:  # fmt: skip
+               seed: int = 0, progress: bool = True, mesh=None) -> DASResult:  # fmt: skip
     """Train DAS at `blocks.{l}.{kind}` for every `l` in `layers` and measure held-out IIA.
 
     Pairs: row i is base `base_tokens[i]` with source `source_tokens[i]`; the high-level model's
@@ -291,6 +306,8 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
     source row (default the last real token); `readout_pos`: where the answer is read (default the
     last real token of the base row). `chunk`: layers trained at once by `jax.vmap` (1: a loop
     over layers reusing one compiled program, which skips the layers below each searched one).
+    mesh: a `make_mesh` mesh: each minibatch split over `data` (`batch_size` must divide it), a
+        chunk of layers over `sweep` (`chunk` is rounded up to a multiple of it), weights over `model`.
     """
     cfg = model.cfg
     if method not in METHODS:
@@ -313,6 +330,9 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
     source_pos = last(source_attention_mask, N, source_tokens.shape[1]) if source_pos is None else np.asarray(source_pos, np.int32)
     readout_pos = last(attention_mask, N, T) if readout_pos is None else np.asarray(readout_pos, np.int32)
     n_train = (2 * N) // 3 if n_train is None else int(n_train)
+    if mesh is not None:
+        _sharding.check_divides(min(batch_size, n_train), mesh, "data", "a DAS minibatch")
+        model = _sharding.shard_model(model, mesh)
     if not 0 < n_train < N:
         raise ValueError(f"n_train must leave pairs for both training and held-out evaluation: 0 < n_train < {N}")
 
@@ -345,8 +365,12 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
     keys = jax.random.split(jax.random.key(seed), 2 * len(layers)).reshape(len(layers), 2)
     inits = [das_init(keys[i, 0], cfg.d_model, k, method) for i in range(len(layers))]
     hp = dict(kind=kind, k=k, method=method, steps=steps, lr=lr, boundary_lr=boundary_lr, temps=temps,
-              boundary_penalty=boundary_penalty)  # the floats and strings are static: equal values reuse the program
+              boundary_penalty=boundary_penalty, mesh=mesh)  # floats, strings, the mesh: static
     chunk = max(1, min(int(chunk), len(layers)))
+    if mesh is not None and chunk > 1:
+        chunk = _sharding.round_to(chunk, mesh)
+    place = (lambda a: a) if mesh is None or chunk == 1 else (  # noqa: E731
+        lambda a: jax.device_put(a, NamedSharding(mesh, P("sweep"))))
     outs = []
     starts = range(0, len(layers), chunk)
     if progress:
@@ -360,6 +384,7 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
         li = jnp.asarray([layers[i] for i in idx], jnp.int32)
         args = (li, src[jnp.asarray(idx)], base_resid[jnp.asarray(idx)], data, stack([inits[i] for i in idx]),
                 keys[jnp.asarray(idx), 1])  # fmt: skip
+        args = (*jax.tree.map(place, args[:3]), data, *jax.tree.map(place, args[4:]))
         if chunk == 1:
             args = (args[0][0], args[1][0], args[2][0], data, inits[idx[0]], args[5][0])
             out = jax.tree.map(lambda a: np.asarray(a)[None], _fit_one(model, *args, **hp))

@@ -81,9 +81,12 @@ def abstract(tree):
 
 def compiled_footprint(fn: Callable, *args) -> Footprint:
     """Compile `fn(*args)` on abstract inputs (array leaves traced, every other leaf static, as
-    `eqx.filter_jit` does) and read XLA's memory analysis. Nothing is computed or allocated."""
+    `eqx.filter_jit` does) and read XLA's memory analysis. Nothing is computed or allocated.
+    Every array argument counts, read or not."""
     dyn, static = eqx.partition(abstract(args), _is_leaf_array)
-    compiled = jax.jit(lambda d: fn(*eqx.combine(d, static))).lower(dyn).compile()
+    # keep_unused: an argument the program never reads (the embedding, in a sweep that starts from a
+    # cached residual) is still on the device, so it counts
+    compiled = jax.jit(lambda d: fn(*eqx.combine(d, static)), keep_unused=True).lower(dyn).compile()
     m = compiled.memory_analysis()
     if m is None:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis of compiled programs")

@@ -390,7 +390,7 @@ def in_chunks(rows: np.ndarray, chunk: int, score: Callable, desc: str, progress
     for c in range(n_chunks):
         ids = order[c * chunk : (c + 1) * chunk]
         part = rows[np.concatenate([ids, np.repeat(ids[-1:], chunk - len(ids))])]
-        out[ids] = np.asarray(score(part))[: len(ids)]
+        out[ids] = _sharding.to_host(score(part))[: len(ids)]
         bar.update(1)
     bar.close()
     return out

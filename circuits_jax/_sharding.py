@@ -203,6 +203,15 @@ def shard_rows(rows, mesh: Mesh):
     return jax.device_put(rows, NamedSharding(mesh, P("sweep")))
 
 
+def to_host(x) -> np.ndarray:
+    """`x` as a NumPy array on every process, gathering the shards other processes hold."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def per_device_bytes(tree: Any) -> int:
     """Bytes of `tree`'s arrays held by the first device (what one device must hold of it)."""
     total = 0

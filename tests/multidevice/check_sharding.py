@@ -193,3 +193,31 @@ def test_cross_layer_transcoder_trains_with_its_width_over_model(tmp_path):
     got = cj.train_sae(clt(), st, cfg, progress=False, mesh=sh.make_mesh(1, 2, 4))
     assert got.dictionary.W_enc.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
     _close(got.dictionary, ref.dictionary)
+
+
+# ---------------------------------------------------------------- DAS
+
+
+@pytest.mark.parametrize("shape,chunk", [((2, 4, 1), 2), ((1, 8, 1), 1), ((1, 4, 2), 2)])
+def test_sharded_das_equals_the_single_device_search(shape, chunk):
+    from test_das import _pairs as das_pairs
+    from test_das import _planted
+
+    model, _, bits = _planted()
+    base, source, labels, cand = das_pairs(bits, 96, seed=4)
+    kw = dict(layers=[0, 1], k=1, n_train=64, steps=20, batch_size=32, progress=False, chunk=chunk)
+    ref = cj.das_search(model, base, source, labels, cand, **kw)
+    got = cj.das_search(model, base, source, labels, cand, mesh=sh.make_mesh(*shape), **kw)
+    np.testing.assert_allclose(got.losses, ref.losses, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got.correct, ref.correct)
+    np.testing.assert_allclose(np.abs(got.basis), np.abs(ref.basis), atol=1e-4)
+
+
+def test_a_das_minibatch_that_does_not_divide_the_data_axis_is_refused():
+    from test_das import _pairs as das_pairs
+    from test_das import _planted
+
+    model, _, bits = _planted()
+    base, source, labels, cand = das_pairs(bits, 96, seed=4)
+    with pytest.raises(ValueError, match=r"a DAS minibatch of 30 does not divide over the mesh's 'data' axis of size 8"):
+        cj.das_search(model, base, source, labels, cand, batch_size=30, progress=False, mesh=sh.make_mesh(1, 8, 1))
