@@ -167,6 +167,19 @@ from ._dashboard import dashboard_data, feature_activations, write_dashboards
 from . import _known as known
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
 from ._config import Config
+from ._sharding import (
+    global_batch,
+    init_distributed,
+    layout,
+    make_mesh,
+    model_shardings,
+    per_device_bytes,
+    process_rows,
+    replicate,
+    shard_batch,
+    shard_dictionary,
+    shard_model,
+)
 from ._interventions import ALL_LAYERS, PerLayer, Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
 from ._metrics import AnswerProb, CrossEntropy, KLFrom, LogitDiff, next_token_nll, normalise
 from ._patching import SITES as PATCH_SITES
@@ -207,6 +220,8 @@ __all__ = [
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",
     "logit_lens", "neuron_logit_attribution",
     "ALL_LAYERS", "PerLayer",
+    "global_batch", "init_distributed", "layout", "make_mesh", "model_shardings", "per_device_bytes", "process_rows",
+    "replicate", "shard_batch", "shard_dictionary", "shard_model",
     "AnswerProb", "CrossEntropy", "KLFrom", "LogitDiff", "next_token_nll", "normalise", "PATCH_SITES", "PatchResult", "patch_sweep",
     "patch_set", "patch_every_head", "patch_every_block",
     "Add", "Apply", "Blocks", "Compose", "Config", "Hook", "Intervention", "Mean", "Replace", "RunOutput",

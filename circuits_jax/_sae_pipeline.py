@@ -74,10 +74,12 @@ def train_dictionary(
     progress: bool = True,
     model_name: str = "",
     log=print,
+    mesh=None,
 ) -> dict:
     """Train one dictionary end to end and return its summary (also written to `out/eval.json`).
 
-    `n_tokens` activations are stored; training sees them `epochs` times (reshuffled each time)."""
+    `n_tokens` activations are stored; training sees them `epochs` times (reshuffled each time).
+    `mesh`: train on a device mesh (`_sae_train.train`'s `mesh`)."""
     out = Path(out)
     ins, outs = dictionary_spec(model, site=site, target=target, clt_layers=clt_layers)
     _check_arch(arch, k)
@@ -108,7 +110,7 @@ def train_dictionary(
     d = _new_dictionary(store, ins, outs, D, width=width, arch=arch, k=k, seed=seed, clt_layers=clt_layers)
     log(f"training {arch} {'CLT' if L else ('transcoder' if ins != outs else 'SAE')} of width {width} on {store.n_tokens:,} "
         f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
-    res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress)
+    res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress, mesh=mesh)
     t_train = res.seconds
     t0 = time.perf_counter()
     ev = evaluate(model, res.dictionary, held_out, progress=progress)

@@ -67,7 +67,10 @@ def make_mesh(sweep: int | None = None, data: int = 1, model: int = 1, *, device
             raise ValueError(f"{n} devices do not divide into data={data} x model={model}; give sizes whose product divides {n}")
         sweep = n // (data * model)
     if sweep * data * model > n:
-        raise ValueError(f"mesh sweep={sweep} x data={data} x model={model} needs {sweep * data * model} devices; {n} are available")
+        raise ValueError(
+            f"mesh sweep={sweep} x data={data} x model={model} needs {sweep * data * model} devices; {n} are available"
+            + (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices)" if jax.default_backend() == "cpu" else "")
+        )
     grid = np.asarray(devices[: sweep * data * model], dtype=object).reshape(sweep, data, model)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
 

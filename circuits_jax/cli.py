@@ -73,6 +73,7 @@ def _patch(args) -> int:
     if method in EDGE_METHODS:
         return _edges(args)
     by = tuple(a.strip() for a in args.by.split(",") if a.strip())
+    mesh = _mesh(args)  # a bad --mesh fails before the model loads
     prepared = _prepare(args)
     if isinstance(prepared, int):
         return prepared
@@ -81,15 +82,17 @@ def _patch(args) -> int:
     if method == "atp":
         from ._attribution import attribution_patch
 
-        r = attribution_patch(model, clean, corrupt, metric, args.site, by, noising=args.noising)
+        r = attribution_patch(model, clean, corrupt, metric, args.site, by, noising=args.noising, mesh=mesh)
     elif method == "atp-star":
         from ._attribution import atp_star
 
-        r = atp_star(model, clean, corrupt, metric, args.site, by, graddrop=args.graddrop, noising=args.noising)
+        r = atp_star(model, clean, corrupt, metric, args.site, by, graddrop=args.graddrop, noising=args.noising,
+                     mesh=mesh)
     else:
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
         r = patch_sweep(model, clean, corrupt, metric, args.site, by, noising=args.noising, chunk_size=args.chunk_size,
-                        memory_budget=int(args.memory_gb * 2**30), layers=layers, progress=not args.quiet)  # fmt: skip
+                        memory_budget=int(args.memory_gb * 2**30), layers=layers, progress=not args.quiet,
+                        mesh=mesh)  # fmt: skip
     str_tokens = tok.to_str_tokens(clean)
     np.savez(
         args.out, result=r.result, clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric,
@@ -120,11 +123,12 @@ def _edges(args) -> int:
     from ._graph import edge_attribution
     from .plot import edge_heatmap
 
+    mesh = _mesh(args)
     prepared = _prepare(args)
     if isinstance(prepared, int):
         return prepared
     model, tok, clean, corrupt, metric = prepared
-    r = edge_attribution(model, clean, corrupt, metric, args.method, steps=args.steps, noising=args.noising)
+    r = edge_attribution(model, clean, corrupt, metric, args.method, steps=args.steps, noising=args.noising, mesh=mesh)
     g = r.graph
     np.savez(
         args.out, scores=r.scores, sources=np.array(g.sources), destinations=np.array(g.destinations), mask=g.mask,
@@ -308,6 +312,7 @@ def _train_sae(args) -> int:
         raise ValueError("give --site (an SAE), --site with --target or --transcoder L (a transcoder), or --clt-layers")
     if args.arch in ("topk", "batchtopk") and not args.k:
         raise ValueError(f"--arch {args.arch} needs --k")
+    mesh = _mesh(args)
     model, tok = load(args.model)
     train_cfg = dict(batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, dead_after=args.dead_after)
     from ._sae import LossConfig
@@ -317,6 +322,7 @@ def _train_sae(args) -> int:
         model, tok, args.out, site=site, target=target, clt_layers=layers, arch=args.arch, k=args.k, width=args.width,
         n_tokens=args.tokens, epochs=args.epochs, corpus=args.corpus, ctx_len=args.ctx_len, n_eval_contexts=args.eval_contexts,
         store_dir=args.store, train_cfg=train_cfg, seed=args.seed, progress=not args.quiet, model_name=str(args.model),
+        mesh=mesh,
     )  # fmt: skip
     keys = ("l0", "fve", "ce_clean", "ce_splice", "ce_zero", "ce_recovered", "kl_recovered", "dead", "dense")
     print(" ".join(f"{k}={summary[k]:.4g}" for k in keys))
@@ -653,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--dead-after", type=int, default=200_000, help="tokens without firing before a latent counts as dead")
     ts.add_argument("--eval-contexts", type=int, default=64, help="held-out contexts for evaluation")
     ts.add_argument("--seed", type=int, default=0)
+    _mesh_argument(ts)
     ts.add_argument("--quiet", action="store_true", help="no progress bars")
     ts.set_defaults(func=_train_sae)
 
@@ -777,9 +784,35 @@ def _pair_arguments(pa) -> None:
     pa.add_argument("--png", default=None, help="also draw a labelled heatmap")
 
 
+def _mesh_argument(p) -> None:
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="run on a device mesh: 'sweep=4,data=2,model=1' (sizes of the axes; unnamed ones are 1), or a "
+                        "number N for N devices on the sweep axis; default: one device")  # fmt: skip
+
+
+def _mesh(args):
+    """The `--mesh` argument as a `make_mesh` mesh (None without it)."""
+    spec = getattr(args, "mesh", None)
+    if not spec:
+        return None
+    from ._sharding import AXES, make_mesh
+
+    if spec.strip().isdigit():
+        return make_mesh(int(spec), 1, 1)
+    sizes = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in AXES or not value.strip().isdigit():
+            raise ValueError(f"--mesh {spec!r}: give axis=size pairs with axes {', '.join(AXES)}, e.g. sweep=4,data=2")
+        sizes[name] = int(value)
+    return make_mesh(sizes.get("sweep", 1), sizes.get("data", 1), sizes.get("model", 1))
+
+
 def _sweep_arguments(pa) -> None:
     """Arguments shared by `patch` and `attribute`."""
     _pair_arguments(pa)
+    _mesh_argument(pa)
     pa.add_argument("--site", default="resid_pre", choices=list(PATCH_SITES))
     pa.add_argument("--by", default="layer,pos", help="comma list of axes, 'layer' first, e.g. layer,pos,head")
 

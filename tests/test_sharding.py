@@ -93,3 +93,14 @@ def test_divisibility_errors_name_the_sizes_and_the_nearest_valid_ones():
 def test_init_distributed_refuses_half_of_its_settings():
     with pytest.raises(ValueError, match="needs all of coordinator, num_processes and process_id"):
         sh.init_distributed("127.0.0.1:1234", None, 0)
+
+
+@pytest.mark.parametrize("spec,msg", [("foo=2", "give axis=size pairs with axes sweep, data, model"),
+                                      ("sweep=64", "needs 64 devices")])  # fmt: skip
+def test_cli_mesh_errors_come_before_the_model_loads(spec, msg, capsys, tmp_path):
+    from circuits_jax import cli
+
+    rc = cli.main(["patch", "--model", str(tmp_path / "absent.gguf"), "--clean", "a b", "--corrupt", "a c",
+                   "--answer", " x", "--wrong", " y", "--mesh", spec, "--out", str(tmp_path / "z.npz")])  # fmt: skip
+    assert rc == 2
+    assert msg in capsys.readouterr().err
