@@ -192,7 +192,8 @@ OBJECTS = ("drink", "ring", "bone", "basketball", "computer", "necklace", "snack
            "cake", "flower", "hat", "watch", "bag", "pen", "card")  # fmt: skip
 
 
-def ioi_task(tok, n: int = 16, seed: int = 0, *, corruption: str = "abc", prepend_bos: bool | None = None) -> Task:
+def ioi_task(tok, n: int = 16, seed: int = 0, *, corruption: str = "abc", prepend_bos: bool | None = None,
+             templates: Sequence[int] | None = None) -> Task:  # fmt: skip
     """IOI: "Then, Mary and John went to the store. John gave a drink to" -> " Mary", metric `LogitDiff(IO, S)`.
 
     Each row draws a template, place, object and three distinct single-token names (IO, S, C),
@@ -201,9 +202,14 @@ def ioi_task(tok, n: int = 16, seed: int = 0, *, corruption: str = "abc", prepen
     the model's IO-S preference should vanish (metric near 0). corruption="flip" makes S2 the
     IO name instead, so the other name becomes the right answer (metric negative). (Wang et
     al.'s own pABC replaces all three names; ours keeps IO and S so their logits stay comparable.)
+    templates: indices into `IOI_TEMPLATES` to draw from (default all); one template keeps every
+    position's role the same across rows (for `[layer, pos]` results).
     """
     if corruption not in ("abc", "flip"):
         raise ValueError(f"corruption must be 'abc' or 'flip', got {corruption!r}")
+    pool = list(range(len(IOI_TEMPLATES))) if templates is None else [int(t) for t in templates]
+    if not pool or min(pool) < 0 or max(pool) >= len(IOI_TEMPLATES):
+        raise ValueError(f"templates {pool} out of range: there are {len(IOI_TEMPLATES)} IOI templates (0..{len(IOI_TEMPLATES) - 1})")
     names = _single_token_words(tok, NAMES)
     places, objects = _single_token_words(tok, PLACES), _single_token_words(tok, OBJECTS)
     if len(names) < 3 or not places or not objects:
@@ -212,7 +218,7 @@ def ioi_task(tok, n: int = 16, seed: int = 0, *, corruption: str = "abc", prepen
     rng = np.random.default_rng(seed)
     prompts, corrupt, io, s = [], [], [], []
     for _ in range(n):
-        template = IOI_TEMPLATES[rng.integers(len(IOI_TEMPLATES))]
+        template = IOI_TEMPLATES[pool[rng.integers(len(pool))]]
         a, b, c = (names[i] for i in rng.choice(len(names), 3, replace=False))  # a: IO, b: S, c: the third name
         first, second = (a, b) if rng.integers(2) else (b, a)
         place, thing = places[rng.integers(len(places))], objects[rng.integers(len(objects))]

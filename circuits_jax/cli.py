@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from ._patching import SITES as PATCH_SITES
 
@@ -578,9 +579,101 @@ def _das(args) -> int:
     return 0
 
 
+def _ioi(args) -> int:
+    """`ioi`: the main job, an IOI circuit study with a report."""
+    from ._ioi_job import ioi_job
+    from .loaders._registry import load
+
+    if args.n < 2:
+        raise ValueError(f"--n must be at least 2 prompt pairs, got {args.n}")
+    if not 0 < args.fraction < 1:
+        raise ValueError(f"--fraction is the share of edges kept, between 0 and 1; got {args.fraction}")
+    t = time.perf_counter()
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load(args.model)
+    print(f"    loaded in {time.perf_counter() - t:.1f} s", flush=True)
+    s = ioi_job(model, tok, args.out, n=args.n, seed=args.seed, template=args.template, eap_steps=args.steps,
+                circuit_fraction=args.fraction, progress=not args.quiet, model_name=str(args.model),
+                log=lambda m: print(m, flush=True))  # fmt: skip
+    print()
+    print(f"IOI on {s['model']}: {s['n_prompts']} prompts; logit diff clean {s['clean_logit_diff']:.2f} "
+          f"(IO > S in {s['clean_accuracy']:.0%}), corrupt {s['corrupt_logit_diff']:.2f}")
+    print("name movers (path patching into the logits, normalised): "
+          + ", ".join(f"{h} {v:+.3f}" for h, v in s["name_movers_path_patching"][:5]))
+    print("negative heads: " + ", ".join(f"{h} {v:+.3f}" for h, v in s["negative_heads_path_patching"]))
+    print("heads whose patch matters most (exact z patching): "
+          + ", ".join(f"{h} {v:+.3f}" for h, v in s["top_heads_exact"][:5]))
+    print(f"AtP vs exact per-head z: Pearson r = {s['atp_vs_exact_pearson']:.3f}")
+    print(f"EAP-IG circuit of {s['circuit_edges']} edges: faithfulness {s['circuit_faithfulness']:.3f}, CPR {s['cpr']:.3f}")
+    print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in s["stage_seconds"].items())
+          + f"; total {time.perf_counter() - t:.0f} s with loading")
+    print(f"report: {s['report']}")
+    return 0
+
+
+# name -> (script in experiments/, what it asks); each script's `main(argv)` writes OUT/report.html
+EXPERIMENTS = {
+    "ioi": ("ioi_report.py", "IOI on SmolLM2: the main job's study (same as `circuits-jax ioi`)"),
+    "induction": ("induction.py", "induction heads in the trained 2-layer attention-only model"),
+    "greater-than": ("greater_than.py", "greater-than: which components make SmolLM2 complete a year with a later one"),
+    "factual-recall": ("causal_tracing.py", "factual recall: causal tracing of 'The Eiffel Tower is located in the city of'"),
+    "steering": ("steering.py", "steering: ActAdd, CAA and SAE-feature steering of sentiment"),
+    "attribution-graph": ("attribution_graphs.py", "the attribution graph of a capital-city prompt (needs trained transcoders)"),
+}
+
+
+def _experiments_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _experiment(args) -> int:
+    """`experiment NAME [args...]`: run experiments/<script>.py's `main(args)`."""
+    import importlib.util
+
+    script, _ = EXPERIMENTS[args.name]
+    path = _experiments_dir() / script
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: experiments live in a source checkout of circuits_jax "
+                                "(git clone the repository and install it with scripts/setup.sh)")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(f"circuits_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main(list(args.rest))
+    return 0 if rc is None else int(rc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    io = sub.add_parser(
+        "ioi", help="the main job: an IOI circuit study (patching, AtP, path patching, EAP-IG) written as a report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax ioi                      # SmolLM2, 16 prompts -> runs/ioi/report.html\n"
+               "  circuits-jax ioi --n 32 --seed 1 --out runs/ioi32",
+    )  # fmt: skip
+    io.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    io.add_argument("--n", type=int, default=16, help="prompt pairs (default 16)")
+    io.add_argument("--seed", type=int, default=0)
+    io.add_argument("--template", type=int, default=0, choices=range(5), help="which IOI template (all rows share it)")
+    io.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps")
+    io.add_argument("--fraction", type=float, default=0.01, help="share of edges in the reported circuit")
+    io.add_argument("--out", default="runs/ioi", help="output directory (report.html, arrays, plots)")
+    io.add_argument("--quiet", action="store_true", help="no progress bars")
+    io.set_defaults(func=_ioi)
+
+    ex = sub.add_parser(
+        "experiment", help="run one of the experiments (experiments/*.py); each writes a report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="experiments:\n" + "\n".join(f"  {k:18s} {v[1]}" for k, v in EXPERIMENTS.items())
+        + "\n\nexample:\n  circuits-jax experiment induction --out runs/induction\n"
+          "  circuits-jax experiment greater-than -- --help     # the experiment's own options",
+    )  # fmt: skip
+    ex.add_argument("name", choices=list(EXPERIMENTS), help="which experiment")
+    ex.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the experiment (see its --help)")
+    ex.set_defaults(func=_experiment)
+
     pr = sub.add_parser("predict", help="tokens of a prompt and the top-K next tokens with logits")
     pr.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
     pr.add_argument("--prompt", required=True)

@@ -592,3 +592,67 @@ def das_layers(result: dict, path=None, *, title: str = "DAS: interchange-interv
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     return _saved(fig, path)
+
+
+def attention_patterns(patterns, heads, path=None, *, tokens=None, title: str = "attention patterns", query: int | None = None):
+    """Attention patterns of chosen heads: one panel each (query rows × key columns, token labels),
+    or with `query`, one bar chart row per head of where that query position attends.
+
+    patterns: `[n_heads, T, T]` (one prompt, or a mean over prompts); heads: labels such as `"L9H6"`.
+    """
+    plt = _pyplot()
+    patterns = np.asarray(patterns)
+    n, T = len(heads), patterns.shape[-1]
+    labels = [f"{t!r}" for t in tokens] if tokens is not None and len(tokens) == T else [str(i) for i in range(T)]
+    if query is not None:
+        fig, axes = plt.subplots(n, 1, figsize=(max(6.0, 0.45 * T), 1.6 * n + 0.8), squeeze=False, sharex=True)
+        for i, (ax, name) in enumerate(zip(axes[:, 0], heads)):
+            ax.bar(range(T), patterns[i, query], color="tab:red")
+            ax.set_ylim(0, 1)
+            ax.set_ylabel(f"{name}\nattention", fontsize=8)
+        axes[-1, 0].set_xticks(range(T), labels, rotation=90, fontsize=8)
+        axes[-1, 0].set_xlabel(f"key position (query: {labels[query]})")
+        fig.suptitle(title, fontsize=10)
+        return _saved(fig, path)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    side = min(5.0, 1.2 + 0.28 * T)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 0.6, side * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        im = ax.imshow(patterns[i], cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(heads[i], fontsize=9)
+        ax.set_xticks(range(T), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(T), labels, fontsize=6)
+        ax.set_xlabel("key (source) position", fontsize=7)
+        ax.set_ylabel("query (destination) position", fontsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02, label="attention probability")
+    fig.suptitle(title, fontsize=10)
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return fig
+
+
+def agreement(x, y, path=None, *, labels=None, xlabel: str = "exact", ylabel: str = "estimate", title: str = "",
+              annotate: int = 5):  # fmt: skip
+    """Scatter of an estimate against the exact values (e.g. AtP vs activation patching), with the
+    diagonal, Pearson r and the `annotate` largest points labelled."""
+    plt = _pyplot()
+    x, y = np.ravel(np.asarray(x, np.float64)), np.ravel(np.asarray(y, np.float64))
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.scatter(x, y, s=10, alpha=0.6)
+    ok = np.isfinite(x) & np.isfinite(y)
+    lo, hi = float(min(x[ok].min(), y[ok].min())), float(max(x[ok].max(), y[ok].max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", ls=":", lw=1)
+    r = float(np.corrcoef(x[ok], y[ok])[0, 1]) if ok.sum() > 1 else float("nan")
+    if labels is not None:
+        labels = list(np.ravel(np.asarray(labels)))
+        for i in np.argsort(-np.abs(x))[:annotate]:
+            ax.annotate(str(labels[i]), (x[i], y[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (Pearson r = {r:.3f})" if title else f"Pearson r = {r:.3f}", fontsize=10)
+    return _saved(fig, path)
