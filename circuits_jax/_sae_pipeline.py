@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from . import _activations as A
+from . import _sharding
 from ._sae import _check_arch, init_clt, init_sae
 from ._sae_eval import evaluate
 from ._sae_io import save_dictionary
@@ -111,6 +112,8 @@ def train_dictionary(
     log(f"training {arch} {'CLT' if L else ('transcoder' if ins != outs else 'SAE')} of width {width} on {store.n_tokens:,} "
         f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
     res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress, mesh=mesh)
+    if mesh is not None:  # evaluation splices it into the single-device model
+        res.dictionary = _sharding.gather(res.dictionary)
     t_train = res.seconds
     t0 = time.perf_counter()
     ev = evaluate(model, res.dictionary, held_out, progress=progress)
@@ -170,9 +173,11 @@ def train_transcoders(
     progress: bool = True,
     model_name: str = "",
     log=print,
+    mesh=None,
 ) -> dict:
     """Per-layer transcoders (MLP input -> MLP output) for `layers` (default: every layer), all
-    trained from one activation store of every layer's two sites, built once.
+    trained from one activation store of every layer's two sites, built once. `mesh`: each
+    transcoder trains on a device mesh (`_sae_train.train`'s `mesh`).
 
     Resumable at every level: the store resumes by chunk, a finished layer is skipped, an
     interrupted layer resumes from its last checkpoint. Writes `out/layer_{l:02d}/dictionary`
@@ -213,7 +218,9 @@ def train_transcoders(
         view = store.select(ins + outs)
         d = _new_dictionary(view, ins, outs, D, width=width, arch=arch, k=k, seed=seed + l)
         log(f"layer {l}: training a {arch} transcoder of width {width} on {view.n_tokens:,} tokens ({tc.steps} steps)")
-        res = train(d, view, tc, checkpoint_dir=sub / "checkpoints", progress=progress)
+        res = train(d, view, tc, checkpoint_dir=sub / "checkpoints", progress=progress, mesh=mesh)
+        if mesh is not None:
+            res.dictionary = _sharding.gather(res.dictionary)
         save_dictionary(sub / "dictionary", res.dictionary, dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len,
                                                                  n_tokens=view.n_tokens, train=_jsonable(tc), seed=seed + l))  # fmt: skip
         (sub / "history.json").write_text(json.dumps(res.history))

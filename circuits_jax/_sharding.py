@@ -215,6 +215,13 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def gather(tree: Any) -> Any:
+    """Every array of `tree` whole on the default device (after training on a mesh, for single-device use)."""
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda a: jnp.asarray(to_host(a)) if isinstance(a, jax.Array) else a, tree)
+
+
 def per_device_bytes(tree: Any) -> int:
     """Bytes of `tree`'s arrays held by the first device (what one device must hold of it)."""
     total = 0
