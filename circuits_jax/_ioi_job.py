@@ -63,8 +63,12 @@ def _per_row_logit_diff(model, task, tokens) -> np.ndarray:
     return logits[rows, task.answers.ravel()] - logits[rows, task.wrong.ravel()]
 
 
-def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 16, seed: int = 0, template: int = 0,
-            eap_steps: int = 5, circuit_fraction: float = 0.01, top_k: int = 8, progress: bool = True,
+# Fractions of edges at which the faithfulness curve is measured (a subset of MIB's: each costs a circuit run).
+JOB_KS = (0.002, 0.01, 0.05, 0.2, 1.0)
+
+
+def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int = 0, template: int = 0,
+            eap_steps: int = 5, circuit_fraction: float = 0.01, top_k: int = 8, ks=JOB_KS, progress: bool = True,
             log: Callable[[str], None] = print, model_name: str = "smollm2") -> dict:  # fmt: skip
     """Run the IOI study on `model` and write its report under `out`; returns the summary dict."""
     out = Path(out)
@@ -157,7 +161,7 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 16, seed: int 
         g = scores.graph
         n_edges = max(1, int(round(circuit_fraction * g.n_edges)))
         circuit = circuit_from_scores(scores, n_edges, method="topn")
-        curve = faithfulness(model, task.clean, task.corrupt, task.metric, scores.scores, **kw)
+        curve = faithfulness(model, task.clean, task.corrupt, task.metric, scores.scores, ks=tuple(ks), **kw)
         m = float(circuit_metrics(model, task.clean, task.corrupt, task.metric, circuit.edges, **kw)[0])
         f = (m - curve["empty"]) / (curve["full"] - curve["empty"])
         circuit.meta.update(task="ioi", faithfulness=f, cpr=curve["cpr"], cmd=curve["cmd"])

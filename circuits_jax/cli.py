@@ -75,11 +75,14 @@ def _patch(args) -> int:
         return _edges(args)
     by = tuple(a.strip() for a in args.by.split(",") if a.strip())
     mesh = _mesh(args)  # a bad --mesh fails before the model loads
+    axes = PATCH_SITES[args.site][1]
+    if not by or by[0] != "layer" or len(set(by)) != len(by) or any(a not in ("layer", *axes) for a in by):
+        raise ValueError(f"--by {args.by!r} for --site {args.site}: give 'layer' first, then any of {', '.join(axes)}")
+    layers = _layers_arg(args.layers, "--layers") if getattr(args, "layers", None) else None
     prepared = _prepare(args)
     if isinstance(prepared, int):
         return prepared
     model, tok, clean, corrupt, metric = prepared
-    layers = None
     if method == "atp":
         from ._attribution import attribution_patch
 
@@ -90,7 +93,6 @@ def _patch(args) -> int:
         r = atp_star(model, clean, corrupt, metric, args.site, by, graddrop=args.graddrop, noising=args.noising,
                      mesh=mesh)
     else:
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
         r = patch_sweep(model, clean, corrupt, metric, args.site, by, noising=args.noising, chunk_size=args.chunk_size,
                         memory_budget=int(args.memory_gb * 2**30), layers=layers, progress=not args.quiet,
                         mesh=mesh)  # fmt: skip
@@ -201,6 +203,11 @@ def _discover(args) -> int:
     from ._tasks import load_task
     from .plot import circuit_graph, circuit_html, faithfulness_curves
 
+    if args.method != "acdc" and args.level != "edge":
+        raise ValueError(f"--level {args.level} is for ACDC; {args.method} scores edges")
+    if args.method != "acdc" and args.ablation != "patching":
+        raise ValueError(f"{args.method} scores each edge by its corrupt-minus-clean output difference, which is "
+                         f"patching ablation; --ablation {args.ablation} is for ACDC")  # fmt: skip
     model, task = load_task(args.task, args.model, n=args.n, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,11 +223,6 @@ def _discover(args) -> int:
             ranking = np.abs(np.nan_to_num(circuit.scores, nan=0.0))
         label = f"ACDC ({args.level}, τ={threshold:g})"
     else:
-        if args.level != "edge":
-            raise ValueError(f"--level {args.level} is for ACDC; {args.method} scores edges")
-        if args.ablation != "patching":
-            raise ValueError(f"{args.method} scores each edge by its corrupt-minus-clean output difference, which is "
-                             f"patching ablation; --ablation {args.ablation} is for ACDC")  # fmt: skip
         scores = edge_attribution(model, task.clean, task.corrupt, task.metric, args.method, steps=args.steps,
                                   noising=True, **kw)  # fmt: skip
         g = scores.graph
@@ -298,6 +300,72 @@ def _layers_arg(text: str, flag: str = "--clt-layers") -> list[int]:
     if not layers:
         raise ValueError(f"{flag} {text!r} names no layer (a range is low-high, e.g. 0-3)")
     return layers
+
+
+def _count(low: int = 1):
+    """argparse `type`: an integer >= `low`; a bad value exits 2 with `argument --flag: ...`."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"need an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"need an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    """argparse `type`: a number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a number > 0, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"need a number > 0, got {text}")
+    return v
+
+
+def _share(text: str) -> float:
+    """argparse `type`: a share in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"need a number in (0, 1], got {text}")
+    return v
+
+
+def _kind_arg(text: str) -> str:
+    """argparse `type`: a per-layer site kind such as hook_resid_pre (checked against every architecture's kinds)."""
+    import difflib
+
+    from ._sites import _ATTN_KINDS, _MLP_KINDS
+
+    kinds = (*_ATTN_KINDS, *_MLP_KINDS, "hook_resid_post")
+    if text not in kinds:
+        close = difflib.get_close_matches(text, kinds, n=3, cutoff=0.5)
+        raise argparse.ArgumentTypeError(f"unknown site kind {text!r}" + (f"; closest: {', '.join(close)}" if close else
+                                         f"; valid kinds: {', '.join(kinds)}"))  # fmt: skip
+    return text
+
+
+def _site_arg(text: str) -> str:
+    """argparse `type`: a site name `blocks.L.KIND` or a global one (hook_embed, ...); the layer is checked on load."""
+    parts = text.split(".", 2)
+    if text in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized"):
+        return text
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        try:
+            _kind_arg(parts[2])
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"site {text!r}: {e}") from None
+        return text
+    raise argparse.ArgumentTypeError(f"site {text!r} is not of the form blocks.LAYER.KIND (e.g. blocks.6.hook_resid_post) "
+                                     "or hook_embed")  # fmt: skip
 
 
 def _train_sae(args) -> int:
@@ -420,7 +488,10 @@ def _steer(args) -> int:
     from .loaders._registry import load
     from .plot import steering_curves
 
-    coeffs = [float(c) for c in args.coeffs.split(",") if c.strip()]
+    try:
+        coeffs = [float(c) for c in args.coeffs.split(",") if c.strip()]
+    except ValueError:
+        coeffs = []
     if not coeffs:
         raise ValueError(f"--coeffs needs comma-separated numbers, got {args.coeffs!r}")
     if args.max_new_tokens < 1:
@@ -555,11 +626,14 @@ def _das(args) -> int:
     from .loaders._registry import load
     from .plot import das_layers
 
+    layers = _layers_arg(args.layers, "--layers") if args.layers else None
+    if not args.n_train < args.pairs:
+        raise ValueError(f"--n-train {args.n_train} must be below --pairs {args.pairs}: the rest are held out for IIA")
     model, tok = load(args.model)
     if tok is None:
         raise ValueError(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)")
     pairs = ioi_position_pairs(model, tok, args.pairs, args.seed)
-    layers = _layers_arg(args.layers, "--layers") if args.layers else list(range(0, model.cfg.n_layers, args.layer_step))
+    layers = layers or list(range(0, model.cfg.n_layers, args.layer_step))
     res = das_search(model, pairs["base"], pairs["source"], pairs["labels"], pairs["candidates"], kind=args.kind,
                      layers=layers, k=args.k, method=args.method, n_train=args.n_train, steps=args.steps,
                      batch_size=args.batch, lr=args.lr, seed=args.seed, progress=not args.quiet)  # fmt: skip
@@ -650,14 +724,14 @@ def build_parser() -> argparse.ArgumentParser:
     io = sub.add_parser(
         "ioi", help="the main job: an IOI circuit study (patching, AtP, path patching, EAP-IG) written as a report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  circuits-jax ioi                      # SmolLM2, 16 prompts -> runs/ioi/report.html\n"
+        epilog="example:\n  circuits-jax ioi                      # SmolLM2, 8 prompts -> runs/ioi/report.html\n"
                "  circuits-jax ioi --n 32 --seed 1 --out runs/ioi32",
     )  # fmt: skip
     io.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
-    io.add_argument("--n", type=int, default=16, help="prompt pairs (default 16)")
+    io.add_argument("--n", type=int, default=8, help="prompt pairs (default 8)")
     io.add_argument("--seed", type=int, default=0)
     io.add_argument("--template", type=int, default=0, choices=range(5), help="which IOI template (all rows share it)")
-    io.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps")
+    io.add_argument("--steps", type=_count(1), default=5, help="EAP-IG integration steps")
     io.add_argument("--fraction", type=float, default=0.01, help="share of edges in the reported circuit")
     io.add_argument("--out", default="runs/ioi", help="output directory (report.html, arrays, plots)")
     io.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -674,33 +748,53 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the experiment (see its --help)")
     ex.set_defaults(func=_experiment)
 
-    pr = sub.add_parser("predict", help="tokens of a prompt and the top-K next tokens with logits")
+    pr = sub.add_parser(
+        "predict", help="tokens of a prompt and the top-K next tokens with logits", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax predict --prompt 'The capital of France is' --top-k 5\n"
+               "  circuits-jax predict --model path/to/model.gguf --prompt 'def f(x):' --json",
+    )  # fmt: skip
     pr.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
     pr.add_argument("--prompt", required=True)
     pr.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                     help="prepend BOS (default: the model's own setting; SmolLM2 uses none)")  # fmt: skip
-    pr.add_argument("--top-k", type=int, default=10)
+    pr.add_argument("--top-k", type=_count(1), default=10)
     pr.add_argument("--json", action="store_true", help='print {"tokens": [...], "top": [[text, id, logit], ...]}')
     pr.set_defaults(func=_predict)
 
-    pa = sub.add_parser("patch", help="activation / attention patching sweep (clean into corrupt by default)")
+    pa = sub.add_parser(
+        "patch", help="activation / attention patching sweep (clean into corrupt by default)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax patch --clean 'When Mary and John went to the store, John gave a drink to' \\\n"
+               "      --corrupt 'When Mary and John went to the store, Mary gave a drink to' --answer ' Mary' --wrong ' John' \\\n"
+               "      --site z --by layer,head --out runs/patch_z.npz --png runs/patch_z.png",
+    )  # fmt: skip
     _sweep_arguments(pa)
     pa.add_argument("--layers", default=None, help="comma list of layers to patch (default all)")
-    pa.add_argument("--chunk-size", type=int, default=None, help="patches per compiled call (default: automatic)")
-    pa.add_argument("--memory-gb", type=float, default=4.0, help="memory budget that sets the chunk size")
+    pa.add_argument("--chunk-size", type=_count(1), default=None, help="patches per compiled call (default: automatic)")
+    pa.add_argument("--memory-gb", type=_positive, default=4.0, help="memory budget that sets the chunk size")
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     pa.set_defaults(func=_patch)
 
-    at = sub.add_parser("attribute", help="gradient estimates of a patching sweep (same shapes and file layout) or of every edge")
+    at = sub.add_parser(
+        "attribute", help="gradient estimates of a patching sweep (same shapes and file layout) or of every edge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax attribute --method atp --clean 'When Mary and John went to the store, John gave a drink to' \\\n"
+               "      --corrupt 'When Mary and John went to the store, Mary gave a drink to' --answer ' Mary' --wrong ' John' \\\n"
+               "      --site z --by layer,head --out runs/atp_z.npz --png runs/atp_z.png\n"
+               "  (--method eap-ig scores every edge instead and writes scores [sources, destinations])",
+    )  # fmt: skip
     at.add_argument("--method", choices=["atp", "atp-star", *EDGE_METHODS], default="atp",
                     help="atp: attribution patching; atp-star: with the attention-saturation fix (AtP*); eap, eap-ig, "
                          "eap-ig-activations: every edge of the graph, written as scores [sources, destinations]")  # fmt: skip
     _sweep_arguments(at)
     at.add_argument("--graddrop", action="store_true", help="atp-star: add GradDrop (unsigned magnitudes)")
-    at.add_argument("--steps", type=int, default=8, help="eap-ig*: interpolation steps")
+    at.add_argument("--steps", type=_count(1), default=8, help="eap-ig*: interpolation steps")
     at.set_defaults(func=_patch, quiet=True)
 
-    dc = sub.add_parser("discover", help="find a circuit for a task (ACDC, EAP, EAP-IG) and score its faithfulness")
+    dc = sub.add_parser(
+        "discover", help="find a circuit for a task (ACDC, EAP, EAP-IG) and score its faithfulness", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  circuits-jax discover --task ioi --method eap-ig --fraction 0.01 --out runs/ioi_circuit\n"
+               "  circuits-jax discover --task constructed-induction --method acdc --threshold 0.01 --out runs/acdc_toy\n"
+               "writes OUT/circuit.json, circuit/ (orbax), faithfulness.png, circuit.png, circuit.html",
+    )  # fmt: skip
     dc.add_argument("--task", required=True, help="ioi, induction, greater-than, factual-recall (SmolLM2 or --model), "
                     "or a model with a known circuit: toy-induction, ...")
     dc.add_argument("--model", default="smollm2")
@@ -708,14 +802,14 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--level", choices=["edge", "node"], default="edge", help="acdc: edges, or heads and MLPs whole")
     dc.add_argument("--threshold", type=float, default=None,
                     help="acdc: τ on the loss change (default 0.01); eap*: keep edges with |score| >= T")
-    dc.add_argument("--fraction", type=float, default=0.01, help="eap*: fraction of edges kept (default 1%%)")
+    dc.add_argument("--fraction", type=_share, default=0.01, help="eap*: fraction of edges kept (default 1%%)")
     dc.add_argument("--construct", choices=["topn", "greedy"], default="greedy", help="eap*: how scores become a circuit")
     dc.add_argument("--loss", choices=["kl", "metric"], default="kl", help="acdc: KL to the model, or the task metric")
     dc.add_argument("--ablation", choices=["patching", "zero", "mean"], default="patching")
-    dc.add_argument("--steps", type=int, default=8, help="eap-ig: interpolation steps")
-    dc.add_argument("--n", type=int, default=16, help="prompt pairs")
+    dc.add_argument("--steps", type=_count(1), default=8, help="eap-ig: interpolation steps")
+    dc.add_argument("--n", type=_count(1), default=16, help="prompt pairs")
     dc.add_argument("--seed", type=int, default=0)
-    dc.add_argument("--draw-edges", type=int, default=300, help="largest edges drawn in circuit.png (edge level)")
+    dc.add_argument("--draw-edges", type=_count(1), default=300, help="largest edges drawn in circuit.png (edge level)")
     dc.add_argument("--out", required=True, help="output directory")
     dc.add_argument("--quiet", action="store_true", help="no progress bar")
     dc.set_defaults(func=_discover)
@@ -730,27 +824,27 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the same command again to resume an interrupted run.",
     )  # fmt: skip
     ts.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
-    ts.add_argument("--site", help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
-    ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
-    ts.add_argument("--transcoder", type=int, metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
+    ts.add_argument("--site", type=_site_arg, help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
+    ts.add_argument("--target", type=_site_arg, help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
+    ts.add_argument("--transcoder", type=_count(0), metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
     ts.add_argument("--clt-layers", metavar="A-B", help="a cross-layer transcoder over layers A..B")
     ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
-    ts.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
-    ts.add_argument("--width", type=int, default=4608, help="number of latents")
-    ts.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (activations stored on disk)")
-    ts.add_argument("--epochs", type=int, default=1, help="passes over the stored tokens (each reshuffled)")
+    ts.add_argument("--k", type=_count(1), default=32, help="active latents per token (topk, batchtopk)")
+    ts.add_argument("--width", type=_count(1), default=4608, help="number of latents")
+    ts.add_argument("--tokens", type=_count(1), default=1_000_000, help="training tokens (activations stored on disk)")
+    ts.add_argument("--epochs", type=_count(1), default=1, help="passes over the stored tokens (each reshuffled)")
     ts.add_argument("--out", required=True, help="output directory (store, checkpoints, dictionary, eval)")
     ts.add_argument("--corpus", default="python-docs", help="python-docs (Debian python3.11-doc), pydoc-topics, a .txt/.jsonl file or a directory")
     ts.add_argument("--store", help="activation store directory to reuse or build (default OUT/store)")
-    ts.add_argument("--ctx-len", type=int, default=128)
-    ts.add_argument("--batch-size", type=int, default=1024)
-    ts.add_argument("--lr", type=float, default=4e-4)
+    ts.add_argument("--ctx-len", type=_count(2), default=128)
+    ts.add_argument("--batch-size", type=_count(1), default=1024)
+    ts.add_argument("--lr", type=_positive, default=4e-4)
     ts.add_argument("--lr-schedule", default="linear", choices=["linear", "cosine", "constant"],
                     help="after a 100-step warm-up: constant then linear decay over the last 20%% (default), cosine, constant")  # fmt: skip
     ts.add_argument("--l1-coeff", type=float, default=5.0, help="relu: L1 coefficient")
     ts.add_argument("--l0-coeff", type=float, default=1e-3, help="jumprelu: L0 coefficient")
-    ts.add_argument("--dead-after", type=int, default=200_000, help="tokens without firing before a latent counts as dead")
-    ts.add_argument("--eval-contexts", type=int, default=64, help="held-out contexts for evaluation")
+    ts.add_argument("--dead-after", type=_count(1), default=200_000, help="tokens without firing before a latent counts as dead")
+    ts.add_argument("--eval-contexts", type=_count(1), default=64, help="held-out contexts for evaluation")
     ts.add_argument("--seed", type=int, default=0)
     _mesh_argument(ts)
     ts.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -764,10 +858,10 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("dir", help="a train-sae output directory (or its dictionary/ folder)")
     fe.add_argument("--html", action="store_true", help="write the dashboards page")
     fe.add_argument("--out", help="HTML file (default DIR/features.html)")
-    fe.add_argument("--n", type=int, default=32, help="features to show")
+    fe.add_argument("--n", type=_count(1), default=32, help="features to show")
     fe.add_argument("--how", default="random", choices=["random", "top_density", "top_max"], help="which features")
-    fe.add_argument("--contexts", type=int, default=256, help="corpus contexts to scan")
-    fe.add_argument("--ctx-len", type=int, default=64)
+    fe.add_argument("--contexts", type=_count(1), default=256, help="corpus contexts to scan")
+    fe.add_argument("--ctx-len", type=_count(2), default=64)
     fe.add_argument("--model", help="override the model recorded with the dictionary")
     fe.add_argument("--corpus", help="override the corpus recorded with the dictionary")
     fe.add_argument("--seed", type=int, default=0)
@@ -785,75 +879,96 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--transcoders", required=True, help="directory of per-layer transcoders (layer_XX/dictionary)")
     gr.add_argument("--prompt", required=True, help="the prompt (BOS is prepended)")
     gr.add_argument("--out", required=True, help="output directory")
-    gr.add_argument("--max-feature-nodes", type=int, default=None, help="feature rows to compute (default: every active feature)")
-    gr.add_argument("--batch-size", type=int, default=64, help="target rows per compiled backward pass")
+    gr.add_argument("--max-feature-nodes", type=_count(1), default=None, help="feature rows to compute (default: every active feature)")
+    gr.add_argument("--batch-size", type=_count(1), default=64, help="target rows per compiled backward pass")
     gr.add_argument("--node-threshold", type=float, default=0.8, help="share of influence the kept nodes hold")
     gr.add_argument("--edge-threshold", type=float, default=0.98, help="share of influence the kept edges hold")
-    gr.add_argument("--examples", type=int, default=64, help="corpus contexts scanned for each kept feature's top examples (0: none)")
+    gr.add_argument("--examples", type=_count(0), default=64, help="corpus contexts scanned for each kept feature's top examples (0: none)")
     gr.add_argument("--corpus", default="pydoc-topics", help="corpus for the feature examples")
     gr.add_argument("--slug", help="graph name in the JSON")
     gr.add_argument("--quiet", action="store_true", help="no progress bars")
     gr.set_defaults(func=_graph)
 
-    st = sub.add_parser("steer", help="ActAdd steering: generations per coefficient and a next-token / perplexity sweep plot")
+    st = sub.add_parser(
+        "steer", help="ActAdd steering: generations per coefficient and a next-token / perplexity sweep plot", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax steer --positive Love --negative Hate --layer 6 --coeffs=-10,0,10 \\\n"
+               "      --prompt 'I think you are' --out runs/steer    # writes runs/steer/steer.png, steer.json",
+    )  # fmt: skip
     st.add_argument("--model", default="smollm2")
     st.add_argument("--positive", required=True, help="positive ActAdd prompt, e.g. 'Love'")
     st.add_argument("--negative", required=True, help="negative ActAdd prompt, e.g. 'Hate'")
-    st.add_argument("--layer", type=int, required=True, help="steer blocks.LAYER.hook_resid_pre")
+    st.add_argument("--layer", type=_count(0), required=True, help="steer blocks.LAYER.hook_resid_pre")
     st.add_argument("--coeffs", required=True, help="comma-separated coefficients; write --coeffs=-5,0,5 when the first is negative")
     st.add_argument("--prompt", required=True, help="the prompt to steer (at least as many tokens as the ActAdd prompts)")
-    st.add_argument("--max-new-tokens", type=int, default=20)
+    st.add_argument("--max-new-tokens", type=_count(1), default=20)
     st.add_argument("--align", choices=("error", "pad"), default="error",
                     help="prompts of different token lengths: error (default) or right-pad the shorter with ' '")  # fmt: skip
     st.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None, help="prepend BOS (default: the model's)")
     st.add_argument("--out", default="steer_out", help="directory for steer.png and steer.json")
     st.set_defaults(func=_steer)
 
-    tf = sub.add_parser("trace-fact", help="causal tracing (Meng et al.): where restoring clean states brings a fact back")
+    tf = sub.add_parser(
+        "trace-fact", help="causal tracing (Meng et al.): where restoring clean states brings a fact back", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax trace-fact --prompt 'The Eiffel Tower is located in the city of' \\\n"
+               "      --subject 'The Eiffel Tower' --answer ' Paris' --out runs/trace_eiffel",
+    )  # fmt: skip
     tf.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
     tf.add_argument("--prompt", required=True, help="e.g. 'The Eiffel Tower is located in the city of'")
     tf.add_argument("--subject", required=True, help="the subject as it appears in the prompt (its tokens are noised)")
     tf.add_argument("--answer", default=None, help="the answer token, e.g. ' Paris' (default: the model's top next token)")
     tf.add_argument("--kinds", default="resid,mlp,attn", help="comma list of resid, mlp, attn")
-    tf.add_argument("--samples", type=int, default=10, help="noise draws")
-    tf.add_argument("--window", type=int, default=10, help="layers restored around each layer for mlp/attn")
-    tf.add_argument("--noise", type=float, default=None, help="noise std (default 3 x std of the token embeddings)")
+    tf.add_argument("--samples", type=_count(1), default=10, help="noise draws")
+    tf.add_argument("--window", type=_count(1), default=10, help="layers restored around each layer for mlp/attn")
+    tf.add_argument("--noise", type=_positive, default=None, help="noise std (default 3 x std of the token embeddings)")
     tf.add_argument("--seed", type=int, default=0)
     tf.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None)
     tf.add_argument("--out", required=True, help="output directory (trace.png, trace.json, trace.npz)")
     tf.add_argument("--quiet", action="store_true", help="no progress bar")
     tf.set_defaults(func=_trace_fact)
 
-    sc = sub.add_parser("scrub", help="causal scrubbing of the induction hypothesis on the trained induction model")
+    sc = sub.add_parser(
+        "scrub", help="causal scrubbing of the induction hypothesis on the trained induction model", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax scrub --trees 1000 --wrong-prev 0 --out runs/scrub.json\n"
+               "trains (or loads from the cache) the 2-layer attention-only induction model first",
+    )  # fmt: skip
     sc.add_argument("--seed", type=int, default=0, help="training seed of cj.known.induction_model")
     sc.add_argument("--prev-heads", default="auto", help="layer-0 previous-token heads, e.g. '2' (auto: from attention)")
     sc.add_argument("--induction-heads", default="auto", help="layer-1 induction heads, e.g. '0,1' (auto: from attention)")
-    sc.add_argument("--wrong-prev", type=int, default=None, help="also scrub with this layer-0 head as the previous-token head")
-    sc.add_argument("--trees", type=int, default=1000, help="sampled input trees")
-    sc.add_argument("--rows", type=int, default=4096, help="dataset rows the inputs are drawn from")
-    sc.add_argument("--n", type=int, default=10, help="length of the repeated segment")
+    sc.add_argument("--wrong-prev", type=_count(0), default=None, help="also scrub with this layer-0 head as the previous-token head")
+    sc.add_argument("--trees", type=_count(2), default=1000, help="sampled input trees")
+    sc.add_argument("--rows", type=_count(2), default=4096, help="dataset rows the inputs are drawn from")
+    sc.add_argument("--n", type=_count(1), default=10, help="length of the repeated segment")
     sc.add_argument("--out", default=None, help="write the numbers to this .json")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
     sc.set_defaults(func=_scrub)
 
-    da = sub.add_parser("das", help="distributed alignment search of IOI's IO-position variable, IIA per layer")
+    da = sub.add_parser(
+        "das", help="distributed alignment search of IOI's IO-position variable, IIA per layer", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax das --layers 0,6,12,18,24 --method low_rank --k 1 --out runs/das/ioi.json\n"
+               "writes the JSON and a plot of IIA per layer beside it (runs/das/ioi.png)",
+    )  # fmt: skip
     da.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
-    da.add_argument("--kind", default="hook_resid_pre", help="site kind at the END position, e.g. hook_resid_post")
+    da.add_argument("--kind", type=_kind_arg, default="hook_resid_pre", help="site kind at the END position, e.g. hook_resid_post")
     da.add_argument("--layers", default=None, help="'0-3' or '0,6,12' (default: every --layer-step-th layer)")
-    da.add_argument("--layer-step", type=int, default=3)
+    da.add_argument("--layer-step", type=_count(1), default=3)
     da.add_argument("--method", default="low_rank", choices=["das", "low_rank", "boundless"])
-    da.add_argument("--k", type=int, default=1, help="interchanged rotated dimensions (initial boundary for boundless)")
-    da.add_argument("--pairs", type=int, default=192)
-    da.add_argument("--n-train", type=int, default=128)
-    da.add_argument("--steps", type=int, default=50)
-    da.add_argument("--batch", type=int, default=8)
-    da.add_argument("--lr", type=float, default=1e-2)
+    da.add_argument("--k", type=_count(1), default=1, help="interchanged rotated dimensions (initial boundary for boundless)")
+    da.add_argument("--pairs", type=_count(2), default=192)
+    da.add_argument("--n-train", type=_count(1), default=128)
+    da.add_argument("--steps", type=_count(1), default=50)
+    da.add_argument("--batch", type=_count(1), default=8)
+    da.add_argument("--lr", type=_positive, default=1e-2)
     da.add_argument("--seed", type=int, default=0)
     da.add_argument("--out", default=None, help="write the numbers to this .json (and a plot beside it)")
     da.add_argument("--quiet", action="store_true", help="no progress bar")
     da.set_defaults(func=_das)
 
-    pp = sub.add_parser("path-patch", help="path patching: each sender's direct effect through chosen receivers")
+    pp = sub.add_parser(
+        "path-patch", help="path patching: each sender's direct effect through chosen receivers", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  circuits-jax path-patch --clean 'When Mary and John went to the store, John gave a drink to' \\\n"
+               "      --corrupt 'When Mary and John went to the store, Mary gave a drink to' --answer ' Mary' --wrong ' John' \\\n"
+               "      --receivers logits --senders heads --out runs/pp.npz --png runs/pp.png",
+    )  # fmt: skip
     _pair_arguments(pp)
     pp.add_argument("--receivers", action="append", required=True,
                     help="destinations: names or globs, comma separated ('a23.h*<q>', 'm12', 'logits'); repeat the "
