@@ -14,7 +14,9 @@ Three parts, each optional (`--parts`):
    a fixed `--chunk` that every mesh divides, so each mesh does the same work). For each mesh
    (`sweep x data x model`, e.g. 1, 2, 4, 8, 4x2): first call (compile + run) and the median of
    `--repeats` steady-state calls, patches/s, the max |difference| of the raw metric against the
-   unsharded run, and executed FLOP/s as a share of a float32 matmul measured in the same run.
+   unsharded run, executed FLOP/s as a share of a float32 matmul measured in the same run, and XLA's
+   own FLOP count per device of the chunk program as partitioned for that mesh (`cost_analysis`: it
+   shows the work is split, whatever the wall clock of simulated devices does).
    The peer: TransformerLens's `get_act_patch_resid_pre` (one hooked forward of the whole batch per
    patch) on a `TransformerBridge` over the same weights (`patching.boot_bridge`), on a
    deterministic subset of the same patches, with its ratio and agreement.
@@ -195,6 +197,36 @@ def bench_tl(model, tok, task, n_patches: int, quiet_wait: float, seed: int = 0)
                 clean=float(t.torch_metric(clean_logits)), corrupt=float(t.torch_metric(corrupt_logits)))  # fmt: skip
 
 
+def chunk_cost(model, task, sizes, chunk: int) -> dict:
+    """XLA's own count for the sweep's first chunk program as partitioned for `sizes` (None: unsharded):
+    FLOP and bytes per device (`cost_analysis`, a `while` body counted once, so compare across meshes, not
+    with `ours_flop`) and the collectives in it. Placed like `patch_sweep` places its inputs; compile only."""
+    from circuits_jax import _sharding as sh
+
+    B, T = task.clean.shape
+    L, D = model.cfg.n_layers, model.cfg.d_model
+    rows = np.stack([np.repeat(np.asarray(SWEEP_LAYERS), T), np.tile(np.arange(T), len(SWEEP_LAYERS))], 1)[:chunk]
+    rows = rows.astype(np.int32)
+    pos = jnp.asarray(task.answer_pos if task.answer_pos is not None else np.full(B, T - 1), jnp.int32)
+    stack = jnp.zeros((L, B, T, D), jnp.float32)
+    m, tokens, metric, rows_in = model, jnp.asarray(task.corrupt), task.metric, jnp.asarray(rows)
+    if sizes is not None:
+        mesh = build_mesh(sizes)
+        m, metric = sh.shard_model(model, mesh), sh.replicate(task.metric, mesh)
+        tokens, pos, rows_in = sh.shard_batch(task.corrupt, mesh), sh.shard_batch(pos, mesh), sh.shard_rows(rows, mesh)
+
+    def prog(m, tokens, positions, resid, source, metric, start, rows):
+        return _score_chunk(m, tokens, None, positions, resid, source, metric, start, rows, "hook_resid_pre", (0,), (T, D))
+
+    compiled = jax.jit(prog).lower(m, tokens, pos, stack, stack, metric, jnp.int32(rows[0, 0]), rows_in).compile()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    text = compiled.as_text()
+    return dict(xla_gflop_per_device=float(cost.get("flops", float("nan"))) / 1e9,
+                xla_gbytes_per_device=float(cost.get("bytes accessed", float("nan"))) / 1e9,
+                collectives={op: text.count(op + "(") + text.count(op + "-start(") for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute")})  # fmt: skip
+
+
 def part_sweep(model, tok, args, peak: float) -> dict:
     task = cj.ioi_task(tok, n=args.pairs)
     B, T = task.clean.shape
@@ -210,6 +242,8 @@ def part_sweep(model, tok, args, peak: float) -> dict:
     executed = B * flop["executed"]  # ours_flop counts one sequence
 
     ref = bench_sweep_mesh(model, task, None, chunk, args.repeats, args.quiet_wait)
+    if args.xla_cost:
+        ref.update(chunk_cost(model, task, None, chunk))
     rows = [dict(mesh="no mesh", devices=1, **_sweep_row(ref, ref, n_patches, executed, peak))]
     print(_sweep_line(rows[-1]), flush=True)
     for spec in args.sweep_meshes:
@@ -219,6 +253,8 @@ def part_sweep(model, tok, args, peak: float) -> dict:
                   f"the {len(jax.devices())} devices")  # fmt: skip
             continue
         got = bench_sweep_mesh(model, task, sizes, chunk, args.repeats, args.quiet_wait)
+        if args.xla_cost:
+            got.update(chunk_cost(model, task, sizes, chunk))
         rows.append(dict(mesh=mesh_label(sizes), devices=n_devices(sizes), **_sweep_row(got, ref, n_patches, executed, peak)))
         print(_sweep_line(rows[-1]), flush=True)
 
@@ -234,6 +270,7 @@ def part_sweep(model, tok, args, peak: float) -> dict:
             r["over_tl"] = r["pps"] / tl_pps
         rows.append(dict(mesh="TransformerLens loop", devices=1, first_s=float("nan"), compile_s=float("nan"), steady_s=tl["seconds"] / tl["n"] * n_patches,
                          pps=tl_pps, frac_mm=tl["frac_mm"], max_abs_diff=tl["max_abs_diff"], over_tl=1.0,
+                         xla_gflop_per_device=float("nan"),
                          other_cpu=tl["other_cpu"], est=True))  # fmt: skip
         print(f"  TransformerLens: {tl['ms_per_patch']:.0f} ms/patch over {tl['n']} patches (whole batch per patch); "
               f"max|Δraw| vs ours {tl['max_abs_diff']:.1e}; clean/corrupt metric {tl['clean']:.3f}/{tl['corrupt']:.3f}")  # fmt: skip
@@ -243,7 +280,8 @@ def part_sweep(model, tok, args, peak: float) -> dict:
     print(f"patches/s: {n_patches} patches / median steady-state s. Δraw: max |raw metric - no-mesh run| (TL row: against "
           f"the no-mesh run on its {args.tl_patches} patches; its s is extrapolated to all {n_patches}). %mm: executed FLOP/s "
           f"({executed / 1e9:.1f} GFLOP per sweep: {flop['layer_passes']} layer passes x {B} prompts, see ours_flop) "
-          "over the JAX matmul rate. ×TL: patches/s over TransformerLens's.")  # fmt: skip
+          "over the JAX matmul rate. XLA GFLOP/device: cost_analysis of the first chunk's program as partitioned "
+          "(it should fall as 1/devices). ×TL: patches/s over TransformerLens's.")  # fmt: skip
     return dict(pairs=B, tokens=T, layers=list(SWEEP_LAYERS), n_patches=n_patches, chunk=chunk,
                 flop_executed=executed, flop_useful=B * flop["useful"], flop_tl_per_patch=B * tl_flop(cfg, T),
                 layer_flop=layer_flop(cfg, T), clean_metric=ref["clean"], corrupt_metric=ref["corrupt"], rows=rows,
@@ -253,7 +291,8 @@ def part_sweep(model, tok, args, peak: float) -> dict:
 def _sweep_row(got, ref, n_patches, executed, peak) -> dict:
     return dict(first_s=got["first_s"], compile_s=got["first_s"] - got["steady_s"], steady_s=got["steady_s"], times=got["times"], pps=n_patches / got["steady_s"],
                 frac_mm=executed / got["steady_s"] / peak, max_abs_diff=float(np.max(np.abs(got["raw"] - ref["raw"]))),
-                other_cpu=got["other_cpu"], chunk=got["chunk"])  # fmt: skip
+                other_cpu=got["other_cpu"], chunk=got["chunk"], xla_gflop_per_device=got.get("xla_gflop_per_device", float("nan")),
+                xla_gbytes_per_device=got.get("xla_gbytes_per_device", float("nan")), collectives=got.get("collectives"))  # fmt: skip
 
 
 def _sweep_line(r) -> str:
@@ -267,9 +306,10 @@ SWEEP_COLUMNS = [
     ("1st call s", "first_s", "{:.1f}"),
     ("1st − steady s", "compile_s", "{:.1f}"),
     ("steady s", "steady_s", "{:.2f}"),
-    ("patches/s", "pps", "{:.1f}"),
+    ("patches/s", "pps", "{:.2f}"),
     ("%mm", "frac_mm", "{:.0%}"),
     ("max|Δraw|", "max_abs_diff", "{:.1e}"),
+    ("XLA GFLOP/device", "xla_gflop_per_device", "{:.1f}"),
     ("×TL", "over_tl", "{:.1f}"),
     ("other CPU", "other_cpu", "{:.0%}"),
 ]
@@ -537,6 +577,8 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=8, help="IOI prompt pairs in the sweep's batch")
     p.add_argument("--chunk", type=int, default=48, help="patches per compiled call (a multiple of every sweep size)")
     p.add_argument("--repeats", type=int, default=2, help="steady-state sweep calls per mesh (median reported)")
+    p.add_argument("--no-xla-cost", dest="xla_cost", action="store_false",
+                   help="skip compiling each mesh's chunk program once more for XLA's per-device FLOP count")
     p.add_argument("--tl-patches", type=int, default=12, help="patches TransformerLens runs (0: skip it)")
     p.add_argument("--sae-width", type=int, default=4608)
     p.add_argument("--sae-k", type=int, default=32)

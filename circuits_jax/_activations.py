@@ -135,6 +135,11 @@ class ActivationStore:
     meta: dict
     files: tuple[int, ...] | None = None  # file index of each site (a `select`ed view); None: 0, 1, ...
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
     @property
     def n_tokens(self) -> int:
         return self.n_chunks * self.chunk_tokens

@@ -58,6 +58,11 @@ class AttributionGraph:
     error_norms: np.ndarray  # [L, T]
     info: dict = dataclasses.field(default_factory=dict)
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
     @property
     def n_pos(self) -> int:
         return len(self.tokens)
@@ -356,6 +361,11 @@ class Pruned:
     cumulative: np.ndarray  # [N]: share of influence held by this node and every node above it
     node_threshold: float
     edge_threshold: float
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
 
 
 def prune(g: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:

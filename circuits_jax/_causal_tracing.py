@@ -60,6 +60,11 @@ class CausalTrace(NamedTuple):
     seconds: float  # wall time of the restoration sweep, compile included
     first_chunk_seconds: float  # wall time of its first compiled call (compiles unless cached)
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
     @property
     def indirect_effect(self) -> np.ndarray:
         """`scores - corrupt` [L, T]: how much restoring each site brings the answer back."""

@@ -53,6 +53,11 @@ class Circuit:
     def __post_init__(self):
         self.edges = np.asarray(self.edges, bool) & self.graph.mask
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self, skip=("graph", "edges"), extra=dict(edges=f"{self.n_edges} of {self.graph.n_edges} kept", graph=repr(self.graph)))
+
     @property
     def n_edges(self) -> int:
         return int(self.edges.sum())

@@ -247,6 +247,11 @@ class LayerProbes(NamedTuple):
     train_accuracy: np.ndarray  # [L]
     probes: Probe  # stacked: w [L, D], b [L], ...
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 def probe_layers(acts, y, train_idx, test_idx, *, l2: float = 1e-3, steps: int = 300, lr: float = 0.05,
                  seed: int = 0) -> LayerProbes:  # fmt: skip
@@ -399,6 +404,11 @@ class TCAVResult(NamedTuple):
     cavs: np.ndarray  # [R, D] unit concept CAVs
     derivatives: np.ndarray  # [R, N] directional derivatives of the class inputs along each concept CAV
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 def cav_pairs(pairs: Sequence[tuple], *, l2: float = 1e-3, steps: int = 300, lr: float = 0.05,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
@@ -540,6 +550,11 @@ class NeuronAttribution(NamedTuple):
     attributions: np.ndarray  # [N, C] gradient x activation per upstream component
     components: list[str]  # [C] names: "L{j}H{h}" heads, then "L{l-1}N{m}" neurons
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 def neuron_attributions(model: Transformer, tokens, layer: int, neuron: int, *, heads: bool = True,
                         neurons: bool = True, chunk: int = 16, skip: int = 1,
@@ -636,6 +651,11 @@ class PureSplit(NamedTuple):
     circuit_fraction: np.ndarray  # [k, k]: inputs of cluster a, share of |attribution| on circuit b's components
     silhouette: float  # cosine silhouette of the clustering
     centroids: np.ndarray  # [k, C] mean attribution vector per cluster
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
 
 
 def pure_split(attributions, activation, components: Sequence[str], *, k: int = 2, top: int = 8,

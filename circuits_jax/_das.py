@@ -210,6 +210,11 @@ class DASResult:
     n_train: int
     n_test: int
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
     def to_json(self) -> dict:
         return dict(kind=self.kind, layers=self.layers, k=self.k, method=self.method, n_train=self.n_train,
                     n_test=self.n_test, iia=self.iia.tolist(), iia_random=self.iia_random.tolist(),
@@ -412,6 +417,11 @@ class PositionSearch:
     iia_random: np.ndarray  # [P, L]
     iia_full: np.ndarray  # [P, L]
     results: dict[str, DASResult]
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
 
     def best(self) -> tuple[str, int, float]:
         """`(position name, layer, IIA)` of the highest held-out IIA."""

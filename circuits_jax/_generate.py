@@ -28,6 +28,11 @@ class Generation(NamedTuple):
     tokens: Array  # [B, N] the generated tokens
     logits: Array  # [B, N, V] the logits each was drawn from (after interventions, before sampling filters)
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 class _CacheTap:
     """A layer's tap: the user's hooks, then the key / value written into this layer's buffers."""

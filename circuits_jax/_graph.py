@@ -60,6 +60,9 @@ class Graph:
     source_order: np.ndarray
     dest_order: np.ndarray
 
+    def __repr__(self) -> str:  # counts, not the thousands of node names
+        return f"Graph({self.cfg.n_layers} layers, {len(self.sources)} sources, {len(self.destinations)} destinations, {self.n_edges} edges)"
+
     @staticmethod
     @functools.lru_cache(maxsize=32)
     def of(cfg: Config) -> "Graph":
@@ -250,6 +253,11 @@ class EdgeScores:
     corrupt_metric: float
     method: str
     seconds: float
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self, skip=("graph",), extra=dict(graph=repr(self.graph)))
 
     @property
     def mask(self) -> np.ndarray:
@@ -577,6 +585,11 @@ class PathPatchResult:
     receivers: list[list[str]]  # the destination names of each group
     senders: list[str]
     seconds: float
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
 
 
 def path_patch(

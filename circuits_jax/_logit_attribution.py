@@ -21,6 +21,11 @@ class Decomposition(NamedTuple):
     components: np.ndarray  # [C, B, D]: writers to the residual stream at the position
     labels: list[str]  # C names: "embed", "pos_embed", "L{l}H{h}", "L{l}.attn_bias", "L{l}.mlp"
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 def _at(a, pos):
     return a[jnp.arange(a.shape[0]), pos]

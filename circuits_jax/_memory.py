@@ -10,9 +10,13 @@ inputs (`jax.ShapeDtypeStruct`: shapes only, nothing allocated or computed) at t
 
 Arguments (the model's weights, the cached residual stream `[L, B, T, D]` and source activations
 `[L, B, *act]`, the train state) do not grow with n; the temporaries of the vmapped runs (or of the
-`[N, F]` latents) do. Two compiles fit `bytes(n) = fixed + n * per_item`, and the plan is the largest
-n with `bytes(n) <= safety * budget`, capped (`max_chunk`, `max_batch`). When even n = 1 does not fit,
-`DoesNotFit` says so before any compute, naming every number and what to change.
+`[N, F]` latents) do. Two compiles fit `bytes(n) = fixed + n * per_item`; the line proposes the
+largest n with `bytes(n) <= safety * budget`, capped (`max_chunk`, `max_batch`), and the proposal is
+compiled too and lowered until its own compile fits (the footprint is only piecewise linear: XLA
+picks other kernels and buffer reuse as sizes grow), so a plan's size is always a measured one.
+When even n = 1 does not fit, `DoesNotFit` says so before any compute, naming every number and
+what to change. On CPU the compiled numbers are what the process allocates: a SmolLM2 sweep
+chunk's resident-memory growth matched its compiled temp + output to 0.1 % (docs/memory_planning.md).
 
 The budget defaults to `device_memory()`: the accelerator's `bytes_limit` where the backend reports
 it (GPU, TPU), else the host's available memory (CPU). What this does not count: buffers that live
@@ -31,7 +35,7 @@ import numpy as np
 
 from ._activations import _available_memory
 from ._metrics import LogitDiff
-from ._patching import SITES, _check_site_axes, _score_chunk, auto_chunk
+from ._patching import _check_site_axes, _score_chunk, auto_chunk
 from ._sites import Site, site_shape
 
 
@@ -116,8 +120,9 @@ class MemoryPlan(NamedTuple):
 
     def __str__(self) -> str:
         kind = "chunk" if self.item == "patch" else "batch"
+        items = self.item if self.size == 1 else f"{self.item}es" if self.item == "patch" else f"{self.item}s"
         return (
-            f"{self.what}: {kind} of {self.size} {self.item}{'' if self.size == 1 else 'es' if self.item == 'patch' else 's'} needs "
+            f"{self.what}: {kind} of {self.size} {items} needs "
             f"{_fmt(self.size_bytes)} (compiled; line: {_fmt(self.fixed_bytes)} fixed + {_fmt(self.per_item_bytes)} per "
             f"{self.item}), budget {_fmt(self.safety * self.budget_bytes)} ({self.safety:.0%} of "
             f"{_fmt(self.budget_bytes)}); {self.note}"

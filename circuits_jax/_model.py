@@ -76,6 +76,11 @@ class RunOutput(NamedTuple):
     resid: Array  # residual stream after the last layer run, [B, T, D]
     cache: dict[str, Array]  # requested sites, by full name
 
+    def __repr__(self) -> str:  # shapes and site names, not array contents
+        from ._repr import summary
+
+        return summary(self, items=8)
+
 
 def init_model(cfg: Config, *, key: Array, std: float = 0.02) -> Transformer:
     """Random weights for any config (normal(0, std) matrices, zero biases, unit norms)."""

@@ -66,6 +66,11 @@ class PatchResult(NamedTuple):
     seconds: float
     chunk_size: int
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 def _check_site_axes(site: str, by: Sequence[str], cfg: Config) -> tuple[str, dict[str, int]]:
     if site not in SITES:

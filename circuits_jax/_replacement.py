@@ -287,6 +287,11 @@ class Trace(NamedTuple):
     acts: Array  # [L, B, T, F] transcoder features (zero at BOS)
     errors: Array  # [L, B, T, D] real MLP output minus the transcoder's reconstruction
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 def _stack(cache, kind, L):
     return jnp.stack([cache[f"blocks.{l}.{kind}"] for l in range(L)])

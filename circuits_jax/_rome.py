@@ -69,6 +69,11 @@ class RomeInfo(NamedTuple):
     kl: np.ndarray  # [steps] KL(edited || original) at the essence prompt
     seconds: float  # wall time of the whole edit
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 # --------------------------------------------------------------------------- checks and token positions
 

@@ -48,6 +48,11 @@ class Evaluation:
     n_tokens: int
     layer_fvu: list[float] | None = None  # CLT: fraction of variance unexplained per target layer
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
     def summary(self) -> dict:
         """Every field but the per-latent density (JSON-ready)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "density"}

@@ -133,6 +133,11 @@ class TrainResult:
     seconds: float  # wall-clock of this call's steps (excluding checkpoint writes)
     resumed_from: int  # step restored from a checkpoint (0 for a fresh run)
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 def _ckpts(root: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "done").exists())

@@ -349,6 +349,11 @@ class ScrubResult:
     n: int
     seconds: float
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
     def table(self) -> str:
         w = max([28, *map(len, self.recovered)])
         rows = [f"{'hypothesis':<{w}} {'loss':>8} {'recovered':>10}  95% CI",

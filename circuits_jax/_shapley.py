@@ -51,6 +51,11 @@ class ShapleyResult(NamedTuple):
     seconds: float
     chunk_size: int
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self)
+
 
 def _components(components, site: str, cfg) -> list[tuple[str, int, dict]]:
     """Normalise to `(site, layer, {axis: index})`; a tuple of ints `(layer, *indices)` is shorthand

@@ -61,6 +61,11 @@ class Task:
     truth_ablation: str | None = None
     notes: str = ""
 
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ._repr import summary
+
+        return summary(self, drop_none=True)
+
     def __post_init__(self):
         self.clean = np.atleast_2d(np.asarray(self.clean, np.int32))
         self.corrupt = np.atleast_2d(np.asarray(self.corrupt, np.int32))

@@ -22,6 +22,10 @@ class Tokenizer:
         self.pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
         self.default_prepend_bos = default_prepend_bos
 
+    def __repr__(self) -> str:  # the special tokens and the BOS default, not the vocabulary
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos_token_id={self.bos_token_id}, eos_token_id={self.eos_token_id}, "
+                f"pad_token_id={self.pad_token_id}, default_prepend_bos={self.default_prepend_bos})")
+
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()

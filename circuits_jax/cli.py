@@ -77,7 +77,8 @@ def _patch(args) -> int:
     mesh = _mesh(args)  # a bad --mesh fails before the model loads
     axes = PATCH_SITES[args.site][1]
     if not by or by[0] != "layer" or len(set(by)) != len(by) or any(a not in ("layer", *axes) for a in by):
-        raise ValueError(f"--by {args.by!r} for --site {args.site}: give 'layer' first, then any of {', '.join(axes)}")
+        raise ValueError(f"invalid axes {args.by!r} for --by with --site {args.site}: give 'layer' first, then any of "
+                         f"{', '.join(axes)}")  # fmt: skip
     layers = _layers_arg(args.layers, "--layers") if getattr(args, "layers", None) else None
     prepared = _prepare(args)
     if isinstance(prepared, int):
@@ -353,19 +354,21 @@ def _kind_arg(text: str) -> str:
     return text
 
 
-def _site_arg(text: str) -> str:
-    """argparse `type`: a site name `blocks.L.KIND` or a global one (hook_embed, ...); the layer is checked on load."""
-    parts = text.split(".", 2)
-    if text in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized"):
-        return text
-    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
-        try:
-            _kind_arg(parts[2])
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentTypeError(f"site {text!r}: {e}") from None
-        return text
-    raise argparse.ArgumentTypeError(f"site {text!r} is not of the form blocks.LAYER.KIND (e.g. blocks.6.hook_resid_post) "
-                                     "or hook_embed")  # fmt: skip
+def _check_site_name(name: str, flag: str) -> None:
+    """Refuse a site name no architecture has (before any model loads), naming the closest valid ones."""
+    import difflib
+
+    from ._sites import _ATTN_KINDS, _MLP_KINDS
+
+    glob = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized")
+    kinds = (*_ATTN_KINDS, *_MLP_KINDS, "hook_resid_post")
+    parts = name.split(".", 2)
+    if name in glob or (len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in kinds):
+        return
+    layer = parts[1] if len(parts) > 1 and parts[1].isdigit() else "0"
+    close = difflib.get_close_matches(name, [*glob, *(f"blocks.{layer}.{k}" for k in kinds)], n=3, cutoff=0.5)
+    hint = f"closest valid names: {', '.join(close)}" if close else "site names look like blocks.6.hook_resid_post"
+    raise ValueError(f"{flag}: unknown activation site {name!r}; {hint}")
 
 
 def _train_sae(args) -> int:
@@ -379,8 +382,11 @@ def _train_sae(args) -> int:
         layers = _layers_arg(args.clt_layers)
     if site is None and layers is None:
         raise ValueError("give --site (an SAE), --site with --target or --transcoder L (a transcoder), or --clt-layers")
-    if args.arch in ("topk", "batchtopk") and not args.k:
-        raise ValueError(f"--arch {args.arch} needs --k")
+    if args.arch in ("topk", "batchtopk") and not (args.k or 0) >= 1:
+        raise ValueError(f"--arch {args.arch} needs --k >= 1, got {args.k}")
+    for flag, name in (("--site", args.site), ("--target", args.target)):
+        if name is not None:
+            _check_site_name(name, flag)  # the layer is checked once the model has loaded
     mesh = _mesh(args)
     model, tok = load(args.model)
     train_cfg = dict(batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, dead_after=args.dead_after)
@@ -719,7 +725,12 @@ def _experiment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="circuits-jax", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="circuits-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  circuits-jax ioi                       # the IOI circuit study on SmolLM2 -> runs/ioi/report.html\n"
+               "  circuits-jax predict --prompt 'The capital of France is'\n"
+               "  circuits-jax COMMAND --help            # each command's options and an example",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
     io = sub.add_parser(
         "ioi", help="the main job: an IOI circuit study (patching, AtP, path patching, EAP-IG) written as a report",
@@ -824,12 +835,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the same command again to resume an interrupted run.",
     )  # fmt: skip
     ts.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
-    ts.add_argument("--site", type=_site_arg, help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
-    ts.add_argument("--target", type=_site_arg, help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
+    ts.add_argument("--site", help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
+    ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
     ts.add_argument("--transcoder", type=_count(0), metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
     ts.add_argument("--clt-layers", metavar="A-B", help="a cross-layer transcoder over layers A..B")
     ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
-    ts.add_argument("--k", type=_count(1), default=32, help="active latents per token (topk, batchtopk)")
+    ts.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
     ts.add_argument("--width", type=_count(1), default=4608, help="number of latents")
     ts.add_argument("--tokens", type=_count(1), default=1_000_000, help="training tokens (activations stored on disk)")
     ts.add_argument("--epochs", type=_count(1), default=1, help="passes over the stored tokens (each reshuffled)")
@@ -934,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0, help="training seed of cj.known.induction_model")
     sc.add_argument("--prev-heads", default="auto", help="layer-0 previous-token heads, e.g. '2' (auto: from attention)")
     sc.add_argument("--induction-heads", default="auto", help="layer-1 induction heads, e.g. '0,1' (auto: from attention)")
-    sc.add_argument("--wrong-prev", type=_count(0), default=None, help="also scrub with this layer-0 head as the previous-token head")
+    sc.add_argument("--wrong-prev", type=int, default=None, help="also scrub with this layer-0 head as the previous-token head")
     sc.add_argument("--trees", type=_count(2), default=1000, help="sampled input trees")
     sc.add_argument("--rows", type=_count(2), default=4096, help="dataset rows the inputs are drawn from")
     sc.add_argument("--n", type=_count(1), default=10, help="length of the repeated segment")

@@ -54,7 +54,7 @@ def heatmap(result, axes, *, tokens=None, title: str = "", path=None, layers=Non
     mat, rows, cols, note = as_2d(result, axes, tokens, layers)
     lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
     lim = lim or 1.0
-    h = min(16.0, 2.0 + 0.2 * min(len(rows), 60))
+    h = min(16.0, max(3.4, 2.0 + 0.2 * min(len(rows), 60)))  # room for the colour bar's label
     w = min(20.0, 3.5 + (0.5 * len(cols) if len(cols) < 40 else 12.0))
     fig, ax = plt.subplots(figsize=(w, h))
     im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
@@ -655,4 +655,131 @@ def agreement(x, y, path=None, *, labels=None, xlabel: str = "exact", ylabel: st
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} (Pearson r = {r:.3f})" if title else f"Pearson r = {r:.3f}", fontsize=10)
+    return _saved(fig, path)
+
+
+def matrix(values, rows, cols, path=None, *, xlabel: str, ylabel: str, title: str = "", colorbar: str = "value",
+           centred: bool = True, diagonal=False, tick_every: int = 1):  # fmt: skip
+    """A labelled heatmap of any `[len(rows), len(cols)]` matrix: a diverging scale centred on zero
+    (`centred`, for effects) or a sequential one from 0 (probabilities, scores). `diagonal`: True
+    draws row i = column i, a sequence draws a line through column `diagonal[i]` at each row i
+    (e.g. start year against predicted year); `tick_every` labels every k-th row/column."""
+    plt = _pyplot()
+    mat = np.asarray(values, np.float64)
+    if mat.shape != (len(rows), len(cols)):
+        raise ValueError(f"matrix of shape {mat.shape} but {len(rows)} row and {len(cols)} column labels")
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.5, 3.0 + 0.45 * min(len(cols), 24))), min(14.0, max(3.4, 1.8 + 0.4 * min(len(rows), 24)))))
+    if centred:
+        lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
+        im = ax.imshow(mat, cmap="RdBu_r", vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto", interpolation="nearest")
+    else:
+        im = ax.imshow(mat, cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+    k = max(1, int(tick_every))
+    ax.set_xticks(range(0, len(cols), k), [str(c) for c in cols][::k], rotation=90, fontsize=8)
+    ax.set_yticks(range(0, len(rows), k), [str(r) for r in rows][::k], fontsize=8)
+    if diagonal is True:
+        n = min(len(rows), len(cols))
+        ax.plot([-0.5, n - 0.5], [-0.5, n - 0.5], color="white", lw=0.8, ls=":")
+    elif diagonal is not False and diagonal is not None:  # a column position per row
+        ax.plot(np.asarray(diagonal, np.float64), np.arange(len(rows)), color="white", lw=0.8, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label=colorbar)
+    return _saved(fig, path)
+
+
+def attribution_graph(g, pruned=None, path=None, *, max_nodes: int = 80, per_cell: int = 3, max_edges: int = 150,
+                      label: int = 12, title: str | None = None):  # fmt: skip
+    """A pruned attribution graph (`cj.attribution_graph` + `cj.prune_graph`) drawn on a grid:
+    x = token position, y = layer (input tokens at the bottom, output logits at the top).
+
+    Shows the kept feature/error nodes with the most influence on the logits (at most `per_cell`
+    per (layer, position) cell and `max_nodes` in all; features as dots sized by influence, errors
+    as grey squares), every token and logit node, and
+    the `max_edges` strongest kept edges among them (blue excites, red inhibits; width ~ |weight|).
+    The `label` most influential features are named `L{layer}/{feature}`."""
+    from ._attribution_graph import node_influence, prune
+
+    plt = _pyplot()
+    pruned = pruned if pruned is not None else prune(g)
+    S, T, L = g.n_features, g.n_pos, g.n_layers
+    inf = node_influence(g)
+    keep = np.asarray(pruned.node_mask, bool)
+    inner = np.flatnonzero(keep[: g.token_slice.start])  # kept features and errors
+    inner = inner[np.argsort(-inf[inner], kind="stable")]
+    cell_of = lambda i: (int(g.features[i][0]), int(g.features[i][1])) if i < S else divmod(int(i) - S, T)  # noqa: E731
+    count: dict[tuple[int, int], int] = {}
+    picked = []
+    for i in inner.tolist():
+        c = cell_of(i)
+        if count.get(c, 0) < per_cell and len(picked) < max_nodes:
+            count[c] = count.get(c, 0) + 1
+            picked.append(i)
+    inner = np.asarray(picked, int)
+    tokens = np.arange(g.token_slice.start, g.token_slice.stop)
+    logits = np.arange(g.logit_slice.start, g.logit_slice.stop)
+    shown = np.concatenate([inner, tokens, logits])
+    # positions: features and errors of one (layer, position) cell side by side
+    xy = {}
+    cells: dict[tuple[int, int], list[int]] = {}
+    for i in inner.tolist():
+        cells.setdefault(cell_of(i), []).append(i)
+    for (l, p), members in cells.items():
+        offs = np.linspace(-0.3, 0.3, len(members)) if len(members) > 1 else [0.0]
+        for i, o in zip(sorted(members), offs):
+            xy[i] = (p + float(o), l + 1)
+    for p, i in enumerate(tokens.tolist()):
+        xy[i] = (p, 0)
+    K = len(logits)
+    for k, i in enumerate(logits.tolist()):
+        xy[i] = (T - 1 + (k - (K - 1) / 2) * min(0.3, 1.2 / max(K, 1)), L + 2)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.25 * T + 2), 9.0))
+    # edges
+    sub = np.ix_(shown, shown)
+    A = np.where(pruned.edge_mask[sub], g.adjacency[sub], 0.0)
+    tgt, src = np.nonzero(A)
+    w = A[tgt, src]
+    order = np.argsort(-np.abs(w))[:max_edges]
+    wmax = float(np.abs(w[order]).max()) if len(order) else 1.0
+    for j in order[::-1].tolist():
+        (x0, y0), (x1, y1) = xy[shown[src[j]]], xy[shown[tgt[j]]]
+        a = abs(float(w[j])) / wmax
+        ax.plot([x0, x1], [y0, y1], color="tab:blue" if w[j] > 0 else "tab:red", lw=0.4 + 2.6 * a, alpha=0.15 + 0.6 * a, zorder=1)
+    # nodes
+    feats = [i for i in inner.tolist() if i < S]
+    errs = [i for i in inner.tolist() if i >= S]
+    size = lambda ids: 20 + 380 * inf[ids] / max(float(inf[inner].max()) if len(inner) else 1.0, 1e-12)  # noqa: E731
+    if feats:
+        ax.scatter([xy[i][0] for i in feats], [xy[i][1] for i in feats], s=size(feats), c="tab:orange", edgecolors="black",
+                   linewidths=0.5, zorder=3, label="transcoder feature (size ~ influence)")  # fmt: skip
+    if errs:
+        ax.scatter([xy[i][0] for i in errs], [xy[i][1] for i in errs], s=size(errs), c="lightgrey", marker="s", edgecolors="grey",
+                   linewidths=0.5, zorder=3, label="error node (MLP output the transcoder misses)")  # fmt: skip
+    ax.scatter([xy[i][0] for i in tokens], [0] * T, s=60, c="tab:green", marker="^", zorder=3, label="input token")
+    ax.scatter([xy[i][0] for i in logits], [L + 2] * K, s=30 + 300 * np.asarray(g.logit_probs, float), c="tab:purple",
+               marker="D", zorder=3, label="output logit (size ~ probability)")  # fmt: skip
+    named: set[tuple[int, int]] = set()
+    for i in feats:
+        l, p, f = g.features[i].tolist()
+        if len(named) < label and (l, p) not in named:  # the strongest feature of each cell, `label` cells
+            named.add((l, p))
+            ax.annotate(f"L{l}/{f}", xy[i], fontsize=6, xytext=(4, 4), textcoords="offset points", zorder=4)
+    for k, i in enumerate(logits.tolist()[:3]):
+        ax.annotate(f"{g.logit_strs[k]!r} {float(g.logit_probs[k]):.2f}", xy[i], fontsize=7, xytext=(0, 7 + 9 * k),
+                    textcoords="offset points", ha="center", zorder=4)  # fmt: skip
+    ax.set_xticks(range(T))
+    ax.set_xticklabels([repr(s)[1:-1] for s in g.token_strs], rotation=45, ha="right", fontsize=8)
+    ticks = [0] + list(range(1, L + 1, 2 if L > 12 else 1)) + [L + 2]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(["tokens"] + [f"L{t - 1}" for t in ticks[1:-1]] + ["logits"], fontsize=8)
+    ax.set_xlim(-0.7, T - 0.3)
+    ax.set_ylim(-1, L + 3.5)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("layer (transcoder features and errors at their layer's MLP)")
+    ax.grid(axis="y", color="#eee", lw=0.5, zorder=0)
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
+    n_kept = int(keep[:S].sum())
+    ax.set_title(title or f"attribution graph: {g.prompt!r}\n{len(feats)} of {n_kept} kept features, {len(errs)} error nodes, "
+                 f"top {len(order)} kept edges", fontsize=10)  # fmt: skip
     return _saved(fig, path)

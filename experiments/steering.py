@@ -11,8 +11,13 @@ build a vector):
 Coefficients: CAA and feature vectors are unit-normalised and scaled by c x (mean residual norm at
 the layer, non-BOS corpus tokens); ActAdd keeps its own size (coeff multiplies the raw difference).
 
-    PYTHONUNBUFFERED=1 .venv/bin/python experiments/steering.py            # ~15-25 min on 2 CPU cores
-writes benchmarks/results/steering_smollm2.json and docs/img/steering_sentiment.png.
+    PYTHONUNBUFFERED=1 .venv/bin/python experiments/steering.py            # ~35 min on 2 shared CPU cores
+    circuits-jax experiment steering --quick                                 # a few minutes
+writes OUT/report.html (default runs/steering) and, in a full run, benchmarks/results/steering_smollm2.json
+and docs/img/steering_sentiment.png (+ steering_best.png); a --quick run (layers 6,9; 5 coefficients;
+8 perplexity contexts; 8 new tokens) writes its JSON and figures under OUT instead.
+Shapes: a steering vector is `[D]` (CAA, FGAA) or `[T, D]` (ActAdd, added from position 0); a sweep
+over C coefficients returns `[C, B, 5]` next-token statistics from one compiled program.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +37,7 @@ from tqdm import tqdm
 import circuits_jax as cj
 from circuits_jax import _activations as A
 from circuits_jax import _steering as S
+from circuits_jax._report import Report
 from circuits_jax.plot import steering_curves
 
 POS_WORDS = [" good", " great", " happy", " wonderful", " excellent", " amazing", " love", " best", " nice", " beautiful",
@@ -94,19 +101,53 @@ def lexicon_score(text):
     return sum(w in POS_LEX for w in words) - sum(w in NEG_LEX for w in words)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results/steering_smollm2.json")
-    p.add_argument("--png", default="docs/img/steering_sentiment.png")
-    p.add_argument("--sae", default="runs/dicts/sae/dictionary")
-    p.add_argument("--layers", default="3,6,9,12,15")
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--ppl-contexts", type=int, default=32)
-    args = p.parse_args()
+QUICK_COEFFS = {"ActAdd": [-10.0, -3.0, 0.0, 3.0, 10.0], "other": [-1.0, -0.25, 0.0, 0.25, 1.0]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="circuits-jax experiment steering", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  circuits-jax experiment steering --quick --out runs/steering")  # fmt: skip
+    p.add_argument("--out", default="runs/steering", help="report directory (report.html, summary.json, arrays)")
+    p.add_argument("--quick", action="store_true", help="layers 6,9, 5 coefficients, 8 perplexity contexts, 8 new tokens; JSON/figures under OUT")
+    p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/steering_smollm2.json; --quick: OUT/steering.json)")
+    p.add_argument("--png", default=None, help="figure (default docs/img/steering_sentiment.png; --quick: OUT/steering_sentiment.png)")
+    p.add_argument("--sae", default="runs/dicts/sae/dictionary", help="SAE for feature steering (skipped if absent)")
+    p.add_argument("--layers", default=None, help="comma-separated layers for the layer sweep (default 3,6,9,12,15; --quick 6,9)")
+    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens generated per prompt (default 16; --quick 8)")
+    p.add_argument("--ppl-contexts", type=int, default=None, help="64-token corpus contexts for perplexity (default 32; --quick 8)")
+    p.add_argument("--from-json", default=None, metavar="JSON",
+                   help="write the report from a results JSON of an earlier run (figures from --png's folder), computing nothing")
+    args = p.parse_args(argv)
+    for name, full, quick in (("layers", "3,6,9,12,15", "6,9"), ("new_tokens", 16, 8), ("ppl_contexts", 32, 8)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    try:
+        args.layer_list = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        p.error(f"--layers must be comma-separated integers, got {args.layers!r}")
+    bad = [l for l in args.layer_list if not 0 <= l < 30]
+    if bad:
+        p.error(f"--layers {bad} out of range: SmolLM2 has layers 0..29")
+    for name in ("new_tokens", "ppl_contexts"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    out = Path(args.out)
+    args.json = args.json or str(out / "steering.json" if args.quick else "benchmarks/results/steering_smollm2.json")
+    args.png = args.png or str(out / "steering_sentiment.png" if args.quick else "docs/img/steering_sentiment.png")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        return report_from_json(args)
     t0 = time.perf_counter()
     model, tok = cj.load("smollm2")
     pos_ids, neg_ids = single_ids(tok, POS_WORDS), single_ids(tok, NEG_WORDS)
-    layers = [int(x) for x in args.layers.split(",")]
+    layers = args.layer_list
 
     # held-out prompts, right-padded (positions 0.. are real tokens in every row, as ActAdd needs)
     toks, mask = tok.to_padded(HELD_OUT, padding_side="right")
@@ -133,6 +174,8 @@ def main() -> None:
 
     methods = {"ActAdd (I love - I hate)": (actadd_vec, 3.0, [-10.0, -5.0, -3.0, -1.0, 0.0, 1.0, 3.0, 5.0, 10.0]),
                "CAA (32 pairs)": (caa_vec, 0.5, [-1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0])}  # fmt: skip
+    if args.quick:
+        methods = {k: (b, c, QUICK_COEFFS["ActAdd" if k.startswith("ActAdd") else "other"]) for k, (b, c, _) in methods.items()}
     results = dict(model="smollm2", held_out_prompts=HELD_OUT, pos_words=POS_WORDS, neg_words=NEG_WORDS, caa_pairs=CAA_PAIRS,
                    unsteered=dict(sentiment=float(metric(base_logits)[:, 0].mean()), perplexity=ppl0), methods={})  # fmt: skip
 
@@ -156,7 +199,7 @@ def main() -> None:
         u = S.feature_steering(model, tok, sae, pos_t, neg_t, top_k=20, density=density, max_density=0.1)
         # the SAE reads blocks.6.hook_resid_post = blocks.7.hook_resid_pre
         chosen["FGAA (SAE top-20 features)"] = (7, u * resid_norm(7))
-        methods["FGAA (SAE top-20 features)"] = (None, None, [-1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0])
+        methods["FGAA (SAE top-20 features)"] = (None, None, QUICK_COEFFS["other"] if args.quick else [-1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0])
         results["methods"]["FGAA (SAE top-20 features)"] = dict(sae=str(sae_path), site=sae.in_site, top_k=20, max_density=0.1)
     else:
         print(f"no SAE at {sae_path}: feature steering skipped")
@@ -208,8 +251,9 @@ def main() -> None:
         for k in coeffs:
             print(f"  [{k:+g}] {HELD_OUT[1]}{gens[str(k)][1]!r}")
     results["seconds"] = time.perf_counter() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    results["command"] = "PYTHONUNBUFFERED=1 .venv/bin/python experiments/steering.py" + (" --quick" if args.quick else "")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
 
     # plot: one panel per method
     import matplotlib
@@ -237,12 +281,122 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     # the library's plot for the best method too
-    best = max(names, key=lambda n: results["methods"][n]["sentiment"][-1] - results["methods"][n]["sentiment"][0])
+    best = _best(results)
     r = results["methods"][best]
     steering_curves(r["coeffs"], {"P(positive)": r["p_pos"], "P(negative)": r["p_neg"], "P(unsteered top-1)": r["p_base_top1"]},
                     r["perplexity"], str(Path(args.png).with_name("steering_best.png")), title=f"{best}, layer {r['layer']}")  # fmt: skip
-    print(f"wrote {args.out}, {args.png} ({results['seconds']:.0f} s)")
+    print(f"wrote {args.json}, {args.png} ({results['seconds']:.0f} s)")
+    path = write_report(results, args, best)
+    print(f"report: {path}")
+    return 0
+
+
+def _best(results) -> str:
+    """The method whose sentiment moves most between its smallest and largest coefficient."""
+    names = [n for n, r in results["methods"].items() if "sentiment" in r]
+    return max(names, key=lambda n: results["methods"][n]["sentiment"][-1] - results["methods"][n]["sentiment"][0])
+
+
+def _figure(rep, png, caption):
+    if Path(png).exists():
+        rep.figure(png, caption)
+    else:
+        rep.text(f"(figure {png} not found: run the experiment to draw it)")
+
+
+def report_from_json(args) -> int:
+    src = Path(args.from_json)
+    if not src.is_file():
+        print(f"error: --from-json {src} is not a file (a run writes benchmarks/results/steering_smollm2.json)", file=sys.stderr)
+        return 2
+    results = json.loads(src.read_text())
+    results.setdefault("command", "PYTHONUNBUFFERED=1 .venv/bin/python experiments/steering.py")
+    args.json = str(src)
+    path = write_report(results, args, _best(results))
+    print(f"report: {path}")
+    return 0
+
+
+def write_report(results, args, best) -> Path:
+    """OUT/report.html: question, method, per-method sweeps (table + figures), example generations."""
+    u = results["unsteered"]
+    rep = Report("Steering SmolLM2-135M towards positive or negative sentiment", args.out,
+                 subtitle=f"{len(HELD_OUT)} held-out prompts; layers swept {args.layers}; {args.ppl_contexts} perplexity contexts; "
+                          f"{args.new_tokens} generated tokens; {'quick run' if args.quick else 'full run'}; circuits_jax")  # fmt: skip
+    rep.heading("Question")
+    rep.text("Can one vector added to the residual stream move the model's sentiment, and what does it cost in fluency and "
+             "in off-target changes? Three ways to build the vector are compared: ActAdd (the activation difference of "
+             "\"I love\" and \"I hate\", added position by position), CAA (the mean difference over 32 contrast pairs at "
+             "the last token) and FGAA-style SAE-feature steering (the decoder directions of the 20 SAE features whose "
+             "activation differs most between the pairs).")  # fmt: skip
+    rep.heading("Method")
+    rep.text("For each method a layer sweep picks the layer (next-token sentiment at one probe coefficient), then one "
+             "compiled program per measure sweeps the coefficients (`jax.vmap` over the coefficient of a `cj.Add` hook). "
+             "Measured on held-out neutral prompts never used to build a vector: sentiment = log P(16 positive words) - "
+             "log P(16 negative words) at the next token; off-target: KL(unsteered || steered) and P(unsteered top-1 "
+             "token); perplexity on `pydoc-topics` corpus contexts, steered the same way; greedy generations scored by "
+             "lexicon word counts and by the unsteered model's mean next-token sentiment over the continuation (judge). "
+             "CAA and feature vectors are unit vectors times c x the mean residual norm at the layer; ActAdd keeps its "
+             "own size.")  # fmt: skip
+    rep.code(results["command"])
+    rep.numbers({"unsteered sentiment": u["sentiment"], "unsteered perplexity": u["perplexity"], "methods": len(results["methods"]),
+                 "run seconds": round(results["seconds"], 1)})  # fmt: skip
+    _figure(rep, Path(args.png), "per method: P(positive words), P(negative words), P(unsteered top-1 token) (left axis) and "
+               "perplexity (right axis, log) against the coefficient")  # fmt: skip
+    best_png = Path(args.png).with_name("steering_best.png")
+    _figure(rep, best_png, f"the method with the largest sentiment range ({best}) drawn by `plot.steering_curves`")
+    rep.heading("Numbers per method")
+    arrays = {}
+    for name, r in results["methods"].items():
+        if "coeffs" not in r:
+            continue
+        ls = r.get("layer_sweep")
+        if ls:
+            rep.text(f"{name}: layer sweep at coefficient {ls['coeff']}: "
+                     + ", ".join(f"layer {k} {v:+.3f}" for k, v in ls["sentiment"].items()) + f" -> layer {r['layer']}.")  # fmt: skip
+        rows = [[k, r["sentiment"][i], r["p_pos"][i], r["p_neg"][i], r["kl"][i], r["p_base_top1"][i], r["perplexity"][i],
+                 r["gen_lexicon"][i], r["gen_judge"][i]] for i, k in enumerate(r["coeffs"])]  # fmt: skip
+        rep.table(rows, ["coeff", "sentiment", "P(pos)", "P(neg)", "KL", "P(top-1)", "perplexity", "lexicon", "judge"],
+                  caption=f"{name} at blocks.{r['layer']}.hook_resid_pre (vector norm {r['vector_norm']:.3g})")  # fmt: skip
+        i0, i1 = 0, len(r["coeffs"]) - 1
+        rep.summary[f"{name}: sentiment at {r['coeffs'][i0]:+g} / {r['coeffs'][i1]:+g}"] = [r["sentiment"][i0], r["sentiment"][i1]]
+        rep.summary[f"{name}: perplexity at {r['coeffs'][i0]:+g} / {r['coeffs'][i1]:+g}"] = [r["perplexity"][i0], r["perplexity"][i1]]
+        key = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        arrays[key] = np.asarray([r["sentiment"], r["kl"], r["perplexity"], r["gen_judge"]])
+        arrays[key + "_coeffs"] = np.asarray(r["coeffs"])
+    rep.save_arrays("sweeps", **arrays)
+    rep.heading("Example generations")
+    i = 1
+    rows = [[name, k, HELD_OUT[i] + r["generations"][str(k)][i]] for name, r in results["methods"].items() if "coeffs" in r for k in r["coeffs"]]
+    rep.table(rows, ["method", "coeff", "greedy continuation"], caption=f"prompt {HELD_OUT[i]!r}; {args.new_tokens} new tokens")
+    rep.heading("What it means")
+    budget = 1.5 * u["perplexity"]
+    rows, lines, over = [], [], []
+    for name, r in results["methods"].items():
+        if "coeffs" not in r:
+            continue
+        ok = [i for i, q in enumerate(r["perplexity"]) if q <= budget]
+        up = max(ok, key=lambda i: r["sentiment"][i])
+        down = min(ok, key=lambda i: r["sentiment"][i])
+        rows.append([name, r["coeffs"][down], r["sentiment"][down] - u["sentiment"], r["kl"][down],
+                     r["coeffs"][up], r["sentiment"][up] - u["sentiment"], r["kl"][up]])  # fmt: skip
+        rep.summary[f"{name}: sentiment shift within 1.5x perplexity (down, up)"] = [rows[-1][2], rows[-1][5]]
+        lines.append(f"{name} {rows[-1][2]:+.2f} / {rows[-1][5]:+.2f}")
+        if max(r["perplexity"]) > budget:
+            j = int(np.argmax(r["perplexity"]))
+            over.append(f"{name}: perplexity up to {r['perplexity'][j]:.0f} and KL {r['kl'][j]:.2f} at coefficient {r['coeffs'][j]:+g}")
+    rep.table(rows, ["method", "coeff (most negative)", "sentiment shift", "KL", "coeff (most positive)", "sentiment shift", "KL"],
+              caption=f"the largest sentiment shifts (steered - unsteered) among coefficients whose perplexity stays within 1.5x "
+                      f"the unsteered {u['perplexity']:.1f}")  # fmt: skip
+    rep.text("Compared at equal cost (perplexity at most 1.5x the unsteered model's; the methods' coefficient scales "
+             "differ, so equal coefficients mean nothing), the shifts of next-token sentiment (towards negative / towards "
+             f"positive) are: {'; '.join(lines)}. " + (f"Past that budget ({'; '.join(over)}) the vector breaks the text "
+             "rather than steering it (compare the generations above). " if over else "") + "The sentiment "
+             "measure is a next-token log-odds of two 16-word lists, so a shift of 1 is a factor e in their odds. "
+             "docs/steering.md discusses the full run.")  # fmt: skip
+    rep.summary.update(unsteered=u, best_method=best, json=args.json, seconds=round(results["seconds"], 1))
+    return rep.write()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
