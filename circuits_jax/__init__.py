@@ -167,6 +167,7 @@ from ._dashboard import dashboard_data, feature_activations, write_dashboards
 from . import _known as known
 from ._checkpoint import load_model, restore, save, save_model, tree_allclose
 from ._config import Config
+from ._memory import DoesNotFit, MemoryPlan, device_memory, plan_sweep, plan_training
 from ._sharding import (
     global_batch,
     init_distributed,
@@ -219,7 +220,7 @@ __all__ = [
     "node_chain_losses", "FAITHFULNESS_KS", "Circuit", "acdc", "ablated_outputs", "circuit_from_scores", "node_ranking", "prune_dangling", "roc_auc", "roc_sweep", "circuit_metrics", "faithfulness", "top_edges",
     "attribution_patch", "attribution_patch_all", "integrated_gradients", "Decomposition", "decompose_resid", "direct_logit_attribution",
     "logit_lens", "neuron_logit_attribution",
-    "ALL_LAYERS", "PerLayer",
+    "ALL_LAYERS", "PerLayer", "DoesNotFit", "MemoryPlan", "device_memory", "plan_sweep", "plan_training",
     "global_batch", "init_distributed", "layout", "make_mesh", "model_shardings", "per_device_bytes", "process_rows",
     "replicate", "shard_batch", "shard_dictionary", "shard_model",
     "AnswerProb", "CrossEntropy", "KLFrom", "LogitDiff", "next_token_nll", "normalise", "PATCH_SITES", "PatchResult", "patch_sweep",

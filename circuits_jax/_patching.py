@@ -269,7 +269,8 @@ def patch_sweep(
     site: one of `SITES`; by: axes, 'layer' first, e.g. `("layer", "pos", "head")`.
     attention_mask: bool `[B, T]` for padded batches (shared by both runs).
     answer_pos: position scored (default: the last real token of each row).
-    chunk_size: patches per compiled call (default: from `memory_budget` bytes).
+    chunk_size: patches per compiled call (default: from `memory_budget` bytes by a rough formula;
+        "plan": `plan_sweep`, measured from the compiled program, raising `DoesNotFit` up front).
     layers: patch only these layers (the result's layer axis follows this order); default all.
     skip_unchanged: patches whose source value equals the target's (e.g. every position before the
         first token where clean and corrupt differ, in a causal model) leave the target run exactly
@@ -291,6 +292,13 @@ def patch_sweep(
     sizes = [act_shape[axes[a]] for a in free]
     grid = np.indices((len(chosen), *sizes)).reshape(1 + len(sizes), -1).T.astype(np.int32)  # layer-major
     rows = np.concatenate([chosen[grid[:, :1]], grid[:, 1:]], axis=1)
+    if chunk_size == "plan":  # measured: the compiled chunk program's memory, on abstract inputs
+        from ._memory import plan_sweep
+
+        plan = plan_sweep(model, pairs.clean, site, by, metric=metric, attention_mask=attention_mask, budget=memory_budget)
+        if progress:
+            print(f"memory plan: {plan}", flush=True)
+        chunk_size = plan.size
     chunk = chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget)
     raw, chunk = pairs.score(kind, tuple(axes[a] for a in free), rows, chunk=chunk, skip_unchanged=skip_unchanged,
                              progress=progress, desc=f"patching {site} by {','.join(by)}")  # fmt: skip

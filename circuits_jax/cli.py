@@ -318,6 +318,11 @@ def _count(low: int = 1):
     return parse
 
 
+def _chunk_arg(text: str):
+    """argparse `type` of --chunk-size: an integer >= 1 or 'plan'."""
+    return "plan" if text == "plan" else _count(1)(text)
+
+
 def _positive(text: str) -> float:
     """argparse `type`: a number > 0."""
     try:
@@ -780,7 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _sweep_arguments(pa)
     pa.add_argument("--layers", default=None, help="comma list of layers to patch (default all)")
-    pa.add_argument("--chunk-size", type=_count(1), default=None, help="patches per compiled call (default: automatic)")
+    pa.add_argument("--chunk-size", type=_chunk_arg, default=None,
+                    help="patches per compiled call (default: automatic), or 'plan': measured from the compiled program "
+                         "against --memory-gb, refused up front when one patch does not fit")  # fmt: skip
     pa.add_argument("--memory-gb", type=_positive, default=4.0, help="memory budget that sets the chunk size")
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     pa.set_defaults(func=_patch)

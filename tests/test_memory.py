@@ -132,3 +132,22 @@ def test_device_memory_reads_the_backends_limit_else_the_hosts():
     host = M.device_memory(NoStats())
     assert host is None or host > 0
     assert M.device_memory() == (M.device_memory(jax.devices()[0]))
+
+
+def test_patch_sweep_chunk_size_plan_runs_the_planned_chunk_and_refuses_what_cannot_fit(tiny):
+    model = tiny
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, cfg.d_vocab, (2, 6)).astype(np.int32)
+    corrupt = clean.copy()
+    corrupt[:, 1] = (corrupt[:, 1] + 1) % cfg.d_vocab
+    metric = cj.LogitDiff(answer=jnp.array([1, 2]), wrong=jnp.array([3, 4]))
+    ref = cj.patch_sweep(model, clean, corrupt, metric, "z", ("layer", "pos", "head"), progress=False, chunk_size=4)
+    got = cj.patch_sweep(model, clean, corrupt, metric, "z", ("layer", "pos", "head"), progress=False, chunk_size="plan",
+                         memory_budget=2**30)  # fmt: skip
+    plan = cj.plan_sweep(model, clean, "z", ("layer", "pos", "head"), metric=metric, budget=2**30)
+    assert 1 <= got.chunk_size <= plan.size  # the plan's chunk, cut to the patches that change anything
+    np.testing.assert_allclose(got.raw, ref.raw, rtol=1e-5, atol=1e-6)
+    with pytest.raises(cj.DoesNotFit, match="budget"):
+        cj.patch_sweep(model, clean, corrupt, metric, "z", ("layer", "pos", "head"), progress=False, chunk_size="plan",
+                       memory_budget=1024)  # fmt: skip
