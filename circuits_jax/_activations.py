@@ -192,6 +192,7 @@ class ActivationStore:
 
 
 def open_store(path: str | os.PathLike) -> ActivationStore:
+    """An activation store written by `build_store` (its `store.json` and chunk files), ready to stream batches."""
     path = Path(path)
     meta_file = path / "store.json"
     if not meta_file.exists():

@@ -342,6 +342,7 @@ def influence(norm: np.ndarray, w: np.ndarray, max_iter: int = 10_000) -> np.nda
 
 
 def node_influence(g: AttributionGraph) -> np.ndarray:
+    """Each node's total (direct and indirect) influence on the graph's logit nodes, weighted by their probabilities."""
     return influence(normalize_rows(g.adjacency), g.logit_weights())
 
 

@@ -243,6 +243,8 @@ def _split(acts, y, train_idx, test_idx):
 
 
 class LayerProbes(NamedTuple):
+    """Per-layer logistic probes: held-out and train accuracy, and the probes stacked on a layer axis."""
+
     accuracy: np.ndarray  # [L] held-out accuracy
     train_accuracy: np.ndarray  # [L]
     probes: Probe  # stacked: w [L, D], b [L], ...
@@ -395,6 +397,8 @@ def significance(concept_scores, random_scores) -> tuple[float, float]:
 
 
 class TCAVResult(NamedTuple):
+    """TCAV score of a concept with the random-CAV scores it is tested against and the t-test's p-value."""
+
     score: float  # mean TCAV score of the concept's CAVs
     concept_scores: np.ndarray  # [R] one per random set the concept was contrasted with
     random_scores: np.ndarray  # [R] random_r vs random_{r+1 mod R}
@@ -545,6 +549,8 @@ def _neuron_attr(model, tokens, pos, layer: int, neuron: Array, heads: bool, neu
 
 
 class NeuronAttribution(NamedTuple):
+    """PURE's gradient x activation attributions of a neuron onto earlier heads and neurons, per input."""
+
     activation: np.ndarray  # [N] the neuron's activation at its max position
     position: np.ndarray  # [N] that position
     attributions: np.ndarray  # [N, C] gradient x activation per upstream component
@@ -645,6 +651,8 @@ def silhouette_cosine(x, labels) -> float:
 
 
 class PureSplit(NamedTuple):
+    """A neuron split into virtual neurons: cluster labels, per-cluster activations, each cluster's upstream circuit, silhouette, centroids."""
+
     labels: np.ndarray  # [N] the virtual neuron (cluster) of each input
     virtual_activations: np.ndarray  # [k, N] the neuron's activation on its cluster's inputs, 0 elsewhere
     circuits: list[list[tuple[str, float]]]  # per cluster: top upstream components (name, mean attribution)

@@ -25,6 +25,8 @@ from ._model import Transformer, _add, _block, _norm, _Tap, normalize_hooks, pos
 
 
 class Generation(NamedTuple):
+    """Generated tokens and the logits each was drawn from."""
+
     tokens: Array  # [B, N] the generated tokens
     logits: Array  # [B, N, V] the logits each was drawn from (after interventions, before sampling filters)
 

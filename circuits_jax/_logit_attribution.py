@@ -18,6 +18,8 @@ from ._model import Transformer, run, unembed
 
 
 class Decomposition(NamedTuple):
+    """The residual stream at one position split into its writers (embeddings, heads, attention biases, MLPs)."""
+
     components: np.ndarray  # [C, B, D]: writers to the residual stream at the position
     labels: list[str]  # C names: "embed", "pos_embed", "L{l}H{h}", "L{l}.attn_bias", "L{l}.mlp"
 

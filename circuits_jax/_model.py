@@ -72,6 +72,8 @@ class Transformer(eqx.Module):
 
 
 class RunOutput(NamedTuple):
+    """What `run` returns: logits (or None), the final residual stream, and the requested cache by site name."""
+
     logits: Array | None  # [B, T, V]; None when stopped early at a static layer
     resid: Array  # residual stream after the last layer run, [B, T, D]
     cache: dict[str, Array]  # requested sites, by full name

@@ -58,6 +58,8 @@ SITES: dict[str, tuple[str, dict[str, int]]] = {
 
 
 class PatchResult(NamedTuple):
+    """A patching sweep's result in TransformerLens's shape: normalised (clean 1, corrupt 0) and raw metric."""
+
     result: np.ndarray  # normalised metric, TransformerLens shape (axes in `axes`)
     raw: np.ndarray  # the metric itself, same shape
     clean_metric: float

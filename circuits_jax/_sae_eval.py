@@ -33,6 +33,8 @@ from ._sites import parse_site
 
 @dataclasses.dataclass
 class Evaluation:
+    """A dictionary's evaluation: sparsity (L0), variance explained, CE / KL recovered when spliced in, dead and dense latents."""
+
     l0: float
     fve: float  # 1 - SSE/SST over all held-out tokens (raw units)
     ce_clean: float

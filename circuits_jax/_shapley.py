@@ -36,6 +36,8 @@ from ._sites import Site, site_shape
 
 
 class ShapleyResult(NamedTuple):
+    """Shapley values of the chosen components: normalised and raw means with their standard errors."""
+
     result: np.ndarray  # [n] mean marginal contribution / (clean_metric - corrupt_metric)
     raw: np.ndarray  # [n] mean marginal contribution, in metric units
     stderr: np.ndarray  # [n] standard error of `result` over the sampled permutations

@@ -35,6 +35,8 @@ from ._config import Config
 
 
 class Site(NamedTuple):
+    """A parsed activation site: its kind (e.g. `attn.hook_z`) and layer (None for global sites)."""
+
     kind: str
     layer: int | None
 
@@ -132,6 +134,7 @@ def global_kinds(cfg: Config) -> tuple[str, ...]:
 
 
 def all_site_names(cfg: Config) -> list[str]:
+    """Every valid TransformerLens site name of a model of `cfg` (global sites, then each layer's)."""
     names = list(global_kinds(cfg))
     names += [f"blocks.{l}.{k}" for l in range(cfg.n_layers) for k in layer_kinds(cfg)]
     return names

@@ -14,6 +14,8 @@ import tokenizers
 
 
 class Tokenizer:
+    """A `tokenizers` tokenizer with explicit BOS handling, padded batches and single-token checks."""
+
     def __init__(self, tok: tokenizers.Tokenizer, *, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                  default_prepend_bos: bool = False):  # fmt: skip
         self.tok = tok

@@ -704,6 +704,7 @@ EXPERIMENTS = {
     "factual-recall": ("causal_tracing.py", "factual recall: causal tracing of 'The Eiffel Tower is located in the city of'"),
     "steering": ("steering.py", "steering: ActAdd, CAA and SAE-feature steering of sentiment"),
     "attribution-graph": ("attribution_graphs.py", "the attribution graph of a capital-city prompt (needs trained transcoders)"),
+    "custom-intervention": ("custom_intervention.py", "a user-defined intervention swept over every head with vmap, against a loop"),
 }
 
 
@@ -724,6 +725,7 @@ def _experiment(args) -> int:
                                 "(git clone the repository and install it with scripts/setup.sh)")  # fmt: skip
     spec = importlib.util.spec_from_file_location(f"circuits_jax_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and eqx.Modules look their module up while the script runs
     spec.loader.exec_module(module)
     rc = module.main(list(args.rest))
     return 0 if rc is None else int(rc)
