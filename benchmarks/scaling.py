@@ -77,7 +77,7 @@ from circuits_jax._patching import _score_chunk  # noqa: E402  (the chunk progra
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import OtherLoad, cpu_model, idle_check, table  # noqa: E402  (the sibling benchmarks)
-from patching import _git_state, _quiet_tqdm, _version, layer_flop, matmul_flops, ours_flop, tl_flop, tl_subset  # noqa: E402
+from patching import _git_state, _quiet_tqdm, _version, layer_flop, wait_quiet, matmul_flops, ours_flop, tl_flop, tl_subset  # noqa: E402
 
 SWEEP_LAYERS = range(24, 30)
 SAE_SITE = "blocks.6.hook_resid_post"
@@ -551,16 +551,6 @@ COMPILE_COLUMNS = [
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.1) -> float | None:
-    """Wait (up to max_wait s) until other processes use under `threshold` of the CPUs; return the last reading."""
-    deadline, load = time.perf_counter() + max_wait, None
-    while max_wait > 0:
-        load = idle_check(1.0)
-        if load is None or load < threshold or time.perf_counter() > deadline:
-            break
-    return load
 
 
 PARTS = ("sweep", "sae", "compile")

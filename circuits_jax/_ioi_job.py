@@ -23,38 +23,8 @@ from ._circuit_io import save_circuit
 from ._graph import edge_attribution, path_patch
 from ._model import run
 from ._patching import patch_sweep
-from ._report import Report
+from ._report import Report, Stages, top_heads
 from ._tasks import IOI_TEMPLATES, ioi_task
-
-
-class _Stages:
-    """Times each stage, says when it starts and ends, and keeps the seconds for the summary."""
-
-    def __init__(self, log: Callable[[str], None]):
-        self.log, self.seconds, self.t0 = log, {}, time.perf_counter()
-
-    def __call__(self, name: str):
-        stages = self
-
-        class _Stage:
-            def __enter__(self):
-                stages.log(f"[{len(stages.seconds) + 1}] {name} ...")
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if exc[0] is None:
-                    stages.seconds[name] = round(time.perf_counter() - self.t, 1)
-                    stages.log(f"    {name}: {stages.seconds[name]:.1f} s")
-
-        return _Stage()
-
-
-def _top_heads(scores: np.ndarray, k: int, sign: int = 0) -> list[tuple[str, float]]:
-    """The `k` heads of `[layer, head]` scores with the largest |score| (or most positive / negative)."""
-    flat = scores.ravel()
-    order = np.argsort(-np.abs(flat) if sign == 0 else -sign * flat)[:k]
-    H = scores.shape[1]
-    return [(f"L{i // H}H{i % H}", float(flat[i])) for i in order]
 
 
 def _per_row_logit_diff(model, task, tokens) -> np.ndarray:
@@ -73,7 +43,7 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
     """Run the IOI study on `model` and write its report under `out`; returns the summary dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = _Stages(log)
+    stage = Stages(log)
     cfg = model.cfg
     rep = Report(f"Indirect object identification in {model_name}", out,
                  subtitle=f"{cfg.n_layers} layers, {cfg.n_heads} heads; {n} prompts, seed {seed}; circuits_jax")  # fmt: skip
@@ -125,7 +95,7 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
     rep.figure(out / "head_patching.png", "exact: one patched forward pass per head (all in one compiled program)")
     rep.figure(out / "head_atp.png", "AtP: every head from one forward and one backward pass")
     rep.figure(out / "atp_vs_exact.png", f"agreement of AtP with the exact sweep (Pearson r = {r_atp:.3f})")
-    rep.table([[h, v] for h, v in _top_heads(heads.result, top_k)], ["head", "normalised metric"],
+    rep.table([[h, v] for h, v in top_heads(heads.result, top_k)], ["head", "normalised metric"],
               caption=f"the {top_k} heads whose patch moves the metric most (exact)")  # fmt: skip
     rep.save_arrays("head_patching", exact=heads.result, atp=atp.result)
 
@@ -133,8 +103,8 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
         pp = path_patch(model, task.clean, task.corrupt, task.metric, receivers="logits", senders="heads", progress=progress, **kw)
         plot.heatmap(pp.result, ("layer", "head"), path=out / "path_patching.png",
                      title="path patching: each head's direct path to the logits")  # fmt: skip
-    movers = _top_heads(pp.result, top_k, sign=1)
-    negative = _top_heads(pp.result, 3, sign=-1)
+    movers = top_heads(pp.result, top_k, sign=1)
+    negative = top_heads(pp.result, 3, sign=-1)
     rep.heading("Heads that write the answer: path patching into the logits")
     rep.text("Each head's output difference (clean minus corrupt) is added to the final residual stream only, and every "
              "other path keeps its corrupt value. Positive heads push the indirect object directly (name movers); negative "
@@ -182,7 +152,7 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
                     faithfulness_f=np.asarray(curve["f"]))  # fmt: skip
 
     summary = dict(model=model_name, n_prompts=n, seed=seed, template=IOI_TEMPLATES[template], **base,
-                   top_heads_exact=_top_heads(heads.result, top_k), atp_vs_exact_pearson=r_atp,
+                   top_heads_exact=top_heads(heads.result, top_k), atp_vs_exact_pearson=r_atp,
                    name_movers_path_patching=movers, negative_heads_path_patching=negative,
                    circuit_edges=n_edges, circuit_faithfulness=f, cpr=float(curve["cpr"]), cmd=float(curve["cmd"]),
                    stage_seconds=stage.seconds, total_seconds=round(time.perf_counter() - stage.t0, 1))  # fmt: skip

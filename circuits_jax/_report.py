@@ -14,7 +14,7 @@ import html
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -113,3 +113,36 @@ def _json_default(x):
     if isinstance(x, (np.floating, np.integer, np.bool_)):
         return x.item()
     return str(x)
+
+
+class Stages:
+    """Times the stages of a job: `with stages("name"):` says when it starts and how long it took,
+    and keeps the seconds (`stages.seconds`) for the report and the printed summary."""
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log, self.seconds, self.t0 = log, {}, time.perf_counter()
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Stage:
+            def __enter__(self):
+                stages.log(f"[{len(stages.seconds) + 1}] {name} ...")
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    stages.seconds[name] = round(time.perf_counter() - self.t, 1)
+                    stages.log(f"    {name}: {stages.seconds[name]:.1f} s")
+
+        return _Stage()
+
+
+def top_heads(scores, k: int, sign: int = 0) -> list[tuple[str, float]]:
+    """The `k` heads `("L{l}H{h}", score)` of `[layer, head]` scores with the largest |score|
+    (`sign=0`), or the most positive (1) or negative (-1)."""
+    scores = np.asarray(scores)
+    flat = scores.ravel()
+    order = np.argsort(-np.abs(flat) if sign == 0 else -sign * flat)[:k]
+    H = scores.shape[1]
+    return [(f"L{i // H}H{i % H}", float(flat[i])) for i in order]

@@ -35,7 +35,8 @@ import numpy as np
 
 import circuits_jax as cj
 from circuits_jax import plot
-from circuits_jax._report import Report
+from circuits_jax.cli import _count
+from circuits_jax._report import Report, Stages, top_heads
 from circuits_jax._tasks import YEAR_NOUNS
 
 EPILOG = """example:
@@ -49,22 +50,15 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="circuits-jax experiment greater-than", description=__doc__.split("\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path or an HF-format directory")
-    ap.add_argument("--n", type=_positive, default=16, help="prompt pairs for the patching stages (default 16)")
+    ap.add_argument("--n", type=_count(1), default=16, help="prompt pairs for the patching stages (default 16)")
     ap.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     ap.add_argument("--noun", default="war", help="the noun of the signature plot's prompt (default 'war')")
-    ap.add_argument("--year-step", type=_positive, default=4,
+    ap.add_argument("--year-step", type=_count(1), default=4,
                     help="signature plot: start years 02, 02+k, ... up to 98 (default 4: 25 years; 1 for all 97)")
-    ap.add_argument("--top", type=_positive, default=8, help="heads listed in the tables (default 8)")
+    ap.add_argument("--top", type=_count(1), default=8, help="heads listed in the tables (default 8)")
     ap.add_argument("--out", default="runs/greater-than", help="output directory (default runs/greater-than)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
-
-
-def _positive(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
 
 
 @eqx.filter_jit
@@ -110,40 +104,20 @@ def _masses(logits: np.ndarray, up: np.ndarray, down: np.ndarray) -> tuple[np.nd
     return (p * up).sum(-1), (p * down).sum(-1)
 
 
-def _top(scores: np.ndarray, k: int, sign: int = 0) -> list[tuple[str, float]]:
-    flat = scores.ravel()
-    order = np.argsort(-np.abs(flat) if sign == 0 else -sign * flat)[:k]
-    H = scores.shape[1]
-    return [(f"L{i // H}H{i % H}", float(flat[i])) for i in order]
-
-
-def _stage(log, seconds, name):
-    class _S:
-        def __enter__(self):
-            log(f"[{len(seconds) + 1}] {name} ...")
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                seconds[name] = round(time.perf_counter() - self.t, 1)
-                log(f"    {name}: {seconds[name]:.1f} s")
-
-    return _S()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log, seconds, t0 = print, {}, time.perf_counter()
+    stage = Stages(print)
+    log, seconds, t0 = stage.log, stage.seconds, stage.t0
     progress = not args.quiet
 
-    with _stage(log, seconds, f"loading {args.model}"):
+    with stage(f"loading {args.model}"):
         model, tok = cj.load(args.model)
         if tok is None:
             raise SystemExit(f"model {args.model!r} has no tokenizer; greater-than needs one")
     cfg = model.cfg
-    with _stage(log, seconds, "dataset"):
+    with stage("dataset"):
         task = cj.greater_than_task(tok, n=args.n, seed=args.seed)
         if len(tok.encode(" " + args.noun, prepend_bos=False)) != 1:
             raise SystemExit(f"--noun {args.noun!r} is not one token after a space; try one of {', '.join(YEAR_NOUNS[:8])}")
@@ -159,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.table([[p, c] for p, c in zip(task.prompts[:4], task.corrupt_prompts[:4])], ["clean prompt", "corrupt prompt"],
               caption=f"the first 4 of {args.n} pairs (nouns from Hanna et al.'s list, centuries 11..17)")  # fmt: skip
 
-    with _stage(log, seconds, "baselines"):
+    with stage("baselines"):
         up, down = np.asarray(task.metric.up), np.asarray(task.metric.down)
         last = lambda t: np.asarray(model(t)[:, -1], np.float32)  # noqa: E731
         c_up, c_down = _masses(last(task.clean), up, down)
@@ -172,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.save_arrays("baselines", clean_up=c_up, clean_down=c_down, corrupt_up=k_up, corrupt_down=k_down)
 
     yy = np.arange(2, 99, args.year_step)  # Hanna et al.'s start years 02..98
-    with _stage(log, seconds, f"p(end year | start year) for {len(yy)} start years 17{yy[0]:02d}..17{yy[-1]:02d}"):
+    with stage(f"p(end year | start year) for {len(yy)} start years 17{yy[0]:02d}..17{yy[-1]:02d}"):
         P = year_probabilities(model, tok, yy, args.noun, progress=progress)
         later = np.array([P[i, y + 1 :].sum() for i, y in enumerate(yy)])
         earlier = np.array([P[i, :y].sum() for i, y in enumerate(yy)])
@@ -193,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.save_arrays("year_probabilities", start_years=yy, p=P, later=later, earlier=earlier, same=same)
 
     kw = dict(attention_mask=task.attention_mask, answer_pos=task.answer_pos)
-    with _stage(log, seconds, "residual-stream patching (layer x position)"):
+    with stage("residual-stream patching (layer x position)"):
         resid = cj.patch_sweep(model, task.clean, task.corrupt, task.metric, "resid_pre", ("layer", "pos"), progress=progress, **kw)
         plot.heatmap(resid.result, resid.axes, tokens=str_tokens, path=out / "resid_patching.png",
                      title="denoising resid_pre by layer and position")  # fmt: skip
@@ -205,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.figure(out / "resid_patching.png", "resid_pre patching [layer, position]; x labels: the first prompt's tokens")
     rep.save_arrays("resid_patching", result=resid.result, raw=resid.raw)
 
-    with _stage(log, seconds, "attention and MLP outputs by layer"):
+    with stage("attention and MLP outputs by layer"):
         attn = cj.patch_sweep(model, task.clean, task.corrupt, task.metric, "attn_out", ("layer",), progress=progress, **kw)
         mlp = cj.patch_sweep(model, task.clean, task.corrupt, task.metric, "mlp_out", ("layer",), progress=progress, **kw)
         blocks = np.stack([attn.result, mlp.result])
@@ -218,23 +192,23 @@ def main(argv: list[str] | None = None) -> int:
     rep.figure(out / "block_patching.png", "rows: attention / MLP output; columns: layer")
     rep.table([[n, v] for n, v in top_mlps], ["MLP", "normalised metric"], caption="the 5 MLPs whose patch matters most")
 
-    with _stage(log, seconds, "head patching (z of every head)"):
+    with stage("head patching (z of every head)"):
         heads = cj.patch_sweep(model, task.clean, task.corrupt, task.metric, "z", ("layer", "head"), progress=progress, **kw)
         plot.heatmap(heads.result, heads.axes, path=out / "head_patching.png", title="denoising each head's output z (all positions)")
     rep.heading("Heads: activation patching")
     rep.figure(out / "head_patching.png", "each head's z patched clean -> corrupt at all positions")
-    rep.table([[h, v] for h, v in _top(heads.result, args.top)], ["head", "normalised metric"],
+    rep.table([[h, v] for h, v in top_heads(heads.result, args.top)], ["head", "normalised metric"],
               caption=f"the {args.top} heads whose patch moves the metric most")  # fmt: skip
     rep.save_arrays("block_and_head_patching", attn_out=attn.result, mlp_out=mlp.result, heads=heads.result)
 
-    with _stage(log, seconds, "path patching: heads and MLPs -> logits"):
+    with stage("path patching: heads and MLPs -> logits"):
         pp = cj.path_patch(model, task.clean, task.corrupt, task.metric, receivers="logits", senders="heads", progress=progress, **kw)
         pm = cj.path_patch(model, task.clean, task.corrupt, task.metric, receivers="logits", senders="mlps", progress=progress, **kw)
         plot.heatmap(pp.result, ("layer", "head"), path=out / "path_heads.png", title="path patching: each head's direct path to the logits")
         plot.matrix(pm.result[None], ["MLP -> logits"], [f"L{l}" for l in range(cfg.n_layers)], out / "path_mlps.png",
                     xlabel="layer", ylabel="sender", colorbar="metric (clean 1, corrupt 0)",
                     title="path patching: each MLP's direct path to the logits")  # fmt: skip
-    direct_heads = _top(pp.result, args.top, sign=1)
+    direct_heads = top_heads(pp.result, args.top, sign=1)
     direct_mlps = [(f"MLP {l}", float(pm.result[l])) for l in np.argsort(-pm.result)[:5]]
     rep.heading("Direct effects: path patching into the logits")
     rep.text("Each head's (or MLP's) output difference (clean minus corrupt) is added to the final residual stream only; "
@@ -255,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                    signature_years_later_wins=int((later > earlier).sum()),
                    resid_patching_max=float(np.nanmax(resid.result)),
                    attn_out_by_layer=attn.result, mlp_out_by_layer=mlp.result, top_mlps=top_mlps,
-                   top_heads_patching=_top(heads.result, args.top), top_heads_direct=direct_heads, top_mlps_direct=direct_mlps,
+                   top_heads_patching=top_heads(heads.result, args.top), top_heads_direct=direct_heads, top_mlps_direct=direct_mlps,
                    stage_seconds=seconds, total_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     rep.heading("Time per stage")
     rep.table([[s, v] for s, v in seconds.items()], ["stage", "seconds"])

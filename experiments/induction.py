@@ -43,7 +43,8 @@ import circuits_jax as cj
 from circuits_jax import plot
 from circuits_jax._graph import Graph
 from circuits_jax._known import BOS, repeated_tokens
-from circuits_jax._report import Report
+from circuits_jax.cli import _count
+from circuits_jax._report import Report, Stages
 
 EPILOG = """example:
   circuits-jax experiment induction                          # seed 0, 2000 training steps -> runs/induction
@@ -56,22 +57,15 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="circuits-jax experiment induction", description=__doc__.split("\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="training and data seed (default 0)")
-    ap.add_argument("--steps", type=_positive, default=2000, help="training steps (default 2000, as known.induction_model)")
+    ap.add_argument("--steps", type=_count(1), default=2000, help="training steps (default 2000, as known.induction_model)")
     ap.add_argument("--n", type=int, default=10, choices=range(3, 13), metavar="{3..12}",
                     help="length of the repeated segment (default 10; the model was trained on 4..12)")  # fmt: skip
-    ap.add_argument("--batch", type=_positive, default=32, help="prompt pairs and repeated sequences (default 32)")
+    ap.add_argument("--batch", type=_count(1), default=32, help="prompt pairs and repeated sequences (default 32)")
     ap.add_argument("--threshold", type=float, default=0.1,
                     help="share of the clean-corrupt difference a path must carry for its head to count as found (default 0.1)")  # fmt: skip
     ap.add_argument("--out", default="runs/induction", help="output directory (default runs/induction)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
-
-
-def _positive(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
 
 
 def repeated_prompts(cfg, n: int, batch: int, seed: int) -> np.ndarray:
@@ -135,31 +129,18 @@ def truth_heads(task, cfg) -> tuple[list[int], list[int]]:
     return prev, ind
 
 
-def _stage(log, seconds, name):
-    class _S:
-        def __enter__(self):
-            log(f"[{len(seconds) + 1}] {name} ...")
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                seconds[name] = round(time.perf_counter() - self.t, 1)
-                log(f"    {name}: {seconds[name]:.1f} s")
-
-    return _S()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not 0 < args.threshold < 1:
         parser().error(f"--threshold must lie in (0, 1), got {args.threshold}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log, seconds, t0 = print, {}, time.perf_counter()
+    stage = Stages(print)
+    log, seconds, t0 = stage.log, stage.seconds, stage.t0
     progress = not args.quiet
     n = args.n
 
-    with _stage(log, seconds, f"training the model ({args.steps} steps, seed {args.seed})"):
+    with stage(f"training the model ({args.steps} steps, seed {args.seed})"):
         model, info = cj.known.induction_model(args.seed, steps=args.steps, progress=progress)
         task = cj.known.induction_task(model, info, n=n, batch=args.batch, seed=args.seed)
     cfg = model.cfg
@@ -181,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                for i in range(min(3, len(task.clean)))], ["clean tokens", "corrupt tokens", "answer", "wrong"],
               caption="the first 3 prompt pairs (token ids; 0 is BOS)")  # fmt: skip
 
-    with _stage(log, seconds, "baselines"):
+    with stage("baselines"):
         def ld(tokens):
             logits = np.asarray(model(tokens)[:, -1])
             rows = np.arange(len(tokens))
@@ -194,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.heading("Baselines")
     rep.numbers(base)
 
-    with _stage(log, seconds, "attention scores of every head"):
+    with stage("attention scores of every head"):
         seq = repeated_prompts(cfg, n, args.batch, args.seed)
         sc = attention_scores(model, seq, n)
         plot.matrix(np.stack([sc["prev_token"].ravel(), sc["induction"].ravel()]), ["previous-token", "induction"],
@@ -212,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.save_arrays("attention_scores", prev_token=sc["prev_token"], induction=sc["induction"], patterns=sc["patterns"])
 
     kw = dict(attention_mask=task.attention_mask, answer_pos=task.answer_pos)
-    with _stage(log, seconds, "head patching (z of every head)"):
+    with stage("head patching (z of every head)"):
         heads = cj.patch_sweep(model, task.clean, task.corrupt, task.metric, "z", ("layer", "head"), progress=progress, **kw)
         plot.heatmap(heads.result, heads.axes, path=out / "head_patching.png", title="denoising each head's output z (all positions)")
     rep.heading("Head patching")
@@ -223,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.table([[head_names[i], float(heads.result.ravel()[i])] for i in np.argsort(-heads.result.ravel())],
               ["head", "normalised metric"], caption="every head, largest first")  # fmt: skip
 
-    with _stage(log, seconds, "path patching: heads -> logits, layer-0 heads -> layer-1 keys"):
+    with stage("path patching: heads -> logits, layer-0 heads -> layer-1 keys"):
         direct = cj.path_patch(model, task.clean, task.corrupt, task.metric, receivers="logits", senders="heads",
                                progress=progress, **kw)  # fmt: skip
         keys = cj.path_patch(model, task.clean, task.corrupt, task.metric, receivers=[f"a1.h{i}<k>" for i in range(H)],
@@ -266,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
               ["head", "attention score (prev-token for L0, induction for L1)", "path effect (L0: into found keys; L1: to logits)",
                "head patching"], caption="the three views of every head")  # fmt: skip
 
-    with _stage(log, seconds, "attention patterns of the heads found"):
+    with stage("attention patterns of the heads found"):
         shown = [(0, h) for h in found_prev] + [(1, h) for h in found_ind]
         others = [(0, int(h)) for h in np.argsort(sc["prev_token"][0]) if int(h) not in found_prev][:1]
         shown = shown + others
@@ -279,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                "previous-token head lights the sub-diagonal; an induction head the off-diagonal stripe n - 1 to the left")  # fmt: skip
 
     k = int(found.sum())
-    with _stage(log, seconds, f"ablation: found heads vs every other set of {k} heads"):
+    with stage(f"ablation: found heads vs every other set of {k} heads"):
         sets = head_sets(L, H, max(k, 1), 512, args.seed)
         is_found = np.array([(s == found).all() for s in sets])
         none, singles = np.zeros((1, L, H), bool), np.eye(L * H, dtype=bool).reshape(L * H, L, H)
