@@ -156,9 +156,6 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
                    name_movers_path_patching=movers, negative_heads_path_patching=negative,
                    circuit_edges=n_edges, circuit_faithfulness=f, cpr=float(curve["cpr"]), cmd=float(curve["cmd"]),
                    stage_seconds=stage.seconds, total_seconds=round(time.perf_counter() - stage.t0, 1))  # fmt: skip
-    rep.heading("Time per stage")
-    rep.table([[k, v] for k, v in stage.seconds.items()], ["stage", "seconds"])
-    rep.summary.update(summary)
-    path = rep.write()
+    path = rep.finish(summary, stage.seconds)
     summary["report"] = str(path)
     return summary

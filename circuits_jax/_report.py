@@ -94,6 +94,13 @@ class Report:
                           f"({html.escape(', '.join(arrays))})</p>")  # fmt: skip
         return path
 
+    def finish(self, summary: dict, seconds: dict[str, float]) -> Path:
+        """End a job's report: the time-per-stage table, `summary` into `summary.json`, then `write`."""
+        self.heading("Time per stage")
+        self.table([[k, v] for k, v in seconds.items()], ["stage", "seconds"])
+        self.summary.update(summary)
+        return self.write()
+
     def write(self, name: str = "report.html") -> Path:
         """Write the page and `summary.json`; returns the page's path."""
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -231,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                    attn_out_by_layer=attn.result, mlp_out_by_layer=mlp.result, top_mlps=top_mlps,
                    top_heads_patching=top_heads(heads.result, args.top), top_heads_direct=direct_heads, top_mlps_direct=direct_mlps,
                    stage_seconds=seconds, total_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
-    rep.heading("Time per stage")
-    rep.table([[s, v] for s, v in seconds.items()], ["stage", "seconds"])
-    rep.summary.update(summary)
-    path = rep.write()
+    path = rep.finish(summary, seconds)
     log(f"clean metric {summary['clean_metric']:.3f}, corrupt {summary['corrupt_metric']:.3f}; signature: p(later) "
         f"{summary['signature_p_later']:.3f}, p(earlier) {summary['signature_p_earlier']:.3f}")  # fmt: skip
     log(f"top MLPs (patching): {top_mlps[:3]}; top heads (direct): {direct_heads[:3]}")

@@ -300,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                    loss_other_sets_mean=abl["loss, other sets: mean"], loss_other_sets_max=abl["loss, other sets: max"],
                    loss_single_head_ablated=single_losses.reshape(L, H), other_sets_at_least_as_damaging=rank, other_sets=int(len(others_l)),
                    stage_seconds=seconds, total_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
-    rep.heading("Time per stage")
-    rep.table([[s, v] for s, v in seconds.items()], ["stage", "seconds"])
-    rep.summary.update(summary)
-    path = rep.write()
+    path = rep.finish(summary, seconds)
     log(f"found previous-token heads L0H{found_prev} (truth L0H{true_prev}), induction heads L1H{found_ind} "
         f"(truth L1H{true_ind}): {'same' if agree else 'DIFFERENT'}")  # fmt: skip
     log(f"loss {clean_loss:.3f} -> {found_loss:.3f} with the found heads ablated; other sets of {k}: mean "
