@@ -61,7 +61,7 @@ def main() -> None:
     args = p.parse_args()
     model, tok = cj.load("smollm2")
     if args.random:
-        from circuits_jax._sae import init_sae
+        from circuits_jax.dictionaries._sae import init_sae
 
         ds = [init_sae(576, 2304, key=jax.random.key(l), arch="topk", k=16, in_site=f"blocks.{l}.ln2.hook_normalized",
                        out_site=f"blocks.{l}.hook_mlp_out") for l in range(model.cfg.n_layers)]  # fmt: skip

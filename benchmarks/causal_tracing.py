@@ -48,7 +48,7 @@ import torch
 import transformers
 
 import circuits_jax as cj
-from circuits_jax._causal_tracing import KINDS, _noise_delta, window_layers
+from circuits_jax.toolshed._causal_tracing import KINDS, _noise_delta, window_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import OtherLoad, cpu_model, idle_check  # noqa: E402  (the sibling benchmarks)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/discovery.py [--parts known,smollm2,speed] [--n 8] [--json out.json] [--png-dir docs/img]
 
 In one process run:
-known.   Models with known circuits (`circuits_jax/_known.py`: the trained induction model and the
+known.   Models with known circuits (`circuits_jax/tasks/_known.py`: the trained induction model and the
          hand-built ones): edge and node ROC AUC against the truth of EAP, EAP-IG (inputs and
          activations) and ACDC (a threshold sweep, Conmy et al.'s ROC), each under the ablation the
          truth was defined with.
@@ -30,7 +30,7 @@ import numpy as np
 
 import circuits_jax as cj
 import circuits_jax.plot  # noqa: F401  (cj.plot)
-from circuits_jax._tasks import ioi_task
+from circuits_jax.tasks._tasks import ioi_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,7 @@ def _fmt_curve(f) -> str:
 
 
 def known(thresholds, steps, seeds=(0,)) -> list[dict]:
-    from circuits_jax import _known
-
+    from circuits_jax.tasks import _known
     rows = []
     print("\n## Ground truth: ROC AUC against the known circuit")
     print("| model | edges (truth) | ablation | method | edge AUC | node AUC | seconds |")
@@ -215,8 +214,7 @@ def _tl_loop(model, tok, task, circuit, n) -> dict:
         losses.append(float(kl))
     secs = time.perf_counter() - t0
     # ours: the same chain in one compiled call
-    from circuits_jax import _acdc
-
+    from circuits_jax.graph import _acdc
     ours = _acdc.node_chain_losses(model, task.clean, task.corrupt, order, attention_mask=task.attention_mask,
                                    answer_pos=task.answer_pos)
     diff = float(np.max(np.abs(np.asarray(losses) - ours)))

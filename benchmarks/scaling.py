@@ -73,7 +73,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import circuits_jax as cj  # noqa: E402
-from circuits_jax._patching import _score_chunk  # noqa: E402  (the chunk program patch_sweep compiles)
+from circuits_jax.patching._sweep import _score_chunk  # noqa: E402  (the chunk program patch_sweep compiles)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import OtherLoad, cpu_model, idle_check, table  # noqa: E402  (the sibling benchmarks)
@@ -201,8 +201,7 @@ def chunk_cost(model, task, sizes, chunk: int) -> dict:
     """XLA's own count for the sweep's first chunk program as partitioned for `sizes` (None: unsharded):
     FLOP and bytes per device (`cost_analysis`, a `while` body counted once, so compare across meshes, not
     with `ours_flop`) and the collectives in it. Placed like `patch_sweep` places its inputs; compile only."""
-    from circuits_jax import _sharding as sh
-
+    from circuits_jax.scale import _sharding as sh
     B, T = task.clean.shape
     L, D = model.cfg.n_layers, model.cfg.d_model
     rows = np.stack([np.repeat(np.asarray(SWEEP_LAYERS), T), np.tile(np.arange(T), len(SWEEP_LAYERS))], 1)[:chunk]
@@ -364,7 +363,7 @@ def bench_sae_torch(store, args) -> dict:
     import torch
     from sae_training import TorchSAE
 
-    from circuits_jax._sae_train import schedule
+    from circuits_jax.dictionaries._train import schedule
 
     cfg = sae_cfg(args)
     sched = schedule(cfg)

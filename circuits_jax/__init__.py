@@ -3,16 +3,16 @@
 The public surface; implementation lives in private modules.
 """
 
-from ._attribution import atp_star, attribution_patch, attribution_patch_all, integrated_gradients
-from ._shapley import ShapleyResult, shapley_values
-from ._logit_attribution import (
+from .patching._attribution import atp_star, attribution_patch, attribution_patch_all, integrated_gradients
+from .patching._shapley import ShapleyResult, shapley_values
+from .toolshed._logit_attribution import (
     Decomposition,
     decompose_resid,
     direct_logit_attribution,
     logit_lens,
     neuron_logit_attribution,
 )
-from ._graph import (
+from .graph._edges import (
     EDGE_METHODS,
     EdgeScores,
     Graph,
@@ -23,7 +23,7 @@ from ._graph import (
     patch_single_edges,
     path_patch,
 )
-from ._circuit import (
+from .graph._circuit import (
     FAITHFULNESS_KS,
     Circuit,
     ablated_outputs,
@@ -36,8 +36,8 @@ from ._circuit import (
     roc_sweep,
     top_edges,
 )
-from ._acdc import acdc, node_chain_losses
-from ._tasks import (
+from .graph._acdc import acdc, node_chain_losses
+from .tasks._tasks import (
     KNOWN_TASKS,
     TASKS,
     ProbMassDiff,
@@ -51,16 +51,16 @@ from ._tasks import (
     task,
     task_from_prompts,
 )
-from ._circuit_io import load_circuit, save_circuit
-from ._sae import SAE, CrossLayerTranscoder, LossConfig, init_clt, init_sae
-from ._activations import ActivationStore, build_store, open_store, pack_contexts, read_corpus
-from ._sae_train import TrainConfig
-from ._sae_train import train as train_sae
-from ._sae_eval import Evaluation
-from ._sae_eval import evaluate as evaluate_dictionary
-from ._sae_io import load_dictionary, save_dictionary
-from ._sae_pipeline import train_dictionary, train_transcoders
-from ._replacement import (
+from .graph._io import load_circuit, save_circuit
+from .dictionaries._sae import SAE, CrossLayerTranscoder, LossConfig, init_clt, init_sae
+from .dictionaries._activations import ActivationStore, build_store, open_store, pack_contexts, read_corpus
+from .dictionaries._train import TrainConfig
+from .dictionaries._train import train as train_sae
+from .dictionaries._eval import Evaluation
+from .dictionaries._eval import evaluate as evaluate_dictionary
+from .dictionaries._io import load_dictionary, save_dictionary
+from .dictionaries._pipeline import train_dictionary, train_transcoders
+from .attribution_graphs._replacement import (
     FeatureEdit,
     Trace,
     Transcoders,
@@ -72,8 +72,8 @@ from ._replacement import (
     replacement_forward,
     stack_transcoders,
 )
-from ._replacement import trace as trace_replacement
-from ._attribution_graph import (
+from .attribution_graphs._replacement import trace as trace_replacement
+from .attribution_graphs._graph import (
     AttributionGraph,
     feature_examples,
     graph_json,
@@ -81,11 +81,11 @@ from ._attribution_graph import (
     node_influence,
     write_graph,
 )
-from ._attribution_graph import attribute as attribution_graph
-from ._attribution_graph import prune as prune_graph
-from ._graph_html import graph_html
-from ._generate import Generation, generate
-from ._steering import (
+from .attribution_graphs._graph import attribute as attribution_graph
+from .attribution_graphs._graph import prune as prune_graph
+from .attribution_graphs._html import graph_html
+from .core._generate import Generation, generate
+from .toolshed._steering import (
     AddAt,
     actadd,
     caa,
@@ -95,8 +95,8 @@ from ._steering import (
     steering_hook,
     steering_sweep,
 )
-from ._causal_tracing import CausalTrace, causal_trace, default_noise, subject_positions, trace_fact
-from ._rome import (
+from .toolshed._causal_tracing import CausalTrace, causal_trace, default_noise, subject_positions, trace_fact
+from .toolshed._rome import (
     RomeInfo,
     apply_rank_one,
     compute_value,
@@ -107,7 +107,7 @@ from ._rome import (
     rome_edit,
     subject_key,
 )
-from ._scrubbing import (
+from .graph._scrubbing import (
     Hypothesis,
     NextTokenLoss,
     Node,
@@ -124,7 +124,7 @@ from ._scrubbing import (
     token_at_match,
     token_before_match,
 )
-from ._das import (
+from .toolshed._das import (
     DASParams,
     DASResult,
     Interchange,
@@ -140,7 +140,7 @@ from ._das import (
     orthonormal_rows,
     random_basis,
 )
-from ._concepts import (
+from .toolshed._concepts import (
     LayerProbes,
     NeuronAttribution,
     Probe,
@@ -163,12 +163,12 @@ from ._concepts import (
     tcav_scores,
     train_probe,
 )
-from ._dashboard import dashboard_data, feature_activations, write_dashboards
-from . import _known as known
-from ._checkpoint import load_model, restore, save, save_model, tree_allclose
-from ._config import Config
-from ._memory import DoesNotFit, MemoryPlan, device_memory, plan_sweep, plan_training
-from ._sharding import (
+from .dictionaries._dashboard import dashboard_data, feature_activations, write_dashboards
+from .tasks import _known as known
+from .models._checkpoint import load_model, restore, save, save_model, tree_allclose
+from .core._config import Config
+from .scale._memory import DoesNotFit, MemoryPlan, device_memory, plan_sweep, plan_training
+from .scale._sharding import (
     global_batch,
     init_distributed,
     layout,
@@ -181,17 +181,17 @@ from ._sharding import (
     shard_dictionary,
     shard_model,
 )
-from ._interventions import ALL_LAYERS, PerLayer, Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
-from ._metrics import AnswerProb, CrossEntropy, KLFrom, LogitDiff, next_token_nll, normalise
-from ._patching import SITES as PATCH_SITES
-from ._patching import PatchResult, patch_every_block, patch_every_head, patch_set, patch_sweep
-from ._model import Blocks, RunOutput, Transformer, init_model, run, run_with_cache, unembed
-from ._sites import Site, all_site_names, parse_site
-from ._tokenizer import Tokenizer
-from .loaders._gguf import load_gguf
-from .loaders._hf import export_hf, load_hf
-from .loaders._penzai import from_penzai
-from .loaders._registry import cache_dir, load, smollm2_path
+from .core._interventions import ALL_LAYERS, PerLayer, Add, Apply, Compose, Hook, Intervention, Mean, Replace, Scale, Zero
+from .core._metrics import AnswerProb, CrossEntropy, KLFrom, LogitDiff, next_token_nll, normalise
+from .patching._sweep import SITES as PATCH_SITES
+from .patching._sweep import PatchResult, patch_every_block, patch_every_head, patch_set, patch_sweep
+from .core._model import Blocks, RunOutput, Transformer, init_model, run, run_with_cache, unembed
+from .core._sites import Site, all_site_names, parse_site
+from .models._tokenizer import Tokenizer
+from .models._gguf import load_gguf
+from .models._hf import export_hf, load_hf
+from .models._penzai import from_penzai
+from .models._registry import cache_dir, load, smollm2_path
 
 __all__ = [
     "EDGE_METHODS", "EdgeScores", "Graph", "PathPatchResult", "edge_attribution", "edge_patch_all", "patch_edges",

@@ -29,9 +29,9 @@ import numpy as np
 
 import circuits_jax as cj
 from circuits_jax import plot
-from circuits_jax._causal_tracing import causal_trace, subject_positions
-from circuits_jax._report import Report
-from circuits_jax._tasks import FACTS
+from circuits_jax.toolshed._causal_tracing import causal_trace, subject_positions
+from circuits_jax.app._report import Report
+from circuits_jax.tasks._tasks import FACTS
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("resid", "mlp", "attn")

@@ -251,7 +251,7 @@ def study(model, tokens, io, s, out: Path, *, factor: float, chunk: int | None, 
 
 
 def cj_report(model_name, cfg, out, summary):
-    from circuits_jax._report import Report
+    from circuits_jax.app._report import Report
 
     return Report(f"A user-defined intervention swept over every head ({model_name})", out,
                   subtitle=f"{cfg.n_layers} layers x {cfg.n_heads} heads; {summary['n_prompts']} prompts; factor {summary['factor']:g}")  # fmt: skip

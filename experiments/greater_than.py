@@ -35,9 +35,9 @@ import numpy as np
 
 import circuits_jax as cj
 from circuits_jax import plot
-from circuits_jax.cli import _count
-from circuits_jax._report import Report, Stages, top_heads
-from circuits_jax._tasks import YEAR_NOUNS
+from circuits_jax.app.cli import _count
+from circuits_jax.app._report import Report, Stages, top_heads
+from circuits_jax.tasks._tasks import YEAR_NOUNS
 
 EPILOG = """example:
   circuits-jax experiment greater-than                      # SmolLM2, 16 prompts -> runs/greater-than

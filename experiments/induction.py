@@ -41,10 +41,10 @@ import numpy as np
 
 import circuits_jax as cj
 from circuits_jax import plot
-from circuits_jax._graph import Graph
-from circuits_jax._known import BOS, repeated_tokens
-from circuits_jax.cli import _count
-from circuits_jax._report import Report, Stages
+from circuits_jax.graph._edges import Graph
+from circuits_jax.tasks._known import BOS, repeated_tokens
+from circuits_jax.app.cli import _count
+from circuits_jax.app._report import Report, Stages
 
 EPILOG = """example:
   circuits-jax experiment induction                          # seed 0, 2000 training steps -> runs/induction

@@ -9,7 +9,7 @@ writes OUT/report.html.
 
 import sys
 
-from circuits_jax import cli
+from circuits_jax.app import cli
 
 
 def main(argv=None) -> int:

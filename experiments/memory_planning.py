@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import circuits_jax as cj
-from circuits_jax import _memory as M
-from circuits_jax._patching import SITES, _per_patch_bytes, _score_chunk, auto_chunk
-from circuits_jax._sites import Site, site_shape
+from circuits_jax.scale import _memory as M
+from circuits_jax.patching._sweep import SITES, _per_patch_bytes, _score_chunk, auto_chunk
+from circuits_jax.core._sites import Site, site_shape
 
 GiB = 2**30
 model, tok = cj.load("smollm2")
@@ -54,8 +54,8 @@ for site, by in [("z", ("layer", "pos", "head")), ("resid_pre", ("layer", "pos")
     except M.DoesNotFit as e:
         print(f"    512 MiB budget: DoesNotFit: {e}")
 
-from circuits_jax._sae import init_sae
-from circuits_jax._sae_train import TrainConfig
+from circuits_jax.dictionaries._sae import init_sae
+from circuits_jax.dictionaries._train import TrainConfig
 
 sae = eqx.filter_eval_shape(lambda: init_sae(576, 4608, key=jax.random.key(0), arch="topk", k=32))
 n_params = sum(x.size for x in jax.tree.leaves(sae) if hasattr(x, "size"))
@@ -71,8 +71,8 @@ for bs, budget in [(4096, None), (4096, 1 * GiB), (4096, 256 * 2**20), (4096, 64
     except M.DoesNotFit as e:
         print(f"    budget {M._fmt(budget)}: DoesNotFit: {e}")
 tc = TrainConfig(n_tokens=50_000_000, batch_size=4096)
-step = __import__("circuits_jax._sae_train", fromlist=["x"]).make_step(tc)
-from circuits_jax._sae_train import init_state
+step = __import__("circuits_jax.dictionaries._train", fromlist=["x"]).make_step(tc)
+from circuits_jax.dictionaries._train import init_state
 state = eqx.filter_eval_shape(lambda: init_state(init_sae(576, 4608, key=jax.random.key(0), arch="topk", k=32), tc))
 for n in (2048, 3072, 8192):
     fp = M.compiled_footprint(step, state, jax.ShapeDtypeStruct((n, 576), jnp.float32), jax.ShapeDtypeStruct((n, 576), jnp.float32))

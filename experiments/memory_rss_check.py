@@ -2,9 +2,9 @@
 import re
 import numpy as np, jax, jax.numpy as jnp
 import circuits_jax as cj
-from circuits_jax import _memory as M
-from circuits_jax._patching import _Pairs, SITES, _score_chunk
-from circuits_jax._sites import Site, site_shape
+from circuits_jax.scale import _memory as M
+from circuits_jax.patching._sweep import _Pairs, SITES, _score_chunk
+from circuits_jax.core._sites import Site, site_shape
 
 def status(key):
     return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -33,8 +33,8 @@ for n in (64, 256):
     print(f"chunk {n}: compiled temp + output {M._fmt(fp.temp + fp.output)} ({fp.temp + fp.output} B); "
           f"peak RSS growth during a call {[M._fmt(g) for g in grow]} ({grow})")
 
-from circuits_jax._sae import init_sae
-from circuits_jax._sae_train import TrainConfig, init_state, make_step
+from circuits_jax.dictionaries._sae import init_sae
+from circuits_jax.dictionaries._train import TrainConfig, init_state, make_step
 tc = TrainConfig(n_tokens=50_000_000, batch_size=4096)
 state = init_state(init_sae(576, 4608, key=jax.random.key(0), arch="topk", k=32), tc)
 step = make_step(tc)

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 import circuits_jax as cj
-from circuits_jax._scrubbing import (NextTokenLoss, current_token, identity_hypothesis, induction_hypothesis,
+from circuits_jax.graph._scrubbing import (NextTokenLoss, current_token, identity_hypothesis, induction_hypothesis,
                                      repeated_dataset, scrub)  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax._attribution import atp_star, attribution_patch
+from circuits_jax.patching._attribution import atp_star, attribution_patch
 
 from conftest import tiny_configs
 

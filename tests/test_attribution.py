@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax._attribution import attribution_patch, attribution_patch_all
-from circuits_jax._logit_attribution import decompose_resid, direct_logit_attribution, logit_lens, neuron_logit_attribution
+from circuits_jax.patching._attribution import attribution_patch, attribution_patch_all
+from circuits_jax.toolshed._logit_attribution import decompose_resid, direct_logit_attribution, logit_lens, neuron_logit_attribution
 
 from conftest import tiny_configs
 
@@ -104,7 +104,7 @@ def test_logit_lens_ends_at_the_logits(model):
 def test_integrated_gradients_is_complete_along_the_input_path():
     """The embedding path's endpoints are the two runs, so layer 0's whole residual stream gets the
     full metric change (exact up to the midpoint rule)."""
-    from circuits_jax._attribution import integrated_gradients
+    from circuits_jax.patching._attribution import integrated_gradients
 
     m = cj.init_model(tiny_configs()["llamalike"], key=jax.random.key(7), std=0.3)
     ig = integrated_gradients(m, CLEAN, CORRUPT, METRIC, "resid_pre", ("layer",), steps=64)
@@ -116,7 +116,7 @@ def test_integrated_gradients_is_complete_along_the_input_path():
 
 
 def test_integrated_gradients_is_exact_where_the_metric_is_linear():
-    from circuits_jax._attribution import integrated_gradients
+    from circuits_jax.patching._attribution import integrated_gradients
 
     m = cj.init_model(tiny_configs()["attn_only"], key=jax.random.key(3), std=0.3)
     exact = cj.patch_sweep(m, CLEAN, CORRUPT, METRIC, "resid_post", ("layer", "pos"), progress=False)

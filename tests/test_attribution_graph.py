@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax import _attribution_graph as G
-from circuits_jax import _replacement as R
-from circuits_jax._sae import init_sae
-from circuits_jax._sae_io import save_dictionary
-from circuits_jax.cli import main
+from circuits_jax.attribution_graphs import _graph as G
+from circuits_jax.attribution_graphs import _replacement as R
+from circuits_jax.dictionaries._sae import init_sae
+from circuits_jax.dictionaries._io import save_dictionary
+from circuits_jax.app.cli import main
 
 from conftest import tiny_configs
 from test_sae_pipeline import BOS, EOS, WORDS, make_tok

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_configs
 
 import circuits_jax as cj
-from circuits_jax._causal_tracing import (
+from circuits_jax.toolshed._causal_tracing import (
     KINDS,
     _noise_delta,
     causal_trace,
@@ -132,7 +132,7 @@ def test_subject_positions_with_and_without_a_leading_space():
 
 @pytest.mark.smollm2
 def test_trace_fact_cli_on_smollm2(smollm2, tmp_path, capsys):
-    from circuits_jax.cli import main
+    from circuits_jax.app.cli import main
 
     prompt = "The Eiffel Tower is in the city of"
     out = tmp_path / "t"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from circuits_jax import Config, Graph
-from circuits_jax._circuit import Circuit
-from circuits_jax._circuit_io import load_circuit, save_circuit
+from circuits_jax.graph._circuit import Circuit
+from circuits_jax.graph._io import load_circuit, save_circuit
 from circuits_jax.plot import circuit_graph, circuit_html
 
 BASE = dict(d_model=16, n_layers=3, n_heads=4, d_head=4, d_vocab=23, n_ctx=32, d_mlp=32)

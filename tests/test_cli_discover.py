@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax.cli import main
+from circuits_jax.app.cli import main
 
 
 def test_discover_acdc_on_a_hand_built_model_finds_its_truth_and_writes_everything(tmp_path, capsys):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from circuits_jax.cli import EXPERIMENTS, build_parser, main
+from circuits_jax.app.cli import EXPERIMENTS, build_parser, main
 
 
 def _subcommands() -> list[str]:
@@ -30,8 +30,8 @@ def _run(argv, capsys) -> tuple[int, str]:
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading any model is a test failure: validation must come first."""
-    from circuits_jax import _known
-    from circuits_jax.loaders import _registry
+    from circuits_jax.tasks import _known
+    from circuits_jax.models import _registry
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"a model was loaded ({args}) before the bad argument was caught")
@@ -161,7 +161,7 @@ def test_missing_model_path_is_named_and_nonzero(capsys):
 
 def test_console_process_exit_status_and_stderr():
     """The installed entry point, as a shell sees it: status 2 and a one-line error, no traceback."""
-    cmd = [sys.executable, "-c", "import sys; from circuits_jax.cli import main; sys.exit(main())",
+    cmd = [sys.executable, "-c", "import sys; from circuits_jax.app.cli import main; sys.exit(main())",
            "steer", "--model", M, "--positive", "a", "--negative", "b", "--layer", "1", "--prompt", "p", "--coeffs", "1,x"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from circuits_jax.cli import main
+from circuits_jax.app.cli import main
 
 pytestmark = pytest.mark.smollm2
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax import _concepts as C
+from circuits_jax.toolshed import _concepts as C
 from tests.conftest import tiny_configs
 
 

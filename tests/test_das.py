@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax import _das as das
-
+from circuits_jax.toolshed import _das as das
 D, V = 16, 34  # 32 value tokens + 2 answer tokens
 
 

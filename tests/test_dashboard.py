@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax._dashboard import (
+from circuits_jax.dictionaries._dashboard import (
     dashboard_data,
     direct_logit_effects,
     feature_activations,
@@ -18,7 +18,7 @@ from circuits_jax._dashboard import (
     select_features,
     write_dashboards,
 )
-from circuits_jax._sae import init_sae
+from circuits_jax.dictionaries._sae import init_sae
 
 from conftest import tiny_configs
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import circuits_jax as cj
 from circuits_jax import Config
-from circuits_jax._circuit import _auc
+from circuits_jax.graph._circuit import _auc
 
 CFG = Config(d_model=16, n_layers=3, n_heads=4, d_head=4, d_vocab=23, n_ctx=32, d_mlp=32, n_kv_heads=2)
 

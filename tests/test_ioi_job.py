@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax._ioi_job import ioi_job
-from circuits_jax._report import Report
+from circuits_jax.app._ioi_job import ioi_job
+from circuits_jax.app._report import Report
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_report_escapes_text_and_keeps_numbers(tmp_path):
 
 
 def test_ioi_cli_refuses_bad_arguments_before_loading(capsys, tmp_path):
-    from circuits_jax import cli
+    from circuits_jax.app import cli
 
     assert cli.main(["ioi", "--n", "1", "--model", str(tmp_path / "absent.gguf")]) == 2
     assert "--n must be at least 2" in capsys.readouterr().err

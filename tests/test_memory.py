@@ -9,10 +9,10 @@ import pytest
 from conftest import tiny_configs
 
 import circuits_jax as cj
-from circuits_jax import _memory as M
-from circuits_jax._patching import _score_chunk, auto_chunk
-from circuits_jax._sae import init_sae
-from circuits_jax._sae_train import TrainConfig, init_state, make_step
+from circuits_jax.scale import _memory as M
+from circuits_jax.patching._sweep import _score_chunk, auto_chunk
+from circuits_jax.dictionaries._sae import init_sae
+from circuits_jax.dictionaries._train import TrainConfig, init_state, make_step
 
 B, T = 2, 7
 

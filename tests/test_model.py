@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import circuits_jax as cj
-from circuits_jax._sites import layer_kinds
+from circuits_jax.core._sites import layer_kinds
 
 from conftest import tiny_configs
 
@@ -23,7 +23,7 @@ def model(request):
 
 
 def test_every_site_has_its_documented_shape(model):
-    from circuits_jax._sites import SPLIT_INPUTS, site_shape
+    from circuits_jax.core._sites import SPLIT_INPUTS, site_shape
 
     names = cj.all_site_names(model.cfg)
     split = [n for n in names if n.split(".", 2)[-1] in SPLIT_INPUTS]  # not in one run with the ln1 sites
@@ -38,7 +38,7 @@ def test_every_site_has_its_documented_shape(model):
 
 def _split(names):
     """The split q/k/v inputs apart: they cannot share a run with the ln1 sites."""
-    from circuits_jax._sites import SPLIT_INPUTS
+    from circuits_jax.core._sites import SPLIT_INPUTS
 
     split = [n for n in names if n.split(".", 2)[-1] in SPLIT_INPUTS]
     return [n for n in names if n not in split], split
@@ -47,7 +47,7 @@ def _split(names):
 def _assert_unchanged(got, want, names):
     """Bit-exact, except that hooking `attn.hook_result` sums per-head outputs (a reassociated sum) and
     split inputs normalise each head's copy of the stream on its own (another order of the same sums)."""
-    from circuits_jax._sites import SPLIT_INPUTS
+    from circuits_jax.core._sites import SPLIT_INPUTS
 
     if any(n.endswith("attn.hook_result") or n.split(".", 2)[-1] in SPLIT_INPUTS for n in names):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ pz = pytest.importorskip("penzai.pz")
 from penzai.models.transformer.variants import gpt_neox, llamalike_common  # noqa: E402
 
 import circuits_jax as cj  # noqa: E402
-from circuits_jax.loaders._penzai import from_penzai  # noqa: E402
+from circuits_jax.models._penzai import from_penzai  # noqa: E402
 
 BASE = dict(
     num_kv_heads=2, query_head_multiplier=2, embedding_dim=32, projection_dim=8, mlp_hidden_dim=48,

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax import _activations, _attribution_graph, _repr, _sae_train
-from circuits_jax._graph import Graph
+from circuits_jax.dictionaries import _activations
+from circuits_jax.attribution_graphs import _graph as _attribution_graph
+from circuits_jax.core import _repr
+from circuits_jax.dictionaries import _train as _sae_train
+from circuits_jax.graph._edges import Graph
 
 from conftest import tiny_configs
 

@@ -1,4 +1,4 @@
-"""ROME (circuits_jax._rome) on a tiny llama-like model: covariance, the rank-one update, an edit."""
+"""ROME (circuits_jax.toolshed._rome) on a tiny llama-like model: covariance, the rank-one update, an edit."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax import _rome as R
+from circuits_jax.toolshed import _rome as R
 from conftest import tiny_configs
 
 WORDS = ["<bos>", "<eos>", "<unk>", "the", "tower", "is", "in", "city", "of", "paris", "rome", "a", "big",

@@ -1,4 +1,4 @@
-"""Sparse dictionaries (`circuits_jax._sae`) against hand-computed values on tiny explicit arrays.
+"""Sparse dictionaries (`circuits_jax.dictionaries._sae`) against hand-computed values on tiny explicit arrays.
 
 Expectations are written out independently in float64 numpy (selection masks are also spelled out
 by hand for the designed pre-activations), never with the module's own helpers.
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from circuits_jax._sae import (
+from circuits_jax.dictionaries._sae import (
     SAE,
     CrossLayerTranscoder,
     LossConfig,

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax import _activations as A
-from circuits_jax import _sae_pipeline as P
-from circuits_jax._activations import build_store, memory_check, open_store, pack_contexts, read_corpus
-from circuits_jax._sae import SAE, init_clt, init_sae
-from circuits_jax._sae_eval import density_histogram, evaluate
-from circuits_jax._sae_io import dictionary_info, load_dictionary, save_dictionary
-from circuits_jax._sae_pipeline import dictionary_spec, train_dictionary
-from circuits_jax.cli import main
+from circuits_jax.dictionaries import _activations as A
+from circuits_jax.dictionaries import _pipeline as P
+from circuits_jax.dictionaries._activations import build_store, memory_check, open_store, pack_contexts, read_corpus
+from circuits_jax.dictionaries._sae import SAE, init_clt, init_sae
+from circuits_jax.dictionaries._eval import density_histogram, evaluate
+from circuits_jax.dictionaries._io import dictionary_info, load_dictionary, save_dictionary
+from circuits_jax.dictionaries._pipeline import dictionary_spec, train_dictionary
+from circuits_jax.app.cli import main
 
 from conftest import tiny_configs
 

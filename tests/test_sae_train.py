@@ -1,4 +1,4 @@
-"""Training sparse dictionaries (`circuits_jax._sae_train`) on synthetic activation stores.
+"""Training sparse dictionaries (`circuits_jax.dictionaries._train`) on synthetic activation stores.
 
 The stores are real chunk files plus `store.json` (the layout `build_store` writes) opened with
 `open_store`, holding numpy data with a planted sparse structure: each row is a positive
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax._activations import open_store
-from circuits_jax._sae import LossConfig, init_clt, init_sae
-from circuits_jax._sae_train import TrainConfig, init_state, make_step, train
+from circuits_jax.dictionaries._activations import open_store
+from circuits_jax.dictionaries._sae import LossConfig, init_clt, init_sae
+from circuits_jax.dictionaries._train import TrainConfig, init_state, make_step, train
 
 D, N_DIRS, CHUNK, N_CHUNKS = 16, 32, 512, 8
 SAE_SITE = "blocks.0.hook_resid_post"

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_configs
 
 import circuits_jax as cj
-from circuits_jax._scrubbing import (Hypothesis, NextTokenLoss, Node, build_tree, identity_hypothesis, sample_trees,
+from circuits_jax.graph._scrubbing import (Hypothesis, NextTokenLoss, Node, build_tree, identity_hypothesis, sample_trees,
                                      scrub, scrub_losses)  # fmt: skip
 
 CFGS = tiny_configs()
@@ -107,7 +107,7 @@ def test_bad_hypotheses_are_refused_by_name():
 
 
 def test_cli_scrub_refuses_bad_heads_before_training(capsys):
-    from circuits_jax.cli import main
+    from circuits_jax.app.cli import main
 
     assert main(["scrub", "--prev-heads", "7", "--quiet"]) == 2
     assert "--prev-heads '7'" in capsys.readouterr().err
@@ -115,7 +115,7 @@ def test_cli_scrub_refuses_bad_heads_before_training(capsys):
 
 
 def test_induction_features_on_repeated_rows():
-    from circuits_jax._scrubbing import (current_token, induction_hypothesis, repeated_dataset, token_at_match,
+    from circuits_jax.graph._scrubbing import (current_token, induction_hypothesis, repeated_dataset, token_at_match,
                                          token_before_match)  # fmt: skip
 
     t = repeated_dataset(30, n=6, vocab=20, seed=0)

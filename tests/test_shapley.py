@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax._shapley import shapley_values
+from circuits_jax.patching._shapley import shapley_values
 
 from conftest import tiny_configs
 

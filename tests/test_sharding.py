@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax import _sharding as sh
-
+from circuits_jax.scale import _sharding as sh
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -98,7 +97,7 @@ def test_init_distributed_refuses_half_of_its_settings():
 @pytest.mark.parametrize("spec,msg", [("foo=2", "give axis=size pairs with axes sweep, data, model"),
                                       ("sweep=64", "needs 64 devices")])  # fmt: skip
 def test_cli_mesh_errors_come_before_the_model_loads(spec, msg, capsys, tmp_path):
-    from circuits_jax import cli
+    from circuits_jax.app import cli
 
     rc = cli.main(["patch", "--model", str(tmp_path / "absent.gguf"), "--clean", "a b", "--corrupt", "a c",
                    "--answer", " x", "--wrong", " y", "--mesh", spec, "--out", str(tmp_path / "z.npz")])  # fmt: skip

@@ -10,9 +10,9 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers
 
 import circuits_jax as cj
-from circuits_jax import _steering as S
-from circuits_jax._tokenizer import Tokenizer
-from circuits_jax.cli import main
+from circuits_jax.toolshed import _steering as S
+from circuits_jax.models._tokenizer import Tokenizer
+from circuits_jax.app.cli import main
 
 from conftest import tiny_configs
 

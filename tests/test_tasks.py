@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax._tasks import (
+from circuits_jax.tasks._tasks import (
     FACTS,
     TASKS,
     ProbMassDiff,

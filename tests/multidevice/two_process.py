@@ -13,7 +13,7 @@ from pathlib import Path
 
 pid, port, store_dir, out_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 
-from circuits_jax import _sharding as sh  # noqa: E402
+from circuits_jax.scale import _sharding as sh  # noqa: E402
 
 index, count = sh.init_distributed(f"127.0.0.1:{port}", 2, pid, local_devices=2)
 
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import circuits_jax as cj  # noqa: E402
-from circuits_jax._activations import open_store  # noqa: E402
+from circuits_jax.dictionaries._activations import open_store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from multidevice.setups import sae, sweep_inputs, train_cfg  # noqa: E402

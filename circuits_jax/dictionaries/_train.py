@@ -1,0 +1,255 @@
+"""One optax loop for every sparse dictionary (SAE, transcoder, cross-layer transcoder).
+
+The train state is `(dictionary, opt_state, since_fired, step)`: `since_fired` counts the
+tokens since each latent last fired (dead latents feed AuxK and the dead fraction). One
+jitted step computes the loss and gradients, applies the optax update and the
+architecture's projection (unit-norm decoder rows, positive thresholds, batchtopk's
+threshold EMA). Batches come from `ActivationStore.batches(seed, start=step)`, a pure
+function of the step, and the state is checkpointed with orbax every `checkpoint_every`
+steps, so a run that is killed resumes from its last checkpoint and reaches the same
+parameters as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..models import _checkpoint
+from ..scale import _sharding
+from ._sae import LossConfig, Stats, gather_xy
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: `n_tokens` in batches of `batch_size`, Adam at `lr` with a linear warm-up
+    over `warmup_steps`, then `lr_schedule`: "linear" (constant, then a linear decay to zero
+    over the last `decay_frac` of the run), "cosine" (cosine decay to zero) or "constant"."""
+
+    n_tokens: int
+    batch_size: int = 1024
+    lr: float = 4e-4
+    warmup_steps: int = 100
+    decay_frac: float = 0.2
+    lr_schedule: str = "linear"
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    dead_after: int = 200_000  # tokens without firing before a latent counts as dead
+    loss: LossConfig = LossConfig()
+    log_every: int = 50
+    checkpoint_every: int = 500
+    buffer_chunks: int = 4
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.n_tokens // self.batch_size)
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    steps = cfg.steps
+    warm = min(cfg.warmup_steps, steps // 2)
+    if cfg.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(cfg.lr * 1e-2, cfg.lr, max(warm, 1), steps, 0.0)
+    if cfg.lr_schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(cfg.lr * 1e-2, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr)], [max(warm, 1)]
+        )
+    if cfg.lr_schedule != "linear":
+        raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', got {cfg.lr_schedule!r}")
+    decay = max(1, int(cfg.decay_frac * steps))
+    flat = max(0, steps - warm - decay)
+    return optax.join_schedules(
+        [optax.linear_schedule(cfg.lr * 1e-2, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr),
+         optax.linear_schedule(cfg.lr, 0.0, decay)],
+        [max(warm, 1), max(warm, 1) + flat],
+    )  # fmt: skip
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    adam = optax.adam(schedule(cfg), b1=cfg.b1, b2=cfg.b2)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam) if cfg.grad_clip else adam
+
+
+def trainable(d) -> Any:
+    """Filter spec: the weights and biases (and jumprelu thresholds); not the normalisation
+    scales, nor the thresholds that other architectures set without gradients."""
+    spec = jax.tree.map(eqx.is_array, d)
+    spec = eqx.tree_at(lambda s: (s.in_scale, s.out_scale), spec, (False, False))
+    return eqx.tree_at(lambda s: s.threshold, spec, d.arch == "jumprelu")
+
+
+class TrainState(eqx.Module):
+    dictionary: Any
+    opt_state: Any
+    since_fired: jax.Array
+    step: jax.Array
+
+
+def init_state(d, cfg: TrainConfig) -> TrainState:
+    params = eqx.filter(d, trainable(d))
+    return TrainState(d, optimizer(cfg).init(params), jnp.zeros(d.threshold.shape, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def make_step(cfg: TrainConfig) -> Callable[[TrainState, Any, Any], tuple[TrainState, Stats]]:
+    """The jitted training step `(state, x, y) -> (state, stats)`."""
+    opt = optimizer(cfg)
+    hp = cfg.loss
+
+    @eqx.filter_jit
+    def train_step(state: TrainState, x, y):
+        d = state.dictionary
+        diff, static = eqx.partition(d, trainable(d))
+        dead = state.since_fired >= cfg.dead_after
+
+        def loss_fn(diff):
+            return eqx.combine(diff, static).loss(x, y, dead, hp)
+
+        (_, stats), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(diff)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes float and int32
+            updates, opt_state = opt.update(grads, state.opt_state, diff)
+        d = eqx.combine(eqx.apply_updates(diff, updates), static).project(hp, stats)
+        since = jnp.where(stats.fired, 0, jnp.minimum(state.since_fired + x.shape[0], 2**30))
+        return TrainState(d, opt_state, since, state.step + 1), stats
+
+    return train_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    dictionary: Any
+    history: list[dict]  # one row every `log_every` steps: step, tokens, loss, mse, l0, fve, dead, lr, seconds
+    seconds: float  # wall-clock of this call's steps (excluding checkpoint writes)
+    resumed_from: int  # step restored from a checkpoint (0 for a fresh run)
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ..core._repr import summary
+
+        return summary(self)
+
+
+def _ckpts(root: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "done").exists())
+
+
+def _save(root: Path, state: TrainState, history: list[dict], keep: int = 2) -> None:
+    step = int(state.step)
+    d = root / f"step_{step:08d}"
+    _checkpoint.save(d / "state", state)  # every process writes its own shards
+    if jax.process_index() != 0:
+        return
+    (d / "history.json").write_text(json.dumps(history))
+    (d / "done").write_text("")
+    for old in _ckpts(root)[:-keep]:
+        shutil.rmtree(root / f"step_{old:08d}", ignore_errors=True)
+
+
+def _restore(root: Path, like: TrainState) -> tuple[TrainState, list[dict]] | None:
+    steps = _ckpts(root)
+    if not steps:
+        return None
+    d = root / f"step_{steps[-1]:08d}"
+    state = _checkpoint.restore(d / "state", like)
+    return state, json.loads((d / "history.json").read_text())
+
+
+def _selector(d, store) -> Callable[[tuple[np.ndarray, ...]], tuple[jax.Array, jax.Array]]:
+    """Pick the dictionary's `(x, y)` out of a store batch by site name."""
+    missing = [s for s in d.in_sites + d.out_sites if s not in store.sites]
+    if missing:
+        raise ValueError(f"the activation store at {store.path} holds {list(store.sites)}, not {missing}")
+    return lambda batch: gather_xy(d, dict(zip(store.sites, batch)))
+
+
+def train(
+    dictionary,
+    store,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    mesh=None,
+) -> TrainResult:
+    """Train `dictionary` on batches of `store` for `cfg.steps` steps.
+
+    checkpoint_dir: save the train state every `cfg.checkpoint_every` steps and at the end;
+        if it holds a checkpoint, resume from the latest one.
+    stop_after: end after this many steps in total (to simulate an interruption).
+    mesh: a `make_mesh` mesh: tokens split over its `data` axis (the batch size must divide it),
+        the dictionary's width (and its Adam state) over `model`. Checkpoints restore onto the
+        mesh given, whatever mesh wrote them. Across processes (`init_distributed`), every process
+        reads the same seeded batch and keeps its own rows (`process_rows`); `global_batch`
+        assembles them.
+    """
+    if mesh is not None:
+        _sharding.check_divides(cfg.batch_size, mesh, "data", "batch_size")
+        dictionary = _sharding.shard_dictionary(dictionary, mesh)
+    state = init_state(dictionary, cfg)
+    if mesh is not None:
+        state = _sharding.shard_like(state, state.dictionary, mesh)
+    history: list[dict] = []
+    root = None if checkpoint_dir is None else Path(checkpoint_dir)
+    resumed = 0
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        got = _restore(root, state)
+        if got is not None:
+            state, history = got
+            resumed = int(state.step)
+    step_fn = make_step(cfg)
+    total = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    start = int(state.step)
+    batches = store.batches(cfg.batch_size, seed=cfg.seed, start=start, buffer_chunks=cfg.buffer_chunks)
+    sched = schedule(cfg)
+    inputs = _selector(dictionary, store)
+    if mesh is not None:
+        rows = _sharding.process_rows(cfg.batch_size)
+        select = inputs
+        inputs = lambda batch: tuple(_sharding.global_batch(np.asarray(a)[rows], mesh) for a in select(batch))  # noqa: E731
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {getattr(dictionary, 'arch', '')}", unit="step", disable=not progress)
+    seconds = 0.0
+    acc: list[Stats] = []
+    for step in range(start, total):
+        x, y = inputs(next(batches))
+        t0 = time.perf_counter()
+        state, stats = step_fn(state, x, y)
+        acc.append(stats)
+        last = step + 1 == total
+        if (step + 1) % cfg.log_every == 0 or last:
+            jax.block_until_ready(state)
+            row = _log_row(acc, state, step + 1, cfg, float(sched(step)))
+            acc = []
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", fve=f"{row['fve']:.3f}", dead=f"{row['dead']:.3f}")
+            if on_log is not None:
+                on_log(row)
+        seconds += time.perf_counter() - t0
+        bar.update(1)
+        if root is not None and ((step + 1) % cfg.checkpoint_every == 0 or last):
+            _save(root, state, history)
+    bar.close()
+    jax.block_until_ready(state)
+    return TrainResult(state.dictionary, history, seconds, resumed)
+
+
+def _log_row(acc: list[Stats], state: TrainState, step: int, cfg: TrainConfig, lr: float) -> dict:
+    m = {k: float(np.mean([getattr(s, k) for s in acc])) for k in ("loss", "mse", "sparsity", "l0", "fve")}
+    dead = float(jnp.mean(state.since_fired >= cfg.dead_after))
+    return dict(step=step, tokens=step * cfg.batch_size, **m, dead=dead, lr=lr)

@@ -1,0 +1,405 @@
+"""Running a circuit: the model with every edge outside a chosen subgraph ablated.
+
+A circuit is a `[sources, destinations]` boolean matrix over `Graph.of(cfg)` (edges kept). In
+the circuit run every destination reads, for each of its incoming edges, the source's *current*
+output if the edge is kept and the source's *ablated* output otherwise (its output on the corrupt
+prompt, zero, or its mean):
+
+    input_d = resid_d + sum_{s upstream, (s, d) not kept} (ablated_s - current_s)
+
+so removing an edge changes that destination only, and the change then flows downstream through
+every kept edge: ACDC's and MIB's semantics. Unlike `patch_edges` (path patching, outputs from the
+unpatched runs), the current outputs are the circuit run's own, so the run carries a buffer of
+every source's output so far `[S, B, T, D]` through the layer scan.
+
+`circuit_metrics` scores many circuits (for example the top-k% edges for every k of a
+faithfulness curve) as one `vmap`: one compiled program for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+from ._edges import Graph, _outputs_of
+from ..core._model import Transformer, _block, positions_from_mask
+from ..patching._sweep import _Pairs, _score
+from ..core._sites import SPLIT_INPUTS
+
+
+@dataclasses.dataclass
+class Circuit:
+    """A circuit as data: the kept edges `[sources, destinations]` of `graph`, with per-edge scores.
+
+    edges: bool `[S, D]`, True for a kept edge (always within `graph.mask`).
+    scores: float `[S, D]` or None: what the method measured per edge (ACDC: the metric change when
+        the edge was removed; EAP: the attribution), NaN where untested.
+    level: "edge", or "node" when whole heads and MLPs were kept or removed (`nodes` lists them).
+    """
+
+    graph: Graph
+    edges: np.ndarray
+    scores: np.ndarray | None = None
+    method: str = ""
+    level: str = "edge"
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.edges = np.asarray(self.edges, bool) & self.graph.mask
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ..core._repr import summary
+
+        return summary(self, skip=("graph", "edges"), extra=dict(edges=f"{self.n_edges} of {self.graph.n_edges} kept", graph=repr(self.graph)))
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.sum())
+
+    @property
+    def nodes(self) -> list[str]:
+        """Sources with a kept outgoing edge, in graph order (heads `a{l}.h{h}`, MLPs `m{l}`, `input`)."""
+        return [self.graph.sources[i] for i in np.nonzero(self.edges.any(axis=1))[0]]
+
+    def edge_list(self) -> list[tuple[str, str, float]]:
+        """`(source, destination, score)` of every kept edge, largest |score| first (NaN scores last)."""
+        s, d = np.nonzero(self.edges)
+        sc = np.full(len(s), np.nan) if self.scores is None else np.asarray(self.scores, np.float64)[s, d]
+        order = np.argsort(-np.nan_to_num(np.abs(sc), nan=-1.0), kind="stable")
+        g = self.graph
+        return [(g.sources[s[i]], g.destinations[d[i]], float(sc[i])) for i in order]
+
+
+class _CircuitTap:
+    """Layer `i`'s tap in a circuit run: rewrites each destination input, records each source output.
+
+    It carries `gap [S, B, T, D]`, every source's ablated output minus its current one (sources not
+    yet run hold their full-model gap, never read before they are overwritten). The big read of `gap`
+    happens once per layer: one einsum gives every destination of the layer its correction from the
+    sources before the layer, and the MLP input adds what this layer's heads changed since.
+    """
+
+    def __init__(self, cfg, i, gap, ablated, cut):
+        self.cfg, self.i, self.gap, self.ablated, self.cut = cfg, i, gap, ablated, cut
+        H, K = cfg.n_heads, cfg.kv_heads
+        self.per_dest = H + 2 * K + (0 if cfg.attn_only else 1)
+        self.per_src = H + (0 if cfg.attn_only else 1)
+        self.offsets = {"hook_q_input": (0, H), "hook_k_input": (H, K), "hook_v_input": (H + K, K), "hook_mlp_in": (H + 2 * K, 1)}
+        self.cols = lax.dynamic_slice_in_dim(cut, i * self.per_dest, self.per_dest, axis=1)  # [S, per_dest]
+        self.corr = None
+        self.mlp_extra = 0.0
+
+    def wants(self, kinds) -> bool:
+        return any(k in SPLIT_INPUTS for k in kinds)
+
+    def _correction(self, kind):
+        if self.corr is None:  # the layer's first destination: every correction at once
+            self.corr = jnp.einsum("sn,sbtd->btnd", self.cols, self.gap)
+        start, n = self.offsets[kind]
+        return self.corr[:, :, start : start + n]
+
+    def _record(self, first, outputs, heads=False):  # outputs [n, B, T, D] of sources first .. first + n - 1
+        ablated = lax.dynamic_slice_in_dim(self.ablated, first, outputs.shape[0], 0)
+        new = ablated - outputs.astype(self.gap.dtype)
+        if heads and not self.cfg.attn_only:  # this layer's heads feed its MLP
+            old = lax.dynamic_slice_in_dim(self.gap, first, outputs.shape[0], 0)
+            to_mlp = lax.dynamic_slice_in_dim(self.cols[:, -1], first, outputs.shape[0], 0)
+            self.mlp_extra = jnp.einsum("n,nbtd->btd", to_mlp, new - old)
+        self.gap = lax.dynamic_update_slice_in_dim(self.gap, new, first, 0)
+
+    def __call__(self, kind, x):
+        if kind in SPLIT_INPUTS:
+            return x + self._correction(kind).astype(x.dtype)
+        if kind == "hook_mlp_in":
+            return x + (self._correction(kind)[:, :, 0] + self.mlp_extra).astype(x.dtype)
+        if kind == "attn.hook_result":  # [B, T, H, D]: this layer's heads become current sources
+            self._record(1 + self.i * self.per_src, jnp.moveaxis(x, 2, 0), heads=True)
+        if kind == "hook_mlp_out":
+            self._record(1 + self.i * self.per_src + self.cfg.n_heads, x[None])
+        return x
+
+
+def _circuit_resid(model: Transformer, tokens, mask, ablated, cut, start=None, x0=None, gap0=None):
+    """Final residual stream of the circuit run; `cut [S, D]` float, 1 where an edge is ablated.
+
+    With `start` (a traced layer), layers below it are skipped: the run begins from `x0`, the stream
+    entering `start`, and `gap0`, every source's ablated minus full-model output. Valid when no edge
+    into a destination below `start` is cut, so that everything upstream equals the full model's run
+    (ACDC's traversal).
+    """
+    cfg = model.cfg
+    B, T = tokens.shape
+    positions = positions_from_mask(mask, B, T)
+    if start is None:
+        x = model.W_E[tokens]
+        if cfg.positional == "learned":
+            x = x + model.W_pos[positions]
+        gap = ablated.at[0].add(-x)
+    else:
+        x, gap = x0, gap0
+
+    def body(carry, xs):
+        params, i = xs
+
+        def layer(x, gap):
+            tap = _CircuitTap(cfg, i, gap, ablated, cut)
+            y = _block(cfg, params, x, positions, mask, tap, False, True)
+            return y, tap.gap
+
+        if start is None:
+            return layer(*carry), None
+        return lax.cond(i >= start, layer, lambda x, g: (x, g), *carry), None
+
+    (x, gap), _ = lax.scan(body, (x, gap), (model.blocks, jnp.arange(cfg.n_layers)))
+    return x + jnp.einsum("s,sbtd->btd", cut[:, -1], gap)
+
+
+@eqx.filter_jit
+def _circuits_metric(model, tokens, mask, positions, metric, ablated, cuts):
+    def one(cut):
+        return _score(model, _circuit_resid(model, tokens, mask, ablated, cut), positions, metric)
+
+    return jax.vmap(one)(cuts)
+
+
+ABLATIONS = ("patching", "resample", "zero", "mean")
+
+
+def ablated_outputs(model: Transformer, tokens, corrupt_tokens=None, ablation: str = "patching", attention_mask=None):
+    """`[S, B, T, D]`: what an ablated edge carries from each source: its output on the corrupt prompt
+    ("patching", or its synonym "resample": ACDC's resample ablation), zero ("zero"), or its mean over
+    the batch and positions of `tokens` ("mean")."""
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+    if ablation in ("patching", "resample"):
+        if corrupt_tokens is None:
+            raise ValueError("ablation='patching' needs corrupt tokens")
+        return _outputs_of(model, jnp.asarray(corrupt_tokens), mask)
+    out = _outputs_of(model, jnp.asarray(tokens), mask)
+    if ablation == "zero":
+        return jnp.zeros_like(out)
+    if ablation == "mean":
+        return jnp.broadcast_to(out.mean(axis=(1, 2), keepdims=True), out.shape)
+    raise KeyError(f"unknown ablation {ablation!r}; valid: {', '.join(ABLATIONS)}")
+
+
+def circuit_metrics(
+    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], circuits, *,
+    ablation: str = "patching", attention_mask=None, answer_pos=None,
+) -> np.ndarray:  # fmt: skip
+    """The metric of the clean run with every edge outside each circuit ablated, `[n]`, one compiled program.
+
+    circuits: bool `[n, S, D]` (or `[S, D]`) over `Graph.of(cfg)`: True keeps the edge. Entries off the
+    graph's mask are ignored. Keeping every edge gives the clean run; keeping none with
+    `ablation="patching"` gives the corrupt run.
+    """
+    graph = Graph.of(model.cfg)
+    keep = np.asarray(circuits, bool)
+    if keep.ndim == 2:
+        keep = keep[None]
+    if keep.shape[1:] != graph.mask.shape:
+        raise ValueError(f"circuits have shape {keep.shape[1:]}; the graph's [sources, destinations] is {graph.mask.shape}")
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, False, attention_mask, answer_pos)
+    ablated = ablated_outputs(model, pairs.clean, pairs.corrupt, ablation, pairs.mask)
+    cuts = (graph.mask & ~keep).astype(np.float32)
+    out = _circuits_metric(model, jnp.asarray(pairs.clean), pairs.mask, pairs.positions, metric, ablated, jnp.asarray(cuts))
+    return np.asarray(out)
+
+
+FAITHFULNESS_KS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # MIB's 0.1% .. 100% of edges
+
+
+def _edge_count(fraction: float, n_edges: int) -> int:
+    """Edges in a circuit of `fraction` of the graph: rounded, at least one if the fraction is positive."""
+    n = int(round(fraction * n_edges))
+    return max(n, 1) if fraction > 0 else 0
+
+
+def _top_n(scores: np.ndarray, mask: np.ndarray, n: int, absolute: bool) -> np.ndarray:
+    """`[S, D]` bool: the `n` real edges with the largest (absolute) score, ties in matrix order."""
+    vals = np.where(mask, np.abs(scores) if absolute else scores, -np.inf).ravel()
+    keep = np.zeros(vals.shape, bool)
+    keep[np.argsort(-vals, kind="stable")[:n]] = True
+    return keep.reshape(mask.shape) & mask
+
+
+def top_edges(scores: np.ndarray, mask: np.ndarray, fraction: float, absolute: bool = True) -> np.ndarray:
+    """`[S, D]` bool: the `fraction` of real edges with the largest (absolute) score (at least one if > 0)."""
+    return _top_n(scores, mask, _edge_count(fraction, int(mask.sum())), absolute)
+
+
+def faithfulness(
+    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], scores, *,
+    ks=FAITHFULNESS_KS, ablation: str = "patching", absolute: bool = True, method: str = "topn",
+    attention_mask=None, answer_pos=None,
+) -> dict:  # fmt: skip
+    """MIB's faithfulness curve of the circuits made of the top-k fraction of edges by score
+    (`method="topn"`, or "greedy": grown from the logits, see `circuit_from_scores`).
+
+    f(k) = (m(C_k) - m(empty)) / (m(model) - m(empty)), for every k in `ks` (fractions of the graph's
+    edges), all circuits (and the full and empty ones) in one compiled program. `scores` is an
+    `EdgeScores` or an `[S, D]` array. CPR is the area under f (trapezoid over k), CMD the area under
+    |1 - f|: higher CPR and lower CMD are better.
+    """
+    graph = Graph.of(model.cfg)
+    s = np.asarray(getattr(scores, "scores", scores))
+    chosen = [circuit_from_scores(s, _edge_count(k, graph.n_edges), method=method, absolute=absolute, graph=graph).edges
+              for k in ks]  # fmt: skip
+    circuits = np.stack([graph.mask, np.zeros_like(graph.mask)] + chosen)
+    m = circuit_metrics(model, clean_tokens, corrupt_tokens, metric, circuits, ablation=ablation,
+                        attention_mask=attention_mask, answer_pos=answer_pos)  # fmt: skip
+    full, empty, curve = float(m[0]), float(m[1]), m[2:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = (curve - empty) / (full - empty)
+    k = np.asarray(ks, np.float64)
+    return dict(ks=k, f=f, metric=curve, full=full, empty=empty, edges=[int(c.sum()) for c in circuits[2:]],
+                cpr=float(np.trapezoid(f, k)), cmd=float(np.trapezoid(np.abs(1 - f), k)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Circuits from edge scores, and scoring them against a known circuit
+# ---------------------------------------------------------------------------
+
+
+def prune_dangling(graph: Graph, keep: np.ndarray) -> np.ndarray:
+    """Drop kept edges that cannot matter: into a node that reaches no kept path to the logits, or out of
+    a node (other than `input`) that nothing kept feeds. Repeats until nothing changes."""
+    keep = np.asarray(keep, bool) & graph.mask
+    feeds = graph.feeds  # [D, S]
+    while True:
+        used = keep.any(axis=1)  # a source with a kept outgoing edge
+        used[0] = True
+        fed = (feeds & keep.any(axis=0)[:, None]).any(axis=0)  # a node with a kept incoming edge
+        fed[0] = True
+        dead_dest = feeds.any(axis=1) & ~(feeds & used[None]).any(axis=1)
+        new = keep & ~dead_dest[None] & fed[:, None]
+        if (new == keep).all():
+            return new
+        keep = new
+
+
+def circuit_from_scores(
+    scores, n_edges: int, *, method: str = "topn", absolute: bool = True, prune: bool = False, graph: Graph | None = None
+) -> Circuit:  # fmt: skip
+    """A circuit of `n_edges` edges chosen by their scores (an `EdgeScores`, or `[S, D]` with `graph`).
+
+    "topn": the `n_edges` largest (absolute) scores. "greedy" (Hanna et al. 2024): start from the logits
+    and repeatedly add the best-scoring edge into a node already in the circuit, so every edge lies on a
+    path to the logits. `prune=True` then drops edges left dangling (`prune_dangling`).
+    """
+    graph = graph if graph is not None else scores.graph
+    s = np.asarray(getattr(scores, "scores", scores), np.float64)
+    if method == "topn":
+        keep = _top_n(s, graph.mask, n_edges, absolute)
+    elif method == "greedy":
+        keep = _greedy(graph, np.abs(s) if absolute else s, n_edges)
+    else:
+        raise KeyError(f"unknown method {method!r}; valid: topn, greedy")
+    if prune:
+        keep = prune_dangling(graph, keep)
+    name = getattr(scores, "method", "scores")
+    return Circuit(graph, keep, np.where(graph.mask, s, np.nan).astype(np.float32), method=f"{name}-{method}",
+                   meta=dict(requested_edges=n_edges, absolute=absolute, prune=prune))  # fmt: skip
+
+
+def node_ranking(graph: Graph, node_scores: dict) -> np.ndarray:
+    """`[S, D]` edge ranking from per-node scores (`{"a3.h1": v, "m2": v}`): an edge ranks by the smaller
+    |score| of the two nodes it joins (`input` and `logits` rank first), so the top edges of any size
+    are the subgraph induced by the top nodes: the faithfulness curve of a node-level method."""
+    src = np.asarray([np.inf if n == "input" else abs(node_scores.get(n, 0.0)) for n in graph.sources])
+    src = np.nan_to_num(src, nan=0.0, posinf=np.inf)
+    dst = np.where(graph.feeds.any(axis=1), np.where(graph.feeds, src[None], -np.inf).max(axis=1), np.inf)
+    return np.where(graph.mask, np.minimum(src[:, None], dst[None, :]), 0.0)
+
+
+def _greedy(graph: Graph, key: np.ndarray, n: int) -> np.ndarray:
+    """Grow from the logits: pop the best edge into an open destination, then open its source's inputs."""
+    import heapq
+
+    keep = np.zeros(graph.mask.shape, bool)
+    kept = 0
+    active = np.zeros(len(graph.destinations), bool)
+    heap: list = []
+
+    def open_dest(j):
+        if not active[j]:
+            active[j] = True
+            for i in np.nonzero(graph.mask[:, j])[0]:
+                heapq.heappush(heap, (-key[i, j], int(i), int(j)))
+
+    open_dest(len(graph.destinations) - 1)
+    while heap and kept < n:
+        _, i, j = heapq.heappop(heap)
+        keep[i, j] = True
+        kept += 1
+        for d in np.nonzero(graph.feeds[:, i])[0]:  # the source's own inputs become candidates
+            open_dest(d)
+    return keep
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a positive outranks a negative), ties counting one half (the Mann-Whitney U statistic)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]  # 1-based ranks, ties sharing their average
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def node_truth(graph: Graph, truth: np.ndarray) -> np.ndarray:
+    """`[S]` bool: heads and MLPs with an edge of the circuit leaving them (`input` excluded)."""
+    nodes = np.asarray(truth, bool).any(axis=1)
+    nodes[0] = False
+    return nodes
+
+
+def roc_auc(scores, truth: np.ndarray, *, graph: Graph | None = None, absolute: bool = True) -> dict:
+    """Edge and node ROC AUC of per-edge scores against a known circuit `truth [S, D]`.
+
+    Edges are ranked by (absolute) score over the graph's real edges; a node (head or MLP) by the largest
+    score of its outgoing edges. NaN scores (untested edges) rank lowest. A `Circuit` ranks its kept
+    edges above the others (one operating point: AUC = (TPR + TNR) / 2); use `roc_sweep` for ACDC's
+    threshold sweep.
+    """
+    if isinstance(scores, Circuit):
+        graph, s = scores.graph, scores.edges.astype(np.float64)
+    else:
+        graph = graph if graph is not None else scores.graph
+        s = np.asarray(getattr(scores, "scores", scores), np.float64)
+        s = np.abs(s) if absolute else s
+    s = np.nan_to_num(s, nan=-np.inf)
+    truth = np.asarray(truth, bool) & graph.mask
+    m = graph.mask
+    edge = _auc(s[m & truth], s[m & ~truth])
+    node_s = np.where(m, s, -np.inf).max(axis=1)[1:]
+    nt = node_truth(graph, truth)[1:]
+    return dict(edge=edge, node=_auc(node_s[nt], node_s[~nt]))
+
+
+def roc_sweep(circuits: list[Circuit], truth: np.ndarray) -> dict:
+    """ACDC's ROC: each circuit (e.g. one per threshold) is a point (FPR, TPR); AUC by the trapezoid
+    through the points with (0, 0) and (1, 1) added, for edges and for nodes."""
+    graph = circuits[0].graph
+    truth = np.asarray(truth, bool) & graph.mask
+    nt = node_truth(graph, truth)[1:]
+    out = {}
+    for level in ("edge", "node"):
+        pts = [(0.0, 0.0), (1.0, 1.0)]
+        for c in circuits:
+            if level == "edge":
+                got, t = c.edges[graph.mask], truth[graph.mask]
+            else:
+                got, t = node_truth(graph, c.edges)[1:], nt
+            pts.append((float((got & ~t).sum() / max((~t).sum(), 1)), float((got & t).sum() / max(t.sum(), 1))))
+        pts = sorted(set(pts))
+        fpr, tpr = np.array(pts).T
+        tpr = np.maximum.accumulate(tpr)  # the ROC hull's upper envelope through the operating points
+        out[level] = float(np.trapezoid(tpr, fpr))
+        out[f"{level}_points"] = pts
+    return out

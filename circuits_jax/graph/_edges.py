@@ -1,0 +1,641 @@
+"""The computational graph of a transformer as data, and what runs on its edges.
+
+Nodes that *write* to the residual stream are the sources: `input` (token plus position
+embedding), every attention head `a{l}.h{h}` (its `z @ W_O`) and every MLP `m{l}`. Nodes that
+*read* it are the destinations: each head's query, key and value input `a{l}.h{h}<q>`,
+`a{l}.h{j}<k>`, `a{l}.h{j}<v>` (under grouped-query attention keys and values belong to kv
+heads: `a{l}.kv{j}<k>`), each MLP's input `m{l}`, and `logits`. An edge joins a source to every
+destination after it: the residual stream is their only link, so a destination's input is the
+sum of the outputs of the sources upstream (plus constant biases). Names follow the EAP-IG and
+ACDC graphs, so circuits read the same as in those libraries.
+
+Edge values live in dense `[sources, destinations]` matrices with `Graph.mask` marking the real
+edges: one layout for scores, circuits and patch sets, for EAP, path patching, ACDC and causal
+scrubbing alike. Destinations are the model's split inputs (`hook_q_input`, ... , `hook_mlp_in`,
+and the final residual stream), so an edge can be patched or differentiated alone:
+
+- **patching an edge set** adds, at each chosen destination's input, the chosen sources' output
+  difference (source run minus target run); every other path keeps its target value
+  (`patch_edges`, and `path_patch` on top of it);
+- **EAP** is the gradient of the metric with respect to every destination input, dotted with
+  every source's output difference: one forward and one backward for all edges (`edge_attribution`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import functools
+import time
+from typing import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from ..core._config import Config
+from ..patching._attribution import _IG_BATCH
+from ..core._interventions import ALL_LAYERS, Add, Hook, PerLayer, Replace
+from ..core._model import Transformer, run
+from ..patching._sweep import _Pairs, _hooked_metric, _score, auto_chunk, in_chunks
+
+_INPUT_KINDS = ("hook_q_input", "hook_k_input", "hook_v_input")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Graph:
+    """Sources, destinations and the `[sources, destinations]` mask of real edges of one config.
+
+    `order` gives each node's place in the forward pass (input 0; layer l's heads 2l+1 and MLP
+    2l+2 as sources; layer l's q/k/v inputs 2l+1, its MLP input 2l+2, logits 2L+1 as
+    destinations); an edge exists where the source comes strictly before the destination.
+    """
+
+    cfg: Config
+    sources: tuple[str, ...]
+    destinations: tuple[str, ...]
+    source_order: np.ndarray
+    dest_order: np.ndarray
+
+    def __repr__(self) -> str:  # counts, not the thousands of node names
+        return f"Graph({self.cfg.n_layers} layers, {len(self.sources)} sources, {len(self.destinations)} destinations, {self.n_edges} edges)"
+
+    @staticmethod
+    @functools.lru_cache(maxsize=32)
+    def of(cfg: Config) -> "Graph":
+        L, H, K = cfg.n_layers, cfg.n_heads, cfg.kv_heads
+        mlp = not cfg.attn_only
+        kv = "kv" if K != H else "h"
+        src, s_ord = ["input"], [0]
+        dst, d_ord = [], []
+        for l in range(L):
+            src += [f"a{l}.h{h}" for h in range(H)]
+            s_ord += [2 * l + 1] * H
+            dst += [f"a{l}.h{h}<q>" for h in range(H)]
+            dst += [f"a{l}.{kv}{j}<k>" for j in range(K)] + [f"a{l}.{kv}{j}<v>" for j in range(K)]
+            d_ord += [2 * l + 1] * (H + 2 * K)
+            if mlp:
+                src.append(f"m{l}")
+                s_ord.append(2 * l + 2)
+                dst.append(f"m{l}")
+                d_ord.append(2 * l + 2)
+        dst.append("logits")
+        d_ord.append(2 * L + 1)
+        return Graph(cfg, tuple(src), tuple(dst), np.asarray(s_ord), np.asarray(d_ord))
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray:
+        """`[S, D]` bool: True for every real edge."""
+        return self.source_order[:, None] < self.dest_order[None, :]
+
+    @functools.cached_property
+    def feeds(self) -> np.ndarray:
+        """`[D, S]` bool: destination j is an input of source node i (a head's q/k/v, an MLP's input;
+        under grouped-query attention a kv input feeds every head of its group). Logits feed nothing."""
+        out = np.zeros((len(self.destinations), len(self.sources)), bool)
+        G = self.cfg.group_size
+        for j in range(len(self.destinations) - 1):
+            kind, layer, head = self.dest_site(j)
+            if kind == "hook_mlp_in":
+                out[j, self.source_index(f"m{layer}")] = True
+                continue
+            heads = [head] if kind == "hook_q_input" else range(head * G, (head + 1) * G)
+            for h in heads:
+                out[j, self.source_index(f"a{layer}.h{h}")] = True
+        return out
+
+    def dest_layer(self, j: int) -> int:
+        """The layer whose block reads destination j (`n_layers` for logits)."""
+        return self.cfg.n_layers if j == len(self.destinations) - 1 else self.dest_site(j)[1]
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.mask.sum())
+
+    def edges(self) -> list[str]:
+        """Every edge name, `source->destination`, in matrix (row-major) order."""
+        s, d = np.nonzero(self.mask)
+        return [f"{self.sources[i]}->{self.destinations[j]}" for i, j in zip(s, d)]
+
+    def source_index(self, name: str) -> int:
+        return _index(name, self.sources, "source node")
+
+    def destination_index(self, name: str) -> int:
+        return _index(name, self.destinations, "destination")
+
+    def edge_index(self, name: str) -> tuple[int, int]:
+        """`(source, destination)` of an edge named `src->dst`; a missing edge names the nearest real ones."""
+        if "->" not in name:
+            raise KeyError(f"edge {name!r} is not of the form 'source->destination', e.g. 'a0.h1->a2.h3<q>'")
+        s, d = (p.strip() for p in name.split("->", 1))
+        i, j = self.source_index(s), self.destination_index(d)
+        if not self.mask[i, j]:
+            close = difflib.get_close_matches(f"{s}->{d}", self.edges(), n=5, cutoff=0.6)
+            hint = f"; nearest valid edges: {', '.join(close)}" if close else ""
+            raise KeyError(f"no edge {name!r}: {s} does not come before {d} in the forward pass{hint}")
+        return i, j
+
+    def select(self, spec: str | Sequence[str], of: str = "destinations") -> np.ndarray:
+        """Indices of the nodes matching a comma list of names or glob patterns (`a9.h*<q>`, `m*`)."""
+        names = self.destinations if of == "destinations" else self.sources
+        patterns = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+        picked: list[int] = []
+        for p in patterns:
+            hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, p)]
+            if not hits:
+                _index(p, names, of[:-1].replace("source", "source node"))  # raises with the nearest names
+            picked += [i for i in hits if i not in picked]
+        return np.asarray(picked, np.int64)
+
+    def dest_site(self, j: int) -> tuple[str, int, int | None]:
+        """The model site a destination reads: `(kind, layer, head)`; logits: the last resid_post."""
+        cfg, H, K = self.cfg, self.cfg.n_heads, self.cfg.kv_heads
+        if j == len(self.destinations) - 1:
+            return "hook_resid_post", cfg.n_layers - 1, None
+        per = H + 2 * K + (0 if cfg.attn_only else 1)
+        l, r = divmod(j, per)
+        if r < H:
+            return "hook_q_input", l, r
+        if r < H + K:
+            return "hook_k_input", l, r - H
+        if r < H + 2 * K:
+            return "hook_v_input", l, r - H - K
+        return "hook_mlp_in", l, None
+
+
+def _index(name: str, names: Sequence[str], what: str) -> int:
+    try:
+        return names.index(name)
+    except ValueError:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"; nearest valid: {', '.join(close)}" if close else f"; e.g. {', '.join(names[:3])}, ..."
+        raise KeyError(f"unknown {what} {name!r}{hint}") from None
+
+
+# ---------------------------------------------------------------------------
+# Source outputs and destination gradients
+# ---------------------------------------------------------------------------
+
+
+def _source_names(cfg: Config) -> list[str]:
+    L = cfg.n_layers
+    names = ["hook_embed", *(["hook_pos_embed"] if cfg.positional == "learned" else [])]
+    names += [f"blocks.{l}.attn.hook_result" for l in range(L)]
+    if not cfg.attn_only:
+        names += [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+    return names
+
+
+def _outputs(cfg: Config, cache) -> Array:
+    """`[S, B, T, D]`: every source's write to the residual stream, in `Graph.sources` order."""
+    L = cfg.n_layers
+    x = cache["hook_embed"]
+    if cfg.positional == "learned":
+        x = x + cache["hook_pos_embed"]
+    heads = jnp.stack([cache[f"blocks.{l}.attn.hook_result"] for l in range(L)])  # [L, B, T, H, D]
+    per_layer = [heads]
+    if not cfg.attn_only:
+        per_layer.append(jnp.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])[:, :, :, None])
+    stacked = jnp.concatenate(per_layer, axis=3)  # [L, B, T, H(+1), D]
+    stacked = jnp.moveaxis(stacked, 3, 1).reshape(-1, *x.shape)
+    return jnp.concatenate([x[None], stacked])
+
+
+def _dest_kinds(cfg: Config) -> tuple[str, ...]:
+    return _INPUT_KINDS + (() if cfg.attn_only else ("hook_mlp_in",))
+
+
+def _dest_stack(cfg: Config, per_kind: dict[str, Array], final: Array) -> Array:
+    """Per-kind `[L, B, T, (heads,) D]` arrays and the final-stream one -> `[Dst, B, T, D]` in graph order."""
+    parts = [per_kind[k] for k in _INPUT_KINDS]
+    if not cfg.attn_only:
+        parts.append(per_kind["hook_mlp_in"][:, :, :, None])
+    stacked = jnp.concatenate(parts, axis=3)  # [L, B, T, H + 2K (+1), D]
+    stacked = jnp.moveaxis(stacked, 3, 1).reshape(-1, *final.shape)
+    return jnp.concatenate([stacked, final[None]])
+
+
+def _dest_grads(model, tokens, mask, positions, metric, extra_hooks=(), start_layer=0, resid=None):
+    """`(metric, [Dst, B, T, D])`: the gradient of the metric at every destination's input, one backward.
+    With `start_layer`, the run starts there from `resid` (destinations below it get zero gradient)."""
+    cfg = model.cfg
+    L, B, T = cfg.n_layers, tokens.shape[0], tokens.shape[1]
+    D, H, K = cfg.d_model, cfg.n_heads, cfg.kv_heads
+    shapes = {"hook_q_input": (L, B, T, H, D), "hook_k_input": (L, B, T, K, D), "hook_v_input": (L, B, T, K, D),
+              "hook_mlp_in": (L, B, T, D)}  # fmt: skip
+    zeros = {k: jnp.zeros(shapes[k], jnp.float32) for k in _dest_kinds(cfg)}
+    zeros["logits"] = jnp.zeros((B, T, D), jnp.float32)
+
+    def f(deltas):
+        hooks = [Hook(k, ALL_LAYERS, PerLayer(Add(deltas[k]))) for k in _dest_kinds(cfg)]
+        hooks.append(Hook("hook_resid_post", L - 1, Add(deltas["logits"])))
+        return _hooked_metric(model, tokens, mask, positions, metric, [*extra_hooks, *hooks], start_layer, resid)
+
+    value, g = jax.value_and_grad(f)(zeros)
+    return value, _dest_stack(cfg, {k: g[k] for k in _dest_kinds(cfg)}, g["logits"])
+
+
+# ---------------------------------------------------------------------------
+# Edge scores: EAP and EAP-IG
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EdgeScores:
+    """Per-edge values `[sources, destinations]` (zero off `mask`): an estimated or exact change of the metric."""
+
+    scores: np.ndarray
+    graph: Graph
+    clean_metric: float
+    corrupt_metric: float
+    method: str
+    seconds: float
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ..core._repr import summary
+
+        return summary(self, skip=("graph",), extra=dict(graph=repr(self.graph)))
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.graph.mask
+
+    @property
+    def normalised(self) -> np.ndarray:
+        """The change in units of `clean - corrupt` (the scale of the normalised patching results)."""
+        return self.scores / (self.clean_metric - self.corrupt_metric)
+
+    def top(self, k: int = 10, absolute: bool = True) -> list[tuple[str, float]]:
+        """The `k` edges of largest (absolute) score, as `(name, score)`."""
+        vals = np.where(self.mask, self.scores, np.nan)
+        key = np.nan_to_num(np.abs(vals) if absolute else vals, nan=-np.inf).ravel()
+        idx = np.argsort(-key, kind="stable")[:k]
+        g = self.graph
+        return [(f"{g.sources[i // vals.shape[1]]}->{g.destinations[i % vals.shape[1]]}", float(vals.flat[i])) for i in idx]
+
+
+def _both_runs(model, source_tokens, target_tokens, mask, extra=()):
+    """Source and target runs caching every source's output (and `extra` sites), and `[S, B, T, D]`
+    output differences (source minus target)."""
+    names = _source_names(model.cfg) + list(extra)
+    src = run(model, source_tokens, cache=names, attention_mask=mask, return_logits=False)
+    tgt = run(model, target_tokens, cache=names, attention_mask=mask, return_logits=False)
+    return src, tgt, _outputs(model.cfg, src.cache) - _outputs(model.cfg, tgt.cache)
+
+
+@eqx.filter_jit
+def _eap(model, source_tokens, target_tokens, mask, positions, metric):
+    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask)
+    target_metric, grads = _dest_grads(model, target_tokens, mask, positions, metric)
+    scores = jnp.einsum("sbtd,ebtd->se", diff, grads)
+    return _score(model, src.resid, positions, metric), target_metric, scores
+
+
+@eqx.filter_jit
+def _eap_ig_inputs(model, source_tokens, target_tokens, mask, positions, metric, steps: int):
+    """Gradients averaged along the straight path from the target's input embedding to the source's."""
+    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask)
+    e_src, e_tgt = src.cache["hook_embed"], tgt.cache["hook_embed"]
+
+    def grads_at(alpha):
+        hook = Hook("hook_embed", None, Replace(e_tgt + alpha * (e_src - e_tgt)))
+        return _dest_grads(model, target_tokens, mask, positions, metric, (hook,))[1]
+
+    alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
+    mean = jnp.mean(jax.lax.map(grads_at, alphas, batch_size=_IG_BATCH), axis=0)
+    return _score(model, src.resid, positions, metric), _score(model, tgt.resid, positions, metric), jnp.einsum(
+        "sbtd,ebtd->se", diff, mean
+    )
+
+
+@eqx.filter_jit
+def _eap_ig_activations(model, source_tokens, target_tokens, mask, positions, metric, steps: int):
+    """Per source group (the input, each layer's heads, each MLP): gradients averaged while that group's
+    output moves from its target value to its source value, every other node computed as usual."""
+    cfg = model.cfg
+    L, H = cfg.n_layers, cfg.n_heads
+    extra = [f"blocks.{l}.{k}" for l in range(L) for k in ("hook_attn_out", "hook_resid_pre")]
+    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask, extra)
+    alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
+
+    resid_pre = jnp.stack([tgt.cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)])
+
+    def mean_grads(make_hook, layer=None):  # a layer's group only reaches later inputs: start the runs there
+        start = {} if layer is None else dict(start_layer=layer, resid=resid_pre[layer])
+        return jnp.mean(jax.lax.map(lambda a: _dest_grads(model, target_tokens, mask, positions, metric,
+                                                          (make_hook(a),), **start)[1], alphas,
+                                    batch_size=_IG_BATCH), axis=0)  # fmt: skip
+
+    def interp(kind, layer, s, t):
+        return lambda a: Hook(kind, layer, Replace(t + a * (s - t)))
+
+    e_src, e_tgt = src.cache["hook_embed"], tgt.cache["hook_embed"]
+    rows = [jnp.einsum("btd,ebtd->e", diff[0], mean_grads(interp("hook_embed", None, e_src, e_tgt)))[None]]
+    attn = jnp.stack([src.cache[f"blocks.{l}.hook_attn_out"] for l in range(L)]), jnp.stack(
+        [tgt.cache[f"blocks.{l}.hook_attn_out"] for l in range(L)]
+    )
+    mlp = (jnp.stack([src.cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)]),
+           jnp.stack([tgt.cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])) if not cfg.attn_only else None  # fmt: skip
+    per = H + (0 if cfg.attn_only else 1)
+    by_layer = diff[1:].reshape(L, per, *diff.shape[1:])
+
+    def layer_rows(l):
+        g = mean_grads(lambda a: Hook("hook_attn_out", l, Replace(attn[1][l] + a * (attn[0][l] - attn[1][l]))), l)
+        out = jnp.einsum("hbtd,ebtd->he", by_layer[l, :H], g)
+        if mlp is not None:
+            g = mean_grads(lambda a: Hook("hook_mlp_out", l, Replace(mlp[1][l] + a * (mlp[0][l] - mlp[1][l]))), l)
+            out = jnp.concatenate([out, jnp.einsum("btd,ebtd->e", by_layer[l, H], g)[None]])
+        return out
+
+    rows.append(jax.lax.map(layer_rows, jnp.arange(L)).reshape(L * per, -1))
+    return _score(model, src.resid, positions, metric), _score(model, tgt.resid, positions, metric), jnp.concatenate(rows)
+
+
+EDGE_METHODS = ("eap", "eap-ig", "eap-ig-activations")
+
+
+def edge_attribution(
+    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], method: str = "eap", *,
+    steps: int = 8, noising: bool = False, attention_mask=None, answer_pos=None, mesh=None,
+) -> EdgeScores:  # fmt: skip
+    """Estimated metric change from patching each edge alone, `[sources, destinations]`, one compiled program.
+
+    method:
+      "eap"  (Syed et al.): `(source - target output of the edge's source) · d metric / d (destination
+             input)` on the target run: one forward per run and one backward for every edge;
+      "eap-ig" (Hanna et al. 2024, inputs variant): the gradient averaged over `steps` midpoints of the
+             straight path from the target prompt's token embeddings to the source prompt's;
+      "eap-ig-activations": the gradient averaged while the edge's source group (the input, a
+             layer's heads together, or an MLP) moves from its target to its source output; the other
+             nodes are computed as usual. (Hanna et al.'s code averages each edge over every group's
+             interpolation; we use the edge's own source group, which makes a source's edge scores sum to
+             that source's integrated gradient.)
+    Denoising by default (source = clean, target = corrupt). Scores are summed over batch and positions,
+    in metric units (`EdgeScores.normalised` divides by clean - corrupt); zero off the edge mask.
+    """
+    t0 = time.perf_counter()
+    if method not in EDGE_METHODS:
+        close = difflib.get_close_matches(method, EDGE_METHODS, n=1)
+        raise KeyError(f"unknown edge method {method!r}; valid: {', '.join(EDGE_METHODS)}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))  # fmt: skip
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    args = (model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, metric)
+    if method == "eap":
+        s, t, scores = _eap(*args)
+    elif method == "eap-ig":
+        s, t, scores = _eap_ig_inputs(*args, int(steps))
+    else:
+        s, t, scores = _eap_ig_activations(*args, int(steps))
+    graph = Graph.of(model.cfg)
+    clean, corrupt = (float(t), float(s)) if noising else (float(s), float(t))
+    scores = np.where(graph.mask, np.asarray(scores, np.float32), np.float32(0))
+    return EdgeScores(scores, graph, clean, corrupt, method, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------
+# Patching edge sets (exact) and path patching
+# ---------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def _output_diff(model, source_tokens, target_tokens, mask):
+    return _both_runs(model, source_tokens, target_tokens, mask)[2]
+
+
+@eqx.filter_jit
+def _outputs_of(model, tokens, mask):
+    return _outputs(model.cfg, run(model, tokens, cache=_source_names(model.cfg), attention_mask=mask,
+                                   return_logits=False).cache)  # fmt: skip
+
+
+@eqx.filter_jit
+def _edge_chunk(model, tokens, mask, positions, resid, diff, metric, weights, start: int, groups):
+    """Metric of each row of `weights` `[C, S_active, D_active]`: every active destination's input gets
+    `sum_s w[s, d] * diff[s]` added; the runs start at layer `start` from the target residual."""
+    cfg = model.cfg
+
+    def one(w):
+        delta = jnp.einsum("sa,sbtm->abtm", w, diff)  # [D_active, B, T, D]
+        hooks = []
+        for kind, layer, slots in groups:  # static: (site kind, layer, ((active index, head), ...))
+            B, T, D = delta.shape[1:]
+            if kind in _INPUT_KINDS:
+                n = cfg.n_heads if kind == "hook_q_input" else cfg.kv_heads
+                value = jnp.zeros((B, T, n, D), delta.dtype)
+                for a, h in slots:
+                    value = value.at[:, :, h].add(delta[a])
+            else:
+                value = sum(delta[a] for a, _ in slots)
+            hooks.append(Hook(kind, layer, Add(value)))
+        return _hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid)
+
+    return jax.vmap(one)(weights)
+
+
+def patch_edges(
+    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], edge_sets, *,
+    noising: bool = False, attention_mask=None, answer_pos=None, chunk_size: int | None = None,
+    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: _Pairs | None = None, mesh=None,
+) -> np.ndarray:  # fmt: skip
+    """Raw metric of the target run with each edge set patched, `[n]` (exact, batched and chunked).
+
+    edge_sets: `[n, S, D]` weights (bool or float) over `Graph.of(cfg)`; off-mask entries are ignored.
+    Patching an edge `s -> d` adds `w * (source output of s - target output of s)` to the input of d
+    only; every other path keeps its target value (the path-patching semantics of Wang et al.,
+    with the senders' outputs taken from the two unpatched runs). Effects then flow downstream as
+    usual. Runs start at the lowest patched layer.
+    """
+    cfg = model.cfg
+    graph = Graph.of(cfg)
+    w = np.asarray(edge_sets, np.float32)
+    if w.ndim == 2:
+        w = w[None]
+    if w.shape[1:] != graph.mask.shape:
+        raise ValueError(f"edge sets have shape {w.shape[1:]}; the graph's [sources, destinations] is {graph.mask.shape}")
+    w = w * graph.mask
+    if pairs is None:
+        pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    active_s = np.flatnonzero(w.any(axis=(0, 2)))
+    active_d = np.flatnonzero(w.any(axis=(0, 1)))
+    return _patch_weights(model, pairs, active_s, active_d, w[:, active_s][:, :, active_d], chunk_size, memory_budget,
+                          progress)  # fmt: skip
+
+
+def _patch_weights(model, pairs, active_s, active_d, sub, chunk_size, memory_budget, progress) -> np.ndarray:
+    """`patch_edges` on the sub-matrix `sub [n, active sources, active destinations]` of the weights."""
+    cfg = model.cfg
+    graph = Graph.of(cfg)
+    target_metric = pairs.clean_metric if pairs.noising else pairs.corrupt_metric
+    if active_s.size == 0 or active_d.size == 0:
+        return np.full(len(sub), target_metric, np.float32)
+    diff = _output_diff(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask)[active_s]
+    groups: dict[tuple[str, int], list[tuple[int, int | None]]] = {}
+    for a, j in enumerate(active_d):
+        kind, layer, head = graph.dest_site(int(j))
+        groups.setdefault((kind, layer), []).append((a, head))
+    static_groups = tuple((k, l, tuple(v)) for (k, l), v in sorted(groups.items(), key=lambda kv: kv[0][1]))
+    start = min(l for _, l, _ in static_groups)
+    chunk = pairs.chunk(max(1, min(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget), len(sub))))
+
+    def score(part):
+        return _edge_chunk(model, jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, pairs.resid[start],
+                           diff, pairs.metric, pairs.rows(part), start, static_groups)  # fmt: skip
+
+    return in_chunks(sub, chunk, score, "patching edges", progress)
+
+
+_KIND_IDS = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "logits")
+
+
+@eqx.filter_jit
+def _single_edge_chunk(model, tokens, mask, positions, resid, diff, metric, start, rows):
+    """Metric of each single-edge patch; rows `[C, 4]` = (source, destination kind id, layer, head).
+
+    One program serves every edge: a hook per destination kind at a traced layer (-1, never
+    reached, for the kinds a row does not use); runs start at the chunk's lowest layer."""
+    cfg = model.cfg
+    L = cfg.n_layers
+
+    def one(row):
+        x = diff[row[0]]  # [B, T, D]
+        hooks = []
+        for k, kind in enumerate(_KIND_IDS[:-1]):
+            if kind == "hook_mlp_in" and cfg.attn_only:
+                continue
+            if kind == "hook_mlp_in":
+                value = x
+            else:
+                n = cfg.n_heads if kind == "hook_q_input" else cfg.kv_heads
+                value = x[:, :, None, :] * (jnp.arange(n) == row[3]).astype(x.dtype)[None, None, :, None]
+            hooks.append(Hook(kind, jnp.where(row[1] == k, row[2], -1), Add(value)))
+        hooks.append(Hook("hook_resid_post", L - 1, Add(x * (row[1] == 4).astype(x.dtype))))
+        return _hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid[start])
+
+    return jax.vmap(one)(rows)
+
+
+def patch_single_edges(
+    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], edges, *,
+    noising: bool = False, attention_mask=None, answer_pos=None, chunk_size: int | None = None,
+    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: _Pairs | None = None, mesh=None,
+) -> np.ndarray:  # fmt: skip
+    """Raw metric with each edge patched alone; `edges` are names (`"a0.h1->a2.h3<q>"`) or
+    `(source, destination)` index pairs. One compiled program for any edges (chunked `vmap`)."""
+    cfg = model.cfg
+    graph = Graph.of(cfg)
+    pairs_idx = np.asarray([graph.edge_index(e) if isinstance(e, str) else tuple(e) for e in edges], np.int64)
+    pairs_idx = pairs_idx.reshape(-1, 2)
+    if pairs_idx.size and not graph.mask[pairs_idx[:, 0], pairs_idx[:, 1]].all():
+        bad = pairs_idx[~graph.mask[pairs_idx[:, 0], pairs_idx[:, 1]]][0]
+        graph.edge_index(f"{graph.sources[bad[0]]}->{graph.destinations[bad[1]]}")  # raises, naming the nearest
+    if pairs is None:
+        pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    if not len(pairs_idx):
+        return np.zeros(0, np.float32)
+    rows = np.zeros((len(pairs_idx), 4), np.int32)
+    rows[:, 0] = pairs_idx[:, 0]
+    for r, j in enumerate(pairs_idx[:, 1]):
+        kind, layer, head = graph.dest_site(int(j))
+        rows[r, 1] = 4 if j == len(graph.destinations) - 1 else _KIND_IDS.index(kind)
+        rows[r, 2], rows[r, 3] = layer, -1 if head is None else head
+    diff = _output_diff(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask)
+    order = np.argsort(rows[:, 2], kind="stable")  # layer-major: each chunk starts as late as it can
+    chunk = pairs.chunk(max(1, min(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget), len(rows))))
+
+    def score(part):
+        return _single_edge_chunk(model, jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, pairs.resid,
+                                  diff, pairs.metric, jnp.int32(part[:, 2].min()), pairs.rows(part))  # fmt: skip
+
+    return in_chunks(rows, chunk, score, "patching edges", progress, order=order)
+
+
+def edge_patch_all(model: Transformer, clean_tokens, corrupt_tokens, metric, *, noising: bool = False,
+                   attention_mask=None, answer_pos=None, chunk_size=None, progress: bool = True, mesh=None) -> EdgeScores:  # fmt: skip
+    """Exact change of the metric from patching every edge alone (one forward per edge, in one compiled
+    program): the ground truth for EAP. Affordable on small models; SmolLM2 has about 73k edges."""
+    t0 = time.perf_counter()
+    graph = Graph.of(model.cfg)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    s, d = np.nonzero(graph.mask)
+    raw = patch_single_edges(model, None, None, metric, np.stack([s, d], 1), chunk_size=chunk_size, progress=progress,
+                             pairs=pairs)  # fmt: skip
+    scores = np.zeros(graph.mask.shape, np.float32)
+    scores[s, d] = raw - (pairs.clean_metric if noising else pairs.corrupt_metric)
+    return EdgeScores(scores, graph, pairs.clean_metric, pairs.corrupt_metric, "exact", time.perf_counter() - t0)
+
+
+@dataclasses.dataclass
+class PathPatchResult:
+    """Path patching of each sender (rows of `result`) into each receiver group."""
+
+    result: np.ndarray  # normalised metric, [receiver groups, *sender shape] (leading axis dropped for one group)
+    raw: np.ndarray
+    clean_metric: float
+    corrupt_metric: float
+    axes: tuple[str, ...]
+    receivers: list[list[str]]  # the destination names of each group
+    senders: list[str]
+    seconds: float
+
+    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
+        from ..core._repr import summary
+
+        return summary(self)
+
+
+def path_patch(
+    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array],
+    receivers: str | Sequence[str], senders: str | Sequence[str] = "heads", *, noising: bool = False,
+    attention_mask=None, answer_pos=None, chunk_size: int | None = None, progress: bool = True, mesh=None,
+) -> PathPatchResult:  # fmt: skip
+    """Path patching (Wang et al. 2022): each sender's effect through its direct paths to the receivers only.
+
+    receivers: one spec, or a list of specs (one result row each); a spec is a comma list of destination
+        names or globs: `"a9.h6<q>"`, `"a9.h*<q>"`, `"m12"`, `"logits"`.
+    senders: "heads" (result `[layer, head]`), "mlps" (`[layer]`), or a list of source names / globs
+        (`[n]`). Each sender is patched alone; the senders of one chunk run as one `vmap`.
+    The receiver's input gets the sender's output difference (source minus target run); every other
+    path holds its target value; the receivers' changed outputs then flow on to the logits.
+    Normalised like patching: 1 = the clean metric, 0 = corrupt (denoising: clean into corrupt).
+    """
+    t0 = time.perf_counter()
+    cfg = model.cfg
+    graph = Graph.of(cfg)
+    specs = [receivers] if isinstance(receivers, str) else list(receivers)
+    groups = [graph.select(sp) for sp in specs]
+    if senders == "heads":
+        send = np.asarray([graph.source_index(f"a{l}.h{h}") for l in range(cfg.n_layers) for h in range(cfg.n_heads)])
+        shape, axes = (cfg.n_layers, cfg.n_heads), ("layer", "head")
+    elif senders == "mlps":
+        if cfg.attn_only:
+            raise KeyError("senders='mlps': this model is attention-only")
+        send = np.asarray([graph.source_index(f"m{l}") for l in range(cfg.n_layers)])
+        shape, axes = (cfg.n_layers,), ("layer",)
+    else:
+        send = graph.select(senders, of="sources")
+        shape, axes = (len(send),), ("sender",)
+    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    raws = []
+    for dests in groups:  # row i: sender i to every receiver it reaches (no dense [n, S, D] sets)
+        sub = (np.eye(len(send), dtype=np.float32)[:, :, None] * graph.mask[send][:, dests][None]).astype(np.float32)
+        raws.append(_patch_weights(model, pairs, send, dests, sub, chunk_size, 4 * 2**30, progress).reshape(shape))
+    raw = np.stack(raws)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result = ((raw - pairs.corrupt_metric) / (pairs.clean_metric - pairs.corrupt_metric)).astype(np.float32)
+    if isinstance(receivers, str):
+        raw, result = raw[0], result[0]
+    else:
+        axes = ("receiver", *axes)
+    return PathPatchResult(result, raw, pairs.clean_metric, pairs.corrupt_metric, axes,
+                           [[graph.destinations[j] for j in d] for d in groups],
+                           [graph.sources[i] for i in send], time.perf_counter() - t0)  # fmt: skip
