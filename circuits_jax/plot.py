@@ -443,7 +443,7 @@ def feature_density(density, path=None, *, title: str = "feature density", dense
     """Histogram of log10 latent density (fraction of tokens where each latent fires), with the
     dead latents counted in the legend and the dense threshold marked."""
     plt = _pyplot()
-    from .dictionaries._eval import density_histogram
+    from .dictionaries import density_histogram
 
     counts, edges, n_dead = density_histogram(density)
     d = np.ravel(density)
@@ -699,7 +699,7 @@ def attribution_graph(g, pruned=None, path=None, *, max_nodes: int = 80, per_cel
     as grey squares), every token and logit node, and
     the `max_edges` strongest kept edges among them (blue excites, red inhibits; width ~ |weight|).
     The `label` most influential features are named `L{layer}/{feature}`."""
-    from .attribution_graphs._graph import node_influence, prune
+    from .attribution_graphs import node_influence, prune
 
     plt = _pyplot()
     pruned = pruned if pruned is not None else prune(g)

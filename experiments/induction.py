@@ -42,7 +42,7 @@ import numpy as np
 import circuits_jax as cj
 from circuits_jax import plot
 from circuits_jax.graph._edges import Graph
-from circuits_jax.tasks._known import BOS, repeated_tokens
+from circuits_jax.tasks.known import BOS, repeated_tokens
 from circuits_jax.app.cli import _count
 from circuits_jax.app._report import Report, Stages
 

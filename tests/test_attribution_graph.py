@@ -74,7 +74,7 @@ def test_replacement_model_on_smollm2_reproduces_the_logits(smollm2):
 def test_linear_forward_reproduces_the_reads(setup):
     model, ts = setup
     tr = cj.trace_replacement(model, ts, TOKENS[None])
-    reads, final = R.linear_forward(model, tr.frozen, tr.mlp_out, R._embed(model, jnp.asarray(TOKENS)[None]))
+    reads, final = R.linear_forward(model, tr.frozen, tr.mlp_out, R.token_embeddings(model, jnp.asarray(TOKENS)[None]))
     np.testing.assert_allclose(reads, tr.reads, atol=1e-5)
 
 

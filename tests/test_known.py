@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax.tasks import _known as known
+from circuits_jax.tasks import known
 BUILDERS = [known.constructed_induction, known.marker_lookup, known.modular_sum]
 
 

@@ -17,14 +17,11 @@ from typing import Callable
 import numpy as np
 
 from .. import plot
-from ..patching._attribution import attribution_patch
-from ..graph._circuit import circuit_from_scores, circuit_metrics, faithfulness
-from ..graph._io import save_circuit
-from ..graph._edges import edge_attribution, path_patch
-from ..core._model import run
-from ..patching._sweep import patch_sweep
+from ..core import run
+from ..graph import circuit_from_scores, circuit_metrics, edge_attribution, faithfulness, path_patch, save_circuit
+from ..patching import attribution_patch, patch_sweep
+from ..tasks import IOI_TEMPLATES, ioi_task
 from ._report import Report, Stages, top_heads
-from ..tasks._tasks import IOI_TEMPLATES, ioi_task
 
 
 def _per_row_logit_diff(model, task, tokens) -> np.ndarray:

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from ..patching._sweep import SITES as PATCH_SITES
+from ..core import PATCH_SITES
 
 EDGE_METHODS = ("eap", "eap-ig", "eap-ig-activations")
 
@@ -16,7 +17,7 @@ def _predict(args) -> int:
     import jax
     import numpy as np
 
-    from ..models._registry import load
+    from ..models import load
 
     model, tok = load(args.model)
     if tok is None:
@@ -45,8 +46,8 @@ def _prepare(args):
     """Model, tokenizer, token arrays and the logit-difference metric of a clean/corrupt pair (or an exit code)."""
     import numpy as np
 
-    from ..core._metrics import LogitDiff
-    from ..models._registry import load
+    from ..core import LogitDiff
+    from ..models import load
 
     model, tok = load(args.model)
     if tok is None:
@@ -67,7 +68,7 @@ def _prepare(args):
 def _patch(args) -> int:
     import numpy as np
 
-    from ..patching._sweep import patch_sweep
+    from ..patching import patch_sweep
     from ..plot import heatmap
 
     method = getattr(args, "method", "exact")
@@ -85,11 +86,11 @@ def _patch(args) -> int:
         return prepared
     model, tok, clean, corrupt, metric = prepared
     if method == "atp":
-        from ..patching._attribution import attribution_patch
+        from ..patching import attribution_patch
 
         r = attribution_patch(model, clean, corrupt, metric, args.site, by, noising=args.noising, mesh=mesh)
     elif method == "atp-star":
-        from ..patching._attribution import atp_star
+        from ..patching import atp_star
 
         r = atp_star(model, clean, corrupt, metric, args.site, by, graddrop=args.graddrop, noising=args.noising,
                      mesh=mesh)
@@ -124,7 +125,7 @@ def _edges(args) -> int:
     """`attribute --method eap|eap-ig|eap-ig-activations`: scores of every edge of the graph."""
     import numpy as np
 
-    from ..graph._edges import edge_attribution
+    from ..graph import edge_attribution
     from ..plot import edge_heatmap
 
     mesh = _mesh(args)
@@ -153,7 +154,7 @@ def _edges(args) -> int:
 def _path_patch(args) -> int:
     import numpy as np
 
-    from ..graph._edges import path_patch
+    from ..graph import path_patch
     from ..plot import heatmap
 
     prepared = _prepare(args)
@@ -197,12 +198,9 @@ def _discover(args) -> int:
 
     import numpy as np
 
-    from ..graph._acdc import acdc
-    from ..graph._circuit import circuit_from_scores, faithfulness, node_ranking, roc_auc
-    from ..graph._io import save_circuit
-    from ..graph._edges import edge_attribution
-    from ..tasks._tasks import load_task
+    from ..graph import acdc, circuit_from_scores, edge_attribution, faithfulness, node_ranking, roc_auc, save_circuit
     from ..plot import circuit_graph, circuit_html, faithfulness_curves
+    from ..tasks import load_task
 
     if args.method != "acdc" and args.level != "edge":
         raise ValueError(f"--level {args.level} is for ACDC; {args.method} scores edges")
@@ -279,7 +277,7 @@ def _discover(args) -> int:
 
 def _circuit_f(model, task, circuit, curve, ablation) -> float:
     """Faithfulness of the found circuit itself, on the curve's full/empty scale."""
-    from ..graph._circuit import circuit_metrics
+    from ..graph import circuit_metrics
 
     if not circuit.edges[:, -1].any():
         return 0.0
@@ -349,9 +347,9 @@ def _kind_arg(text: str) -> str:
     """argparse `type`: a per-layer site kind such as hook_resid_pre (checked against every architecture's kinds)."""
     import difflib
 
-    from ..core._sites import _ATTN_KINDS, _MLP_KINDS
+    from ..core import ATTN_KINDS, MLP_KINDS
 
-    kinds = (*_ATTN_KINDS, *_MLP_KINDS, "hook_resid_post")
+    kinds = (*ATTN_KINDS, *MLP_KINDS, "hook_resid_post")
     if text not in kinds:
         close = difflib.get_close_matches(text, kinds, n=3, cutoff=0.5)
         raise argparse.ArgumentTypeError(f"unknown site kind {text!r}" + (f"; closest: {', '.join(close)}" if close else
@@ -363,10 +361,10 @@ def _check_site_name(name: str, flag: str) -> None:
     """Refuse a site name no architecture has (before any model loads), naming the closest valid ones."""
     import difflib
 
-    from ..core._sites import _ATTN_KINDS, _MLP_KINDS
+    from ..core import ATTN_KINDS, MLP_KINDS
 
     glob = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized")
-    kinds = (*_ATTN_KINDS, *_MLP_KINDS, "hook_resid_post")
+    kinds = (*ATTN_KINDS, *MLP_KINDS, "hook_resid_post")
     parts = name.split(".", 2)
     if name in glob or (len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in kinds):
         return
@@ -377,8 +375,8 @@ def _check_site_name(name: str, flag: str) -> None:
 
 
 def _train_sae(args) -> int:
-    from ..dictionaries import _pipeline as _sae_pipeline
-    from ..models._registry import load
+    from ..dictionaries import train_dictionary
+    from ..models import load
 
     site, target, layers = args.site, args.target, None
     if args.transcoder is not None:
@@ -395,10 +393,10 @@ def _train_sae(args) -> int:
     mesh = _mesh(args)
     model, tok = load(args.model)
     train_cfg = dict(batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, dead_after=args.dead_after)
-    from ..dictionaries._sae import LossConfig
+    from ..dictionaries import LossConfig
 
     train_cfg["loss"] = LossConfig(l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff)
-    summary = _sae_pipeline.train_dictionary(
+    summary = train_dictionary(
         model, tok, args.out, site=site, target=target, clt_layers=layers, arch=args.arch, k=args.k, width=args.width,
         n_tokens=args.tokens, epochs=args.epochs, corpus=args.corpus, ctx_len=args.ctx_len, n_eval_contexts=args.eval_contexts,
         store_dir=args.store, train_cfg=train_cfg, seed=args.seed, progress=not args.quiet, model_name=str(args.model),
@@ -409,6 +407,16 @@ def _train_sae(args) -> int:
     if summary.get("layer_fvu"):
         print("per-layer FVU:", " ".join(f"{v:.3f}" for v in summary["layer_fvu"]))
     print(f"tokens/s (train step) {summary['tokens_per_second']:.0f}; seconds {summary['seconds']}")
+    try:
+        import numpy as np
+
+        from ..plot import feature_density
+
+        out = Path(args.out)
+        title = f"{args.arch} {(summary.get('sites') or [''])[-1]} ({args.width} latents)"
+        feature_density(np.load(out / "density.npy"), path=out / "density.png", title=title)
+    except Exception as e:  # a plot must never lose a finished run
+        print(f"(density plot skipped: {e})")
     print(f"saved to {args.out}/dictionary (eval.json, history.json, density.png beside it)")
     return 0
 
@@ -416,10 +424,17 @@ def _train_sae(args) -> int:
 def _features(args) -> int:
     from pathlib import Path
 
-    from ..dictionaries import _activations as A
-    from ..dictionaries import _dashboard as dash
-    from ..dictionaries._io import dictionary_info, load_dictionary
-    from ..models._registry import load
+    from ..dictionaries import (
+        dashboard_data,
+        dictionary_info,
+        feature_stats,
+        load_dictionary,
+        pack_contexts,
+        read_corpus,
+        select_features,
+        write_dashboards,
+    )
+    from ..models import load
 
     root = Path(args.dir)
     ddir = root / "dictionary" if (root / "dictionary" / "dictionary.json").exists() else root
@@ -433,12 +448,12 @@ def _features(args) -> int:
     model_name = args.model or meta.get("model") or "smollm2"
     model, tok = load(model_name)
     corpus = args.corpus or meta.get("corpus") or "python-docs"
-    ctx = A.pack_contexts(tok, A.read_corpus(corpus), args.ctx_len, max_contexts=args.contexts)
-    stats = dash.feature_stats(model, d, ctx)
-    feats = dash.select_features(stats, args.how, n=args.n, seed=args.seed, width=d.width)
-    data = dash.dashboard_data(model, tok, d, ctx, feats)
+    ctx = pack_contexts(tok, read_corpus(corpus), args.ctx_len, max_contexts=args.contexts)
+    stats = feature_stats(model, d, ctx)
+    feats = select_features(stats, args.how, n=args.n, seed=args.seed, width=d.width)
+    data = dashboard_data(model, tok, d, ctx, feats)
     out = Path(args.out) if args.out else root / "features.html"
-    dash.write_dashboards(out, data, title=f"{info['arch']} {d.out_site} ({d.width} latents) on {corpus}")
+    write_dashboards(out, data, title=f"{info['arch']} {d.out_site} ({d.width} latents) on {corpus}")
     dead = float((stats["density"] == 0).mean())
     print(f"{len(feats)} features ({args.how}) over {stats['n_tokens']} tokens; {dead:.1%} of latents never fired there")
     print(f"wrote {out}")
@@ -449,10 +464,9 @@ def _graph(args) -> int:
     import time
     from pathlib import Path
 
-    from ..dictionaries import _activations as A
-    from ..attribution_graphs import _graph as G
-    from ..attribution_graphs._replacement import load_transcoders
-    from ..models._registry import load
+    from ..attribution_graphs import attribute, feature_examples, load_transcoders, prune, write_graph
+    from ..dictionaries import pack_contexts, read_corpus
+    from ..models import load
 
     for name in ("node_threshold", "edge_threshold"):
         v = getattr(args, name)
@@ -466,16 +480,16 @@ def _graph(args) -> int:
     model, tok = load(args.model)
     ts = load_transcoders(args.transcoders, model=model, model_name=str(args.model))
     ids = tok.encode(args.prompt, prepend_bos=True)
-    g = G.attribute(model, ts, ids, prompt=args.prompt, token_strs=tok.to_str_tokens(ids), decode=lambda i: tok.decode([i]),
+    g = attribute(model, ts, ids, prompt=args.prompt, token_strs=tok.to_str_tokens(ids), decode=lambda i: tok.decode([i]),
                     max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
     features = None
-    pruned = G.prune(g, args.node_threshold, args.edge_threshold)
+    pruned = prune(g, args.node_threshold, args.edge_threshold)
     if args.examples > 0:
         keep = [(l, f) for i, (l, _, f) in enumerate(g.features.tolist()) if pruned.node_mask[i]]
         n_ctx = 64 if model.cfg.positional != "learned" else min(64, model.cfg.n_ctx)
-        ctx = A.pack_contexts(tok, A.read_corpus(args.corpus), n_ctx, max_contexts=args.examples)
-        features = G.feature_examples(model, ts, keep, ctx, decode=lambda i: tok.decode([i]), progress=not args.quiet)
-    s = G.write_graph(args.out, g, slug=args.slug or "graph", pruned=pruned, features=features, title=args.prompt)
+        ctx = pack_contexts(tok, read_corpus(args.corpus), n_ctx, max_contexts=args.examples)
+        features = feature_examples(model, ts, keep, ctx, decode=lambda i: tok.decode([i]), progress=not args.quiet)
+    s = write_graph(args.out, g, slug=args.slug or "graph", pruned=pruned, features=features, title=args.prompt)
     print(f"prompt ({len(ids)} tokens): {args.prompt!r}")
     print("top logits: " + ", ".join(f"{k!r} {v:.3f}" for k, v in s["logits"].items()))
     print(f"{s['active_features']} active features, {s['visited_features']} attributed in {s['backward_passes']} compiled backward "
@@ -494,10 +508,10 @@ def _steer(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from ..toolshed import _steering as S
-    from ..core._generate import generate
-    from ..models._registry import load
+    from ..core import generate
+    from ..models import load
     from ..plot import steering_curves
+    from ..toolshed import actadd, perplexity_sweep, steering_hook, steering_sweep
 
     try:
         coeffs = [float(c) for c in args.coeffs.split(",") if c.strip()]
@@ -511,7 +525,7 @@ def _steer(args) -> int:
     if tok is None:
         print(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)", file=sys.stderr)
         return 2
-    v = S.actadd(model, tok, args.positive, args.negative, args.layer, align=args.align, prepend_bos=args.bos)
+    v = actadd(model, tok, args.positive, args.negative, args.layer, align=args.align, prepend_bos=args.bos)
     ids = tok.encode(args.prompt, prepend_bos=args.bos)
     if len(ids) < v.shape[0]:
         raise ValueError(f"the prompt has {len(ids)} tokens, fewer than the {v.shape[0]} of the steering vector "
@@ -521,17 +535,17 @@ def _steer(args) -> int:
           f"|v| per position {[round(float(x), 2) for x in jnp.linalg.norm(v, axis=-1)]}")  # fmt: skip
     gens = {}
     for c in coeffs:
-        g = generate(model, prompt, args.max_new_tokens, hooks=S.steering_hook(v, args.layer, c, model=model), hooks_on="prompt")
+        g = generate(model, prompt, args.max_new_tokens, hooks=steering_hook(v, args.layer, c, model=model), hooks_on="prompt")
         gens[c] = tok.decode(np.asarray(g.tokens[0]))
         print(f"coeff {c:+g}: {args.prompt}{gens[c]!s}")
     # next-token probabilities of the tokens the unsteered and the most steered runs rank first
     sweep = jnp.asarray([0.0, *coeffs], jnp.float32)
-    probs = np.asarray(S.steering_sweep(model, prompt, v, args.layer, sweep, lambda lg: jax.nn.softmax(lg[0, -1].astype(jnp.float32))))
+    probs = np.asarray(steering_sweep(model, prompt, v, args.layer, sweep, lambda lg: jax.nn.softmax(lg[0, -1].astype(jnp.float32))))
     top = list(dict.fromkeys([*np.argsort(-probs[0])[:3].tolist(), *np.argsort(-probs[int(np.argmax(np.abs(sweep)))])[:3].tolist()]))
     curves = {repr(tok.decode([t])): probs[1:, t].tolist() for t in top}
     base = generate(model, prompt, args.max_new_tokens).tokens
     text = np.concatenate([prompt, np.asarray(base)], 1)
-    ppl = np.asarray(S.perplexity_sweep(model, text, v, args.layer, jnp.asarray(coeffs, jnp.float32))).tolist()
+    ppl = np.asarray(perplexity_sweep(model, text, v, args.layer, jnp.asarray(coeffs, jnp.float32))).tolist()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steering_curves(coeffs, curves, ppl, out / "steer.png", title=f"ActAdd {args.positive!r} - {args.negative!r}, layer {args.layer}",
@@ -549,9 +563,9 @@ def _trace_fact(args) -> int:
 
     import numpy as np
 
-    from ..toolshed._causal_tracing import KINDS, trace_fact
-    from ..models._registry import load
+    from ..models import load
     from ..plot import causal_traces
+    from ..toolshed import KINDS, trace_fact
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -593,8 +607,8 @@ def _scrub(args) -> int:
     trained induction model: loss recovered with a 95 % interval per hypothesis."""
     import numpy as np
 
-    from ..tasks._known import INDUCTION_CONFIG, induction_model
-    from ..graph._scrubbing import NextTokenLoss, induction_hypothesis, repeated_dataset, scrub
+    from ..graph import NextTokenLoss, induction_hypothesis, repeated_dataset, scrub
+    from ..tasks.known import INDUCTION_CONFIG, induction_model
 
     H = INDUCTION_CONFIG.n_heads
     given = {}
@@ -633,9 +647,9 @@ def _das(args) -> int:
     """DAS on IOI's "position of the indirect object" variable: IIA per layer, JSON and a plot."""
     from pathlib import Path
 
-    from ..toolshed._das import das_search, ioi_position_pairs
-    from ..models._registry import load
+    from ..models import load
     from ..plot import das_layers
+    from ..toolshed import das_search, ioi_position_pairs
 
     layers = _layers_arg(args.layers, "--layers") if args.layers else None
     if not args.n_train < args.pairs:
@@ -666,8 +680,8 @@ def _das(args) -> int:
 
 def _ioi(args) -> int:
     """`ioi`: the main job, an IOI circuit study with a report."""
+    from ..models import load
     from ._ioi_job import ioi_job
-    from ..models._registry import load
 
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 prompt pairs, got {args.n}")
@@ -1023,7 +1037,7 @@ def _mesh(args):
     spec = getattr(args, "mesh", None)
     if not spec:
         return None
-    from ..scale._sharding import AXES, make_mesh
+    from ..scale import AXES, make_mesh
 
     if spec.strip().isdigit():
         return make_mesh(int(spec), 1, 1)

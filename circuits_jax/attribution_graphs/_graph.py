@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core._model import Transformer
-from ._replacement import Trace, Transcoders, _embed, linear_forward, trace
+from ..core import Transformer
+from ._replacement import Trace, Transcoders, token_embeddings, linear_forward, trace
 
 
 @dataclasses.dataclass
@@ -59,7 +59,7 @@ class AttributionGraph:
     info: dict = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -232,7 +232,7 @@ def attribute(
     feat_slot = np.array([(l * T + p) * Ks + s for l, p, _, s in feats], np.int64)
     dec = ts.decode_vectors()  # [L, F, D]
     vecs = jnp.asarray(slot_act)[..., None] * dec[jnp.arange(L)[:, None, None], jnp.asarray(slot_feat)]
-    emb = _embed(model, jnp.asarray(tokens)[None])[0]
+    emb = token_embeddings(model, jnp.asarray(tokens)[None])[0]
     src = _Sources(vecs, tr.errors[:, 0], emb)
     n_src = S + L * T + T
 
@@ -364,7 +364,7 @@ class Pruned:
     edge_threshold: float
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 

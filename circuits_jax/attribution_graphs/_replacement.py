@@ -18,18 +18,28 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array, lax
+from jax import Array
 
-from ..core._interventions import ALL_LAYERS, Hook, Zero
-from ..core._metrics import next_token_nll
-from ..core._model import Transformer, _add, _block, _norm, positions_from_mask, run
-from ..dictionaries._sae import SAE
+from ..core import (
+    ALL_LAYERS,
+    Hook,
+    Tap,
+    Transformer,
+    Zero,
+    embed,
+    forward,
+    next_token_nll,
+    norm,
+    positions_from_mask,
+    run,
+)
+from ..dictionaries import SAE
 
 
 class Transcoders(eqx.Module):
@@ -93,7 +103,7 @@ def load_transcoders(path: str | os.PathLike, *, model: Transformer | None = Non
     directory of `layer_XX/dictionary` folders). Refused, with the mismatch named, when they
     were trained for another model, read or write other sites, miss a layer, or do not fit
     `model`'s width."""
-    from ..dictionaries._io import dictionary_info, load_dictionary
+    from ..dictionaries import dictionary_info, load_dictionary
 
     path = Path(path)
     if not path.is_dir():
@@ -157,46 +167,66 @@ class FeatureEdit(eqx.Module):
         return jnp.where(self.set_mask[l], self.set_value[l], acts * self.scale[l])
 
 
-class _ReplacementTap:
-    """The tap of one replacement layer (trace time only)."""
+class ReplacementTap(Tap):
+    """The tap of the replacement model (and of its linear form).
 
-    def __init__(self, l, sae, frozen_l, err_l, edit, freeze_attention, freeze_norms, mode, inject):
-        self.l, self.sae, self.fr, self.err, self.edit = l, sae, frozen_l, err_l, edit
-        self.freeze_attention, self.freeze_norms, self.mode, self.inject = freeze_attention, freeze_norms, mode, inject
-        self.read = self.acts = None
+    Per-layer inputs: `(frozen, error)` (`frozen` = this layer's `(ln1 scale, ln2 scale, pattern)`,
+    entries None where absent; in the linear form `error` is the injected MLP output). Frozen values
+    replace the computed ones where asked; each MLP output becomes `transcoder(ln2.hook_normalized)`,
+    edited, plus the error (or, linear, the injected output). Per-layer outputs: the feature
+    activations (linear form: the transcoder inputs). At the final norm, `frozen_final` replaces the
+    scale when norms are frozen, and the carry returns `ln_final.hook_normalized`."""
 
-    def wants(self, kinds) -> bool:
-        return False
+    ts: Any  # Transcoders, or None in the linear form
+    edit: Any  # FeatureEdit or None
+    frozen_final: Array | None
+    freeze_attention: bool = eqx.field(static=True)
+    freeze_norms: bool = eqx.field(static=True)
+    linear: bool = eqx.field(static=True, default=False)
 
-    def __call__(self, kind, x):
-        s1, s2, pat = self.fr
+    def enter(self, layer, carry, xs):
+        return dict(layer=layer, xs=xs, read=carry if layer is None else None, acts=None)
+
+    def leave(self, st):
+        if st["layer"] is None:
+            return st["read"], None
+        return None, (st["read"] if self.linear else st["acts"])
+
+    def __call__(self, kind, x, st):
+        if st["layer"] is None:  # the final norm
+            if kind == "ln_final.hook_scale" and self.freeze_norms and self.frozen_final is not None:
+                return self.frozen_final, st
+            if kind == "ln_final.hook_normalized":
+                return x, {**st, "read": x}
+            return x, st
+        (s1, s2, pat), inject = st["xs"]
         if kind == "ln1.hook_scale" and self.freeze_norms and s1 is not None:
-            return s1
+            return s1, st
         if kind == "ln2.hook_scale" and self.freeze_norms and s2 is not None:
-            return s2
+            return s2, st
         if kind == "attn.hook_pattern" and self.freeze_attention:
-            return pat
+            return pat, st
         if kind == "ln2.hook_normalized":
-            self.read = x
-            return x
+            return x, {**st, "read": x}
         if kind == "hook_mlp_out":
-            if self.mode == "linear":  # the MLP output is an input of the linear map
-                return self.inject
-            T = x.shape[1]
-            acts = self.sae.encode(self.read) * (jnp.arange(T) > 0).astype(x.dtype)[None, :, None]  # no features at BOS
+            if self.linear:  # the MLP output is an input of the linear map
+                return inject, st
+            l, T = st["layer"], x.shape[1]
+            sae = self.ts.at(l)
+            acts = sae.encode(st["read"]) * (jnp.arange(T) > 0).astype(x.dtype)[None, :, None]  # no features at BOS
             if self.edit is not None:
-                acts = self.edit(self.l, acts)
-            self.acts = acts
-            out = self.sae.decode(acts)
-            return out if self.err is None else out + self.err
-        return x
+                acts = self.edit(l, acts)
+            out = sae.decode(acts)
+            return (out if inject is None else out + inject), {**st, "acts": acts}
+        return x, st
 
 
-def _embed(model: Transformer, tokens: Array) -> Array:
-    x = model.W_E[tokens]
-    if model.cfg.positional == "learned":
-        x = x + model.W_pos[positions_from_mask(None, *tokens.shape)]
-    return x
+def token_embeddings(model: Transformer, tokens: Array) -> Array:
+    return embed(model, tokens, positions_from_mask(None, *tokens.shape))[0]
+
+
+def _frozen_layers(frozen: Frozen | None, L: int):
+    return (None, None, jnp.zeros((L,))) if frozen is None else (frozen.scale1, frozen.scale2, frozen.pattern)
 
 
 def replacement_forward(
@@ -215,28 +245,13 @@ def replacement_forward(
     frozen: the real run's patterns and denominators (`trace`), used where frozen.
     errors: `[L, B, T, D]` added to each transcoder's output (None: the bare replacement).
     edit: feature interventions, applied to each layer's activations before decoding."""
-    cfg = model.cfg
     tokens = jnp.atleast_2d(tokens)
-    B, T = tokens.shape
     if (freeze_attention or freeze_norms) and frozen is None:
         raise ValueError("freezing attention or norms needs `frozen` from the real run (trace)")
-    positions = positions_from_mask(None, B, T)
-    L = cfg.n_layers
-    none_l = jnp.zeros((L,))
-    fr = (None, None, none_l) if frozen is None else (frozen.scale1, frozen.scale2, frozen.pattern)
-
-    def body(x, xs):
-        p, l, fl, err = xs
-        tap = _ReplacementTap(l, ts.at(l), fl, err, edit, freeze_attention, freeze_norms, "replace", None)
-        y = _block(cfg, p, x, positions, None, tap, False, False)
-        return y, tap.acts
-
-    x, acts = lax.scan(body, _embed(model, tokens), (model.blocks, jnp.arange(L), fr, errors))
     sf = None if frozen is None else frozen.scale_final
-    ftap = lambda kind, v: sf if (kind == "ln_final.hook_scale" and freeze_norms and sf is not None) else v  # noqa: E731
-    h = _norm(cfg, x, model.lnf_w, model.lnf_b, "ln_final", ftap)
-    logits = _add(h @ model.W_U, model.b_U)
-    return logits, acts
+    tap = ReplacementTap(ts, edit, sf, freeze_attention, freeze_norms)
+    out = forward(model, tokens, tap=tap, xs=(_frozen_layers(frozen, model.cfg.n_layers), errors))
+    return out.logits, out.ys
 
 
 def linear_forward(model: Transformer, frozen: Frozen, mlp_out: Array, embed: Array, stop=None) -> tuple[Array, Array]:
@@ -248,29 +263,13 @@ def linear_forward(model: Transformer, frozen: Frozen, mlp_out: Array, embed: Ar
     stop: run layers `0 .. stop-1` only (a traced int: one program serves every value); the
     reads of later layers are zero. A backward pass for targets below `stop` then skips the
     layers above them (the transpose of a `lax.cond` is a `lax.cond`)."""
-    cfg = model.cfg
-    B, T, _ = embed.shape
-    positions = positions_from_mask(None, B, T)
-    L = cfg.n_layers
-    fr = (frozen.scale1, frozen.scale2, frozen.pattern)
-
-    def body(x, xs):
-        p, l, fl, inj = xs
-
-        def layer(x):
-            tap = _ReplacementTap(l, None, fl, None, None, True, True, "linear", inj)
-            y = _block(cfg, p, x, positions, None, tap, False, False)
-            return y, tap.read
-
-        if stop is None:
-            return layer(x)
-        return lax.cond(l < stop, layer, lambda x: (x, jnp.zeros_like(x)), x)
-
-    x, reads = lax.scan(body, embed, (model.blocks, jnp.arange(L), fr, mlp_out))
-    if cfg.normalization == "layernorm":
-        x = x - jnp.mean(x, -1, keepdims=True)
-    final = x if frozen.scale_final is None else x / frozen.scale_final
-    return reads, final
+    tap = ReplacementTap(None, None, frozen.scale_final, True, True, linear=True)
+    out = forward(model, tap=tap, xs=(_frozen_layers(frozen, model.cfg.n_layers), mlp_out), resid=embed,
+                  stop_layer=stop, logits=False)  # fmt: skip
+    if model.cfg.normalization is None:
+        return out.ys, out.resid
+    _, st = norm(model.cfg, out.resid, model.lnf_w, model.lnf_b, "ln_final", tap, tap.enter(None, None, None))
+    return out.ys, st["read"]
 
 
 # ---------------------------------------------------------------- one prompt, traced
@@ -288,7 +287,7 @@ class Trace(NamedTuple):
     errors: Array  # [L, B, T, D] real MLP output minus the transcoder's reconstruction
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 

@@ -43,6 +43,8 @@ class Config:
     gated_mlp: bool = False
     positional: Positional = "learned"
     rope_theta: float = 10000.0
+    attn_scale: float | None = None  # attention scores are q·k times this; None: 1/sqrt(d_head)
+    embedding_multiplier: float = 1.0  # token embeddings are scaled by this as they enter the stream (Gemma: sqrt(d_model))
     attn_bias: bool = False
     mlp_bias: bool = False
     unembed_bias: bool = False
@@ -63,6 +65,8 @@ class Config:
             raise ValueError(f"positional={self.positional!r}; expected one of {POSITIONALS}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+        if self.attn_scale is not None and not self.attn_scale > 0:
+            raise ValueError(f"attn_scale={self.attn_scale!r}; give a positive number, or None for 1/sqrt(d_head)")
         if self.positional == "rotary" and self.d_head % 2:
             raise ValueError(f"rotary embeddings need an even d_head, got {self.d_head}")
 

@@ -1,9 +1,9 @@
 """Text generation with a KV cache, under interventions.
 
-The prompt runs once through the model's own layer (`_model._block`) with a tap that also writes
-each layer's keys (after RoPE) and values into fixed-size buffers `[L, B, S, K, E]`; each new
-token then runs alone, its tap writing its key and value into the next slot and handing the whole
-buffer to attention, with a key mask over the filled slots. Shapes never change, so prefill and
+The prompt runs once through the model's one forward pass (`_forward.forward`) with a tap
+(`KVCacheTap`) that also writes each layer's keys (after RoPE) and values into fixed-size buffers
+`[L, B, S, K, E]`; each new token then runs alone, its tap writing its key and value into the next
+slot and handing the whole buffer to attention, with a key mask over the filled slots. Shapes never change, so prefill and
 the `lax.scan` over new tokens compile to one program per (batch, prompt length, new tokens).
 
 Interventions are the ordinary `Hook`s of `run`; `hooks_on="all"` applies them at the prompt and
@@ -14,14 +14,15 @@ each row generates alone: positions count real tokens only and padding slots are
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from ._model import Transformer, _add, _block, _norm, _Tap, normalize_hooks, positions_from_mask
+from ._forward import HookTap, Tap, Taps, final, forward, normalize_hooks, positions_from_mask
+from ._model import Transformer
 
 
 class Generation(NamedTuple):
@@ -36,46 +37,39 @@ class Generation(NamedTuple):
         return summary(self)
 
 
-class _CacheTap:
-    """A layer's tap: the user's hooks, then the key / value written into this layer's buffers."""
+class KVCacheTap(Tap):
+    """Writes each layer's key (after RoPE, if any) and value into that layer's cache slice at `slot`;
+    when decoding, attention then reads the whole cache. Per-layer input and output: `(keys, values)`
+    `[B, S, K, E]` each."""
 
-    def __init__(self, inner: _Tap, ck: Array, cv: Array, slot, rotary: bool, decode: bool):
-        self.inner, self.k, self.v, self.slot, self.decode = inner, ck, cv, slot, decode
-        self.key_kind = "attn.hook_rot_k" if rotary else "attn.hook_k"
+    slot: Any
+    decode: bool = eqx.field(static=True)
+    key_kind: str = eqx.field(static=True)
 
-    def wants(self, kinds) -> bool:
-        return self.inner.wants(kinds)
+    def enter(self, layer, carry, xs):
+        return xs
 
-    def __call__(self, kind, x):
-        x = self.inner(kind, x)
+    def __call__(self, kind, x, kv):
+        if kv is None or kind not in (self.key_kind, "attn.hook_v"):
+            return x, kv
+        ck, cv = kv
         if kind == self.key_kind:
-            self.k = lax.dynamic_update_slice_in_dim(self.k, x.astype(self.k.dtype), self.slot, axis=1)
-            return self.k if self.decode else x
-        if kind == "attn.hook_v":
-            self.v = lax.dynamic_update_slice_in_dim(self.v, x.astype(self.v.dtype), self.slot, axis=1)
-            return self.v if self.decode else x
-        return x
+            ck = lax.dynamic_update_slice_in_dim(ck, x.astype(ck.dtype), self.slot, axis=1)
+            return (ck if self.decode else x), (ck, cv)
+        cv = lax.dynamic_update_slice_in_dim(cv, x.astype(cv.dtype), self.slot, axis=1)
+        return (cv if self.decode else x), (ck, cv)
+
+    def leave(self, kv):
+        return None, kv
 
 
-def _forward(model: Transformer, tokens, positions, key_mask, cache, slot, hooks, decode: bool):
+def _step(model: Transformer, tokens, positions, key_mask, cache, slot, hooks, decode: bool):
     """Logits at the last position `[B, V]` and the updated cache, for `tokens` `[B, T]` written at `slot`."""
-    cfg = model.cfg
-    gtap = _Tap(tuple(h for h in hooks if h.layer is None), None, set())
-    x = gtap("hook_embed", model.W_E[tokens])
-    if cfg.positional == "learned":
-        x = x + gtap("hook_pos_embed", model.W_pos[positions])
-    layer_hooks = tuple(h for h in hooks if h.layer is not None)
-
-    def body(x, xs):
-        p, l, ck, cv = xs
-        tap = _CacheTap(_Tap(layer_hooks, l, set()), ck, cv, slot, cfg.positional == "rotary", decode)
-        y = _block(cfg, p, x, positions, key_mask, tap, any(h.kind == "attn.hook_result" for h in layer_hooks), False)
-        return y, (tap.k, tap.v)
-
-    x, cache = lax.scan(body, x, (model.blocks, jnp.arange(cfg.n_layers), *cache))
-    h = _norm(cfg, x[:, -1:], model.lnf_w, model.lnf_b, "ln_final", gtap)
-    logits = _add(h @ model.W_U, model.b_U)
-    return logits[:, 0], cache
+    key_kind = "attn.hook_rot_k" if model.cfg.positional == "rotary" else "attn.hook_k"
+    tap = Taps((HookTap(hooks), KVCacheTap(slot, decode, key_kind)))
+    out = forward(model, tokens, tap=tap, xs=(None, cache), positions=positions, key_mask=key_mask, logits=False)
+    logits, _ = final(model, out.resid[:, -1:], tap, tap.enter(None, out.carry, None))
+    return logits[:, 0], out.ys[1]
 
 
 def _sample(logits: Array, key, temperature: float, top_k: int | None, top_p: float | None) -> Array:
@@ -104,7 +98,7 @@ def _generate(model, tokens, attention_mask, hooks, max_new_tokens: int, hooks_o
     cache = (jnp.zeros((cfg.n_layers, B, S, K, E), dtype), jnp.zeros((cfg.n_layers, B, S, K, E), dtype))
     mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask
     positions = positions_from_mask(attention_mask, B, T)
-    logits, cache = _forward(model, tokens, positions, mask, cache, 0, hooks, decode=False)
+    logits, cache = _step(model, tokens, positions, mask, cache, 0, hooks, decode=False)
     step_hooks = hooks if hooks_on == "all" else ()
     key_mask = jnp.concatenate([mask, jnp.zeros((B, max_new_tokens), bool)], 1)
     next_pos = positions[:, -1] + 1
@@ -114,7 +108,7 @@ def _generate(model, tokens, attention_mask, hooks, max_new_tokens: int, hooks_o
         tok = _sample(logits, jax.random.fold_in(key, i), temperature, top_k, top_p)
         slot = T + i
         key_mask = key_mask.at[:, slot].set(True)
-        new_logits, cache = _forward(model, tok[:, None], pos[:, None], key_mask, cache, slot, step_hooks, decode=True)
+        new_logits, cache = _step(model, tok[:, None], pos[:, None], key_mask, cache, slot, step_hooks, decode=True)
         return (new_logits, cache, key_mask, pos + 1), (tok, logits)
 
     _, (toks, lgs) = lax.scan(step, (logits, cache, key_mask, next_pos), jnp.arange(max_new_tokens))

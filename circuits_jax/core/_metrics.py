@@ -71,3 +71,19 @@ def next_token_nll(logits, tokens, attention_mask=None):
 def normalise(value, clean, corrupt):
     """`(value - corrupt) / (clean - corrupt)`: 1 where the clean behaviour is restored, 0 at corrupt."""
     return (value - corrupt) / (clean - corrupt)
+
+
+class ProbMassDiff(eqx.Module):
+    """Mean over rows of `p(up) - p(down)`, each the softmax mass on a per-row token set.
+
+    Hanna et al.'s greater-than metric: mass on years after the start year minus mass on the
+    others. Masks are bool `[B, V]`; tokens in neither set count for nothing.
+    """
+
+    up: Array  # [B, V] bool
+    down: Array  # [B, V] bool
+
+    def __call__(self, logits):
+        p = jax.nn.softmax(logits, axis=-1)
+        mass = lambda mask: jnp.sum(jnp.where(mask, p, jnp.zeros_like(p)), axis=-1)  # noqa: E731
+        return jnp.mean(mass(self.up) - mass(self.down))

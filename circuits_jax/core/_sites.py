@@ -45,7 +45,7 @@ class Site(NamedTuple):
         return self.kind if self.layer is None else f"blocks.{self.layer}.{self.kind}"
 
 
-_ATTN_KINDS = (
+ATTN_KINDS = (
     "hook_resid_pre",
     "hook_q_input",
     "hook_k_input",
@@ -63,7 +63,7 @@ _ATTN_KINDS = (
     "attn.hook_result",
     "hook_attn_out",
 )
-_MLP_KINDS = (
+MLP_KINDS = (
     "hook_resid_mid",
     "hook_mlp_in",
     "ln2.hook_scale",
@@ -107,16 +107,31 @@ _SHORT = {
 
 SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
 
+# Site short name -> (site kind, the activation axes (after batch) each sweep axis indexes)
+PATCH_SITES: dict[str, tuple[str, dict[str, int]]] = {
+    "resid_pre": ("hook_resid_pre", {"pos": 0}),
+    "resid_mid": ("hook_resid_mid", {"pos": 0}),
+    "resid_post": ("hook_resid_post", {"pos": 0}),
+    "attn_out": ("hook_attn_out", {"pos": 0}),
+    "mlp_out": ("hook_mlp_out", {"pos": 0}),
+    "z": ("attn.hook_z", {"pos": 0, "head": 1}),
+    "q": ("attn.hook_q", {"pos": 0, "head": 1}),
+    "k": ("attn.hook_k", {"pos": 0, "head": 1}),  # head = kv head under grouped-query attention
+    "v": ("attn.hook_v", {"pos": 0, "head": 1}),
+    "pattern": ("attn.hook_pattern", {"head": 0, "dest": 1, "src": 2}),
+    "mlp_post": ("mlp.hook_post", {"pos": 0, "neuron": 1}),
+}
+
 
 def layer_kinds(cfg: Config) -> tuple[str, ...]:
     """Per-layer site kinds that exist in models of this config."""
-    kinds = list(_ATTN_KINDS)
+    kinds = list(ATTN_KINDS)
     if cfg.normalization is None:
         kinds = [k for k in kinds if not k.startswith("ln1.")]
     if cfg.positional != "rotary":
         kinds = [k for k in kinds if "rot_" not in k]
     if not cfg.attn_only:
-        mlp = [k for k in _MLP_KINDS if cfg.normalization is not None or not k.startswith("ln2.")]
+        mlp = [k for k in MLP_KINDS if cfg.normalization is not None or not k.startswith("ln2.")]
         if not cfg.gated_mlp:
             mlp.remove("mlp.hook_pre_linear")
         kinds += mlp

@@ -31,8 +31,8 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..core._model import Transformer, run
-from ..core._sites import parse_site
+from ..core import Transformer, parse_site, run
+from ..scale import available_memory
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 CORPORA = ("python-docs", "pydoc-topics")
@@ -136,7 +136,7 @@ class ActivationStore:
     files: tuple[int, ...] | None = None  # file index of each site (a `select`ed view); None: 0, 1, ...
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -254,7 +254,7 @@ def build_store(
         raise ValueError(f"{path} holds a store built with other settings ({ {k: meta.get(k) for k in key} }); use a new directory")
     if meta is None:
         meta = dict(key, n_chunks=0, dims=[], scales=[], means=[], info=info or {})
-    dims = [int(np.prod(_site_dim(model, p))) for p in parsed]
+    dims = [int(np.prod(site_dim(model, p))) for p in parsed]
     stop = max(p.layer for p in parsed) + 1
 
     @eqx.filter_jit
@@ -293,8 +293,8 @@ def build_store(
     return store
 
 
-def _site_dim(model: Transformer, site) -> tuple[int, ...]:
-    from ..core._sites import site_shape
+def site_dim(model: Transformer, site) -> tuple[int, ...]:
+    from ..core import site_shape
 
     return tuple(site_shape(site, model.cfg, 1, 1)[2:])
 
@@ -304,23 +304,10 @@ def memory_check(n_params: int, batch_size: int, width: int, *, what: str = "dic
     (about 6 live copies in the backward pass) would not fit in the memory available."""
     need = 4 * (4 * n_params + 6 * batch_size * width)
     if available is None:
-        available = _available_memory()
+        available = available_memory()
     if available and need > 0.8 * available:
         raise MemoryError(
             f"a {what} of width {width} needs about {need / 2**30:.1f} GiB to train at batch size {batch_size} "
             f"({n_params / 1e6:.0f} M parameters with Adam state, plus activations), more than 80 % of the "
             f"{available / 2**30:.1f} GiB available: lower --width or --batch-size"
         )
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError):
-        return None

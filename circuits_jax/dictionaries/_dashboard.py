@@ -35,9 +35,8 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..core._model import run
+from ..core import parse_site, run
 from ._sae import SAE, CrossLayerTranscoder
-from ..core._sites import parse_site
 
 __all__ = [
     "feature_activations",

@@ -24,11 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core._interventions import Hook, Replace, Zero
-from ..core._metrics import next_token_nll
-from ..core._model import Transformer, run
+from ..core import Hook, Replace, Transformer, Zero, next_token_nll, parse_site, run
 from ._sae import CrossLayerTranscoder, gather_xy
-from ..core._sites import parse_site
 
 
 @dataclasses.dataclass
@@ -51,7 +48,7 @@ class Evaluation:
     layer_fvu: list[float] | None = None  # CLT: fraction of variance unexplained per target layer
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 

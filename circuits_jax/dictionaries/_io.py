@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..models import _checkpoint
+from ..models import restore, save
 from ._sae import ARCHS, SAE, CrossLayerTranscoder, init_clt, init_sae
 
 _GEMMA_SCOPE = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -33,7 +33,7 @@ def save_dictionary(path: str | os.PathLike, d, info: dict | None = None) -> Pat
     else:
         spec = dict(kind="sae", arch=d.arch, k=d.k, in_site=d.in_site, out_site=d.out_site, d_in=int(d.W_enc.shape[0]),
                     d_out=int(d.W_dec.shape[1]), width=d.width)  # fmt: skip
-    _checkpoint.save(path / "params", d)
+    save(path / "params", d)
     (path / "dictionary.json").write_text(json.dumps(dict(spec, info=info or {}), indent=1))
     return path
 
@@ -70,7 +70,7 @@ def load_dictionary(
     path = Path(path)
     if path.is_dir():
         spec = dictionary_info(path)
-        return _checkpoint.restore(path / "params", _like(spec))
+        return restore(path / "params", _like(spec))
     if not path.exists():
         raise FileNotFoundError(f"no dictionary at {path}")
     if path.suffix == ".npz":

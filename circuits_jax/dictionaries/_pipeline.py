@@ -5,7 +5,8 @@
 
 Every check that can fail (site names, corpus, memory for the width) runs before any
 forward pass. The output directory holds `store/` (unless another store is given),
-`checkpoints/`, `dictionary/`, `eval.json`, `history.json` and `density.png`; running the
+`checkpoints/`, `dictionary/`, `eval.json`, `history.json` and `density.npy` (`train-sae` draws it
+as `density.png`); running the
 same command again resumes whatever was interrupted.
 """
 
@@ -19,11 +20,20 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import _activations as A
-from ..scale import _sharding
-from ._sae import _check_arch, init_clt, init_sae
+from ..scale import gather
+from ._activations import (
+    site_dim,
+    build_store,
+    check_sites,
+    memory_check,
+    open_store,
+    pack_contexts,
+    parse_site,
+    read_corpus,
+)
 from ._eval import evaluate
 from ._io import save_dictionary
+from ._sae import check_arch, init_clt, init_sae
 from ._train import TrainConfig, train
 
 
@@ -43,7 +53,7 @@ def dictionary_spec(model, *, site: str | None = None, target: str | None = None
         if site is None:
             raise ValueError("give a site (and a target for a transcoder), or CLT layers")
         ins, outs = [site], [target or site]
-    A.check_sites(model, ins + outs)
+    check_sites(model, ins + outs)
     return ins, outs
 
 
@@ -83,16 +93,16 @@ def train_dictionary(
     `mesh`: train on a device mesh (`_sae_train.train`'s `mesh`)."""
     out = Path(out)
     ins, outs = dictionary_spec(model, site=site, target=target, clt_layers=clt_layers)
-    _check_arch(arch, k)
+    check_arch(arch, k)
     if k is not None and arch in ("topk", "batchtopk") and k > width:
         raise ValueError(f"k={k} exceeds the width {width}")
 
-    D = [int(np.prod(A._site_dim(model, A.parse_site(s, model.cfg)))) for s in ins + outs]
+    D = [int(np.prod(site_dim(model, parse_site(s, model.cfg)))) for s in ins + outs]
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     tc = TrainConfig(n_tokens=n_tokens * epochs, seed=seed, **(train_cfg or {}))
     L = None if clt_layers is None else len(ins)
-    A.memory_check(n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1), width,
+    memory_check(n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1), width,
                    what="cross-layer transcoder" if L else "dictionary")  # fmt: skip
     train_ctx, held_out = split_contexts(tok, corpus, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
     if model.cfg.positional == "learned" and ctx_len > model.cfg.n_ctx:
@@ -105,7 +115,7 @@ def train_dictionary(
     if store is None:
         # chunks of at most 65,536 rows, and at least 4 of them for the shuffle buffer of a small run
         chunk = max(per_ctx, min(1 << 16, n_tokens // 4))
-        store = A.build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress, chunk_tokens=chunk,
+        store = build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress, chunk_tokens=chunk,
                               info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len))  # fmt: skip
     t_store = time.perf_counter() - t0
     d = _new_dictionary(store, ins, outs, D, width=width, arch=arch, k=k, seed=seed, clt_layers=clt_layers)
@@ -113,7 +123,7 @@ def train_dictionary(
         f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
     res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress, mesh=mesh)
     if mesh is not None:  # evaluation splices it into the single-device model
-        res.dictionary = _sharding.gather(res.dictionary)
+        res.dictionary = gather(res.dictionary)
     t_train = res.seconds
     t0 = time.perf_counter()
     ev = evaluate(model, res.dictionary, held_out, progress=progress)
@@ -126,12 +136,6 @@ def train_dictionary(
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
     (out / "history.json").write_text(json.dumps(res.history))
     np.save(out / "density.npy", ev.density)
-    try:
-        from ..plot import feature_density
-
-        feature_density(ev.density, path=out / "density.png", title=f"{arch} {', '.join(outs[:1])} ({width} latents)")
-    except Exception as e:  # a plot must never lose a finished run
-        log(f"(density plot skipped: {e})")
     return summary
 
 
@@ -191,18 +195,18 @@ def train_transcoders(
         raise ValueError(f"layers {bad} are outside the model's {L} layers")
     if model.cfg.attn_only:
         raise ValueError("the model has no MLPs to transcode")
-    _check_arch(arch, k)
+    check_arch(arch, k)
     pairs = {l: transcoder_sites(l) for l in layers}
     sites = [s for l in layers for s in pairs[l]]
-    A.check_sites(model, sites)
-    D = [int(np.prod(A._site_dim(model, A.parse_site(s, model.cfg)))) for s in pairs[layers[0]]]
+    check_sites(model, sites)
+    D = [int(np.prod(site_dim(model, parse_site(s, model.cfg)))) for s in pairs[layers[0]]]
     tc = TrainConfig(n_tokens=n_tokens, seed=seed, **(train_cfg or {}))
-    A.memory_check(n_parameters(D[0], D[1], width), tc.batch_size, width, what="transcoder")
+    memory_check(n_parameters(D[0], D[1], width), tc.batch_size, width, what="transcoder")
     train_ctx, _ = split_contexts(tok, corpus, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
     t0 = time.perf_counter()
     store = _reuse_store(out / "store", sites, n_tokens)
     if store is None:
-        store = A.build_store(model, train_ctx, sites, out / "store", n_tokens=n_tokens, progress=progress, chunk_tokens=chunk_tokens,
+        store = build_store(model, train_ctx, sites, out / "store", n_tokens=n_tokens, progress=progress, chunk_tokens=chunk_tokens,
                               dtype=store_dtype, info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len))  # fmt: skip
     t_store = time.perf_counter() - t0
     manifest_file = out / "transcoders.json"
@@ -220,7 +224,7 @@ def train_transcoders(
         log(f"layer {l}: training a {arch} transcoder of width {width} on {view.n_tokens:,} tokens ({tc.steps} steps)")
         res = train(d, view, tc, checkpoint_dir=sub / "checkpoints", progress=progress, mesh=mesh)
         if mesh is not None:
-            res.dictionary = _sharding.gather(res.dictionary)
+            res.dictionary = gather(res.dictionary)
         save_dictionary(sub / "dictionary", res.dictionary, dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len,
                                                                  n_tokens=view.n_tokens, train=_jsonable(tc), seed=seed + l))  # fmt: skip
         (sub / "history.json").write_text(json.dumps(res.history))
@@ -238,7 +242,7 @@ def split_contexts(tok, corpus, *, n_tokens: int, ctx_len: int = 128, n_eval_con
     `train` never sees the held-out contexts, whoever builds it."""
     per_ctx = ctx_len - 1
     n_ctx = -(-n_tokens // per_ctx) + 2 * (1 << 16) // per_ctx + n_eval_contexts
-    contexts = A.pack_contexts(tok, A.read_corpus(corpus), ctx_len, max_contexts=n_ctx)
+    contexts = pack_contexts(tok, read_corpus(corpus), ctx_len, max_contexts=n_ctx)
     if len(contexts) <= n_eval_contexts:
         raise ValueError(f"the corpus gives {len(contexts)} contexts of {ctx_len} tokens, too few to hold out {n_eval_contexts}")
     return contexts[:-n_eval_contexts], contexts[-n_eval_contexts:]
@@ -250,7 +254,7 @@ def _reuse_store(path: Path, sites: list[str], n_tokens: int):
         return None
     meta = json.loads((path / "store.json").read_text())
     if set(sites) <= set(meta["sites"]) and meta["n_chunks"] >= max(1, n_tokens // meta["chunk_tokens"]):
-        return A.open_store(path)
+        return open_store(path)
     return None
 
 

@@ -186,7 +186,7 @@ def _aux_k(pre: Array, dead: Array, err: Array, W_dec: Array, k_aux: int) -> Arr
     return lax.cond(jnp.any(dead), aux, lambda p, w: jnp.zeros((), p.dtype), pre, W_dec)
 
 
-def _check_arch(arch: str, k: int | None):
+def check_arch(arch: str, k: int | None):
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if arch in ("topk", "batchtopk") and (k is None or k < 1):
@@ -335,7 +335,7 @@ def init_sae(
     initial codes of normalised inputs the right size) and 0.1 for relu/jumprelu."""
     if dec_norm is None:
         dec_norm = 1.0 if arch in ("topk", "batchtopk") else 0.1
-    _check_arch(arch, k)
+    check_arch(arch, k)
     d_out = d_in if d_out is None else d_out
     out_site = in_site if out_site is None else out_site
     if arch in ("topk", "batchtopk") and k > width:
@@ -478,7 +478,7 @@ def init_clt(
 ) -> CrossLayerTranscoder:
     """A new CLT over contiguous `layers`; decoder norms shrink with the number of layers a
     feature writes to, so the initial output has the scale of one SAE's."""
-    _check_arch(arch, k)
+    check_arch(arch, k)
     layers = tuple(int(l) for l in layers)
     if not layers:
         raise ValueError("a cross-layer transcoder needs at least one layer")

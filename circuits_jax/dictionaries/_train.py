@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -26,8 +26,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..models import _checkpoint
-from ..scale import _sharding
+from ..models import restore, save
+from ..scale import (
+    DoesNotFit,
+    MemoryPlan,
+    abstract,
+    check_budget,
+    check_divides,
+    check_sizes,
+    compiled_footprint,
+    fmt_bytes,
+    global_batch,
+    is_leaf_array,
+    largest_fitting,
+    line_near,
+    nbytes,
+    need_at_one,
+    process_rows,
+    search_size,
+    shard_dictionary,
+    shard_like,
+    upto,
+)
 from ._sae import LossConfig, Stats, gather_xy
 
 
@@ -135,7 +155,7 @@ class TrainResult:
     resumed_from: int  # step restored from a checkpoint (0 for a fresh run)
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -147,7 +167,7 @@ def _ckpts(root: Path) -> list[int]:
 def _save(root: Path, state: TrainState, history: list[dict], keep: int = 2) -> None:
     step = int(state.step)
     d = root / f"step_{step:08d}"
-    _checkpoint.save(d / "state", state)  # every process writes its own shards
+    save(d / "state", state)  # every process writes its own shards
     if jax.process_index() != 0:
         return
     (d / "history.json").write_text(json.dumps(history))
@@ -161,7 +181,7 @@ def _restore(root: Path, like: TrainState) -> tuple[TrainState, list[dict]] | No
     if not steps:
         return None
     d = root / f"step_{steps[-1]:08d}"
-    state = _checkpoint.restore(d / "state", like)
+    state = restore(d / "state", like)
     return state, json.loads((d / "history.json").read_text())
 
 
@@ -196,11 +216,11 @@ def train(
         assembles them.
     """
     if mesh is not None:
-        _sharding.check_divides(cfg.batch_size, mesh, "data", "batch_size")
-        dictionary = _sharding.shard_dictionary(dictionary, mesh)
+        check_divides(cfg.batch_size, mesh, "data", "batch_size")
+        dictionary = shard_dictionary(dictionary, mesh)
     state = init_state(dictionary, cfg)
     if mesh is not None:
-        state = _sharding.shard_like(state, state.dictionary, mesh)
+        state = shard_like(state, state.dictionary, mesh)
     history: list[dict] = []
     root = None if checkpoint_dir is None else Path(checkpoint_dir)
     resumed = 0
@@ -217,9 +237,9 @@ def train(
     sched = schedule(cfg)
     inputs = _selector(dictionary, store)
     if mesh is not None:
-        rows = _sharding.process_rows(cfg.batch_size)
+        rows = process_rows(cfg.batch_size)
         select = inputs
-        inputs = lambda batch: tuple(_sharding.global_batch(np.asarray(a)[rows], mesh) for a in select(batch))  # noqa: E731
+        inputs = lambda batch: tuple(global_batch(np.asarray(a)[rows], mesh) for a in select(batch))  # noqa: E731
 
     from tqdm.auto import tqdm
 
@@ -253,3 +273,75 @@ def _log_row(acc: list[Stats], state: TrainState, step: int, cfg: TrainConfig, l
     m = {k: float(np.mean([getattr(s, k) for s in acc])) for k in ("loss", "mse", "sparsity", "l0", "fve")}
     dead = float(jnp.mean(state.since_fired >= cfg.dead_after))
     return dict(step=step, tokens=step * cfg.batch_size, **m, dead=dead, lr=lr)
+
+
+def plan_training(
+    dictionary,
+    train_cfg,
+    *,
+    budget: int | None = None,
+    safety: float = 0.8,
+    max_batch: int | None = None,
+    sizes: Sequence[int] | None = None,
+) -> MemoryPlan:
+    """The batch size (tokens per step) to train `dictionary` with `train_cfg` (`TrainConfig`).
+
+    The configured `train_cfg.batch_size` is kept when it fits (a batch size changes the training
+    run, so it is not raised behind the user's back; the note says how far it could go); when it
+    does not, the plan is the largest power of two whose compile fits. The dictionary's arrays may
+    be `jax.ShapeDtypeStruct`s (e.g. `eqx.filter_eval_shape(init_sae, ...)`): nothing is allocated.
+    max_batch: cap (default: the power of two at or below `train_cfg.n_tokens`).
+    sizes: the two batch sizes compiled first (default: a quarter of the configured one, and it).
+    Raises `DoesNotFit` when one token per step does not fit.
+    """
+    budget = check_budget(budget, safety)
+    usable = safety * budget
+    configured = int(train_cfg.batch_size)
+    if configured < 1:
+        raise ValueError(f"train_cfg.batch_size must be >= 1, got {configured}")
+    sizes = check_sizes(sizes if sizes is not None else (max(1, max(configured, 2) // 4), max(configured, 2)))
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    d = abstract(dictionary)
+    dyn, static = eqx.partition(d, is_leaf_array)
+    state = jax.eval_shape(lambda dd: init_state(eqx.combine(dd, static), train_cfg), dyn)
+    x_shape, y_shape = tuple(d.W_enc.shape[:-1]), tuple(d.b_dec.shape)  # SAE: [D_in], [D_out]; CLT: [L, D], [L, D]
+    dtype = d.W_enc.dtype
+    step = make_step(train_cfg)
+
+    def bytes_at(n: int) -> int:
+        x, y = jax.ShapeDtypeStruct((n, *x_shape), dtype), jax.ShapeDtypeStruct((n, *y_shape), dtype)
+        return compiled_footprint(step, state, x, y).total
+
+    measured = {n: bytes_at(n) for n in sizes}
+    width = d.W_enc.shape[-1]
+    what = f"training a {getattr(d, 'arch', '')} dictionary of width {width} on {list(x_shape)} -> {list(y_shape)}"
+    cap = int(max_batch) if max_batch is not None else 1 << max(0, int(train_cfg.n_tokens).bit_length() - 1)
+    size = None
+    if configured <= cap:
+        measured.setdefault(configured, bytes_at(configured))
+        if measured[configured] <= usable:
+            size = configured
+    if size is None:
+        proposed = max(1, min(largest_fitting(*line_near(measured, max(measured)), usable), cap))
+        size = search_size(bytes_at, measured, 1 << (proposed.bit_length() - 1), usable, pow2=True)
+    if size is None:
+        need, fixed, per = need_at_one(measured)
+        raise DoesNotFit(
+            f"{what} does not fit: one token per step needs {fmt_bytes(need)} ({need} bytes; about {fmt_bytes(fixed)} fixed: "
+            f"parameters {fmt_bytes(nbytes(d))}, the train state with Adam's moments {fmt_bytes(nbytes(state))} and its updated "
+            f"copy, XLA's fixed temporaries; + about {fmt_bytes(per)} per token), over the budget {fmt_bytes(usable)} ({safety:.0%} "
+            f"of {fmt_bytes(budget)}). To fit: a smaller width (now {width}), or shard the dictionary over a device mesh with "
+            f"a 'model' axis (mesh=)"
+        )
+    fixed, per = line_near(measured, size)
+    limit = largest_fitting(fixed, per, usable)
+    if size == configured:
+        note = f"the configured batch size fits ({upto(limit)} would, by the line)"
+    elif configured > cap:
+        note = f"the configured batch size {configured} exceeds the cap {cap}: the largest power of two under it that fits"
+    else:
+        note = (f"the configured batch size {configured} does not fit (it needs {fmt_bytes(measured[configured])}): "
+                "the largest power of two that fits")  # fmt: skip
+    return MemoryPlan(what, "token", int(size), measured[size], fixed, per, budget, safety,
+                      tuple(sorted(measured.items())), int(limit), note)  # fmt: skip

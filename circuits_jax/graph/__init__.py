@@ -1,1 +1,7 @@
 """graph."""
+
+from ._acdc import (LOSSES as LOSSES, acdc as acdc, node_chain_losses as node_chain_losses)
+from ._circuit import (Circuit as Circuit, CircuitTap as CircuitTap, circuit_resid as circuit_resid, ABLATIONS as ABLATIONS, ablated_outputs as ablated_outputs, circuit_metrics as circuit_metrics, FAITHFULNESS_KS as FAITHFULNESS_KS, top_edges as top_edges, faithfulness as faithfulness, prune_dangling as prune_dangling, circuit_from_scores as circuit_from_scores, node_ranking as node_ranking, node_truth as node_truth, roc_auc as roc_auc, roc_sweep as roc_sweep)
+from ._edges import (EdgeScores as EdgeScores, EDGE_METHODS as EDGE_METHODS, edge_attribution as edge_attribution, patch_edges as patch_edges, patch_single_edges as patch_single_edges, edge_patch_all as edge_patch_all, PathPatchResult as PathPatchResult, path_patch as path_patch)
+from ._io import (FORMAT as FORMAT, save_circuit as save_circuit, load_circuit as load_circuit)
+from ._scrubbing import (ROOT as ROOT, Node as Node, Hypothesis as Hypothesis, build_tree as build_tree, identity_hypothesis as identity_hypothesis, sample_trees as sample_trees, NextTokenLoss as NextTokenLoss, scrub_losses as scrub_losses, ScrubResult as ScrubResult, bootstrap_ci as bootstrap_ci, scrub as scrub, current_token as current_token, token_before_match as token_before_match, token_at_match as token_at_match, induction_hypothesis as induction_hypothesis, repeated_dataset as repeated_dataset)

@@ -33,12 +33,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ._circuit import Circuit, _circuit_resid, ablated_outputs, circuit_metrics
-from ._edges import Graph, _outputs, _source_names
-from ..core._interventions import ALL_LAYERS, Hook, PerLayer, Replace
-from ..core._metrics import KLFrom
-from ..core._model import run, unembed
-from ..patching._sweep import _Pairs, _hooked_metric, _progress, _score
+from ..core import (
+    ALL_LAYERS,
+    Graph,
+    Hook,
+    KLFrom,
+    Pairs,
+    PerLayer,
+    Replace,
+    hooked_metric,
+    progress_bar,
+    run,
+    score_resid,
+    source_outputs,
+    source_sites,
+    unembed,
+)
+from ._circuit import Circuit, ablated_outputs, circuit_metrics, circuit_resid
 
 LOSSES = ("kl", "metric")
 
@@ -52,15 +63,15 @@ class _Negated(eqx.Module):
         return -self.metric(logits)
 
 
-def _full_run(model, pairs: _Pairs):
+def _full_run(model, pairs: Pairs):
     """The full model on the clean prompts: every source's output `[S, B, T, D]`, the stream entering
     every layer and leaving the last `[L + 1, B, T, D]`, and the logits at the scored positions."""
     cfg = model.cfg
-    names = _source_names(cfg) + [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)]
+    names = source_sites(cfg) + [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)]
     out = run(model, jnp.asarray(pairs.clean), cache=names, attention_mask=pairs.mask, return_logits=False)
     resid = jnp.stack([out.cache[f"blocks.{l}.hook_resid_pre"] for l in range(cfg.n_layers)] + [out.resid])
     logits = unembed(model, out.resid[jnp.arange(pairs.B), pairs.positions])
-    return _outputs(cfg, out.cache), resid, logits
+    return source_outputs(cfg, out.cache), resid, logits
 
 
 @eqx.filter_jit
@@ -69,7 +80,7 @@ def _edge_losses(model, tokens, mask, positions, loss, ablated, buf, resid, star
     gap = ablated - buf
 
     def one(cut):
-        return _score(model, _circuit_resid(model, tokens, mask, ablated, cut, start, resid[start], gap), positions, loss)
+        return score_resid(model, circuit_resid(model, tokens, mask, ablated, cut, start, resid[start], gap), positions, loss)
 
     return jax.vmap(one)(cuts)
 
@@ -82,7 +93,7 @@ def _node_losses(model, tokens, mask, positions, loss, heads, mlps, resid, start
         hooks = [Hook("attn.hook_result", ALL_LAYERS, PerLayer(Replace(heads, hc[:, None, None, :, None])))]
         if mlps is not None:
             hooks.append(Hook("hook_mlp_out", ALL_LAYERS, PerLayer(Replace(mlps, mc[:, None, None, None]))))
-        return _hooked_metric(model, tokens, mask, positions, loss, hooks, start, resid[start])
+        return hooked_metric(model, tokens, mask, positions, loss, hooks, start, resid[start])
 
     return jax.vmap(one)(head_cut, mlp_cut)
 
@@ -166,7 +177,7 @@ def acdc(
     t0 = time.perf_counter()
     cfg = model.cfg
     graph = Graph.of(cfg)
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, False, attention_mask, answer_pos)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, False, attention_mask, answer_pos)
     buf, resid, logits = _full_run(model, pairs)
     ablated = ablated_outputs(model, pairs.clean, pairs.corrupt, ablation, pairs.mask)
     loss_fn = KLFrom(logits) if loss == "kl" else _Negated(metric)
@@ -217,7 +228,7 @@ def _edge_level(model, graph, pairs, tokens, loss_fn, ablated, buf, resid, walk,
     keep = graph.mask.copy()
     skipped = 0
     order = sorted(range(len(graph.destinations)), key=lambda j: (graph.dest_order[j], j), reverse=True)
-    bar = _progress(len(order), "ACDC destinations", progress)
+    bar = progress_bar(len(order), "ACDC destinations", progress)
     for j in order:
         bar.update(1)
         bar.set_postfix(edges=int(keep.sum()), refresh=False)
@@ -285,7 +296,7 @@ def node_chain_losses(model, clean_tokens, corrupt_tokens, nodes, *, ablation: s
     in one compiled call: the rows of one ACDC node-level window, for checking against other code."""
     graph = Graph.of(model.cfg)
     idx = [graph.source_index(n) if isinstance(n, str) else int(n) for n in nodes]
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, None, False, attention_mask, answer_pos)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, None, False, attention_mask, answer_pos)
     buf, resid, logits = _full_run(model, pairs)
     ablated = ablated_outputs(model, pairs.clean, pairs.corrupt, ablation, pairs.mask)
     chain = _node_chain(model, pairs, jnp.asarray(pairs.clean), KLFrom(logits), ablated, resid, len(idx))
@@ -300,7 +311,7 @@ def _node_level(model, graph, pairs, tokens, loss_fn, ablated, resid, walk, effe
     def chain(batch):
         return node_chain(removed, batch)
 
-    bar = _progress(len(nodes), "ACDC nodes", progress)
+    bar = progress_bar(len(nodes), "ACDC nodes", progress)
     walk.run(nodes, chain, removed.add, effects.__setitem__, bar)
     bar.close()
     keep = graph.mask.copy()

@@ -27,10 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from ._edges import Graph, _outputs_of
-from ..core._model import Transformer, _block, positions_from_mask
-from ..patching._sweep import _Pairs, _score
-from ..core._sites import SPLIT_INPUTS
+from ..core import (
+    SPLIT_INPUTS,
+    Config,
+    Graph,
+    Pairs,
+    Tap,
+    Transformer,
+    embed,
+    forward,
+    outputs_of,
+    positions_from_mask,
+    score_resid,
+)
 
 
 @dataclasses.dataclass
@@ -54,7 +63,7 @@ class Circuit:
         self.edges = np.asarray(self.edges, bool) & self.graph.mask
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self, skip=("graph", "edges"), extra=dict(edges=f"{self.n_edges} of {self.graph.n_edges} kept", graph=repr(self.graph)))
 
@@ -76,56 +85,76 @@ class Circuit:
         return [(g.sources[s[i]], g.destinations[d[i]], float(sc[i])) for i in order]
 
 
-class _CircuitTap:
-    """Layer `i`'s tap in a circuit run: rewrites each destination input, records each source output.
+class CircuitTap(Tap):
+    """The tap of a circuit run: rewrites each destination input, records each source output.
 
-    It carries `gap [S, B, T, D]`, every source's ablated output minus its current one (sources not
+    Its carry is `gap [S, B, T, D]`, every source's ablated output minus its current one (sources not
     yet run hold their full-model gap, never read before they are overwritten). The big read of `gap`
     happens once per layer: one einsum gives every destination of the layer its correction from the
     sources before the layer, and the MLP input adds what this layer's heads changed since.
     """
 
-    def __init__(self, cfg, i, gap, ablated, cut):
-        self.cfg, self.i, self.gap, self.ablated, self.cut = cfg, i, gap, ablated, cut
-        H, K = cfg.n_heads, cfg.kv_heads
-        self.per_dest = H + 2 * K + (0 if cfg.attn_only else 1)
-        self.per_src = H + (0 if cfg.attn_only else 1)
-        self.offsets = {"hook_q_input": (0, H), "hook_k_input": (H, K), "hook_v_input": (H + K, K), "hook_mlp_in": (H + 2 * K, 1)}
-        self.cols = lax.dynamic_slice_in_dim(cut, i * self.per_dest, self.per_dest, axis=1)  # [S, per_dest]
-        self.corr = None
-        self.mlp_extra = 0.0
+    cfg: Config = eqx.field(static=True)
+    ablated: Array  # [S, B, T, D]
+    cut: Array  # [S, Dst] float, 1 where an edge is ablated
 
-    def wants(self, kinds) -> bool:
-        return any(k in SPLIT_INPUTS for k in kinds)
+    def observes(self, kinds):
+        return any(k in SPLIT_INPUTS or k in ("hook_mlp_in", "attn.hook_result", "hook_mlp_out") for k in kinds)
 
-    def _correction(self, kind):
-        if self.corr is None:  # the layer's first destination: every correction at once
-            self.corr = jnp.einsum("sn,sbtd->btnd", self.cols, self.gap)
-        start, n = self.offsets[kind]
-        return self.corr[:, :, start : start + n]
+    def rewrites(self, kinds):
+        return any(k in SPLIT_INPUTS or k == "hook_mlp_in" for k in kinds)
 
-    def _record(self, first, outputs, heads=False):  # outputs [n, B, T, D] of sources first .. first + n - 1
+    @property
+    def per_dest(self) -> int:
+        return self.cfg.n_heads + 2 * self.cfg.kv_heads + (0 if self.cfg.attn_only else 1)
+
+    @property
+    def per_src(self) -> int:
+        return self.cfg.n_heads + (0 if self.cfg.attn_only else 1)
+
+    def enter(self, layer, gap, xs):
+        if layer is None:
+            return gap
+        cols = lax.dynamic_slice_in_dim(self.cut, layer * self.per_dest, self.per_dest, axis=1)  # [S, per_dest]
+        return dict(layer=layer, gap=gap, cols=cols, corr=None, mlp_extra=0.0)
+
+    def leave(self, state):
+        return (state if not isinstance(state, dict) else state["gap"]), None
+
+    def _correction(self, st, kind):
+        if st["corr"] is None:  # the layer's first destination: every correction at once
+            st = {**st, "corr": jnp.einsum("sn,sbtd->btnd", st["cols"], st["gap"])}
+        H, K = self.cfg.n_heads, self.cfg.kv_heads
+        start, n = {"hook_q_input": (0, H), "hook_k_input": (H, K), "hook_v_input": (H + K, K), "hook_mlp_in": (H + 2 * K, 1)}[kind]
+        return st["corr"][:, :, start : start + n], st
+
+    def _record(self, st, first, outputs, heads=False):  # outputs [n, B, T, D] of sources first .. first + n - 1
+        gap = st["gap"]
         ablated = lax.dynamic_slice_in_dim(self.ablated, first, outputs.shape[0], 0)
-        new = ablated - outputs.astype(self.gap.dtype)
+        new = ablated - outputs.astype(gap.dtype)
         if heads and not self.cfg.attn_only:  # this layer's heads feed its MLP
-            old = lax.dynamic_slice_in_dim(self.gap, first, outputs.shape[0], 0)
-            to_mlp = lax.dynamic_slice_in_dim(self.cols[:, -1], first, outputs.shape[0], 0)
-            self.mlp_extra = jnp.einsum("n,nbtd->btd", to_mlp, new - old)
-        self.gap = lax.dynamic_update_slice_in_dim(self.gap, new, first, 0)
+            old = lax.dynamic_slice_in_dim(gap, first, outputs.shape[0], 0)
+            to_mlp = lax.dynamic_slice_in_dim(st["cols"][:, -1], first, outputs.shape[0], 0)
+            st = {**st, "mlp_extra": jnp.einsum("n,nbtd->btd", to_mlp, new - old)}
+        return {**st, "gap": lax.dynamic_update_slice_in_dim(gap, new, first, 0)}
 
-    def __call__(self, kind, x):
+    def __call__(self, kind, x, st):
+        if not isinstance(st, dict):  # the global sites
+            return x, st
         if kind in SPLIT_INPUTS:
-            return x + self._correction(kind).astype(x.dtype)
+            corr, st = self._correction(st, kind)
+            return x + corr.astype(x.dtype), st
         if kind == "hook_mlp_in":
-            return x + (self._correction(kind)[:, :, 0] + self.mlp_extra).astype(x.dtype)
+            corr, st = self._correction(st, kind)
+            return x + (corr[:, :, 0] + st["mlp_extra"]).astype(x.dtype), st
         if kind == "attn.hook_result":  # [B, T, H, D]: this layer's heads become current sources
-            self._record(1 + self.i * self.per_src, jnp.moveaxis(x, 2, 0), heads=True)
+            st = self._record(st, 1 + st["layer"] * self.per_src, jnp.moveaxis(x, 2, 0), heads=True)
         if kind == "hook_mlp_out":
-            self._record(1 + self.i * self.per_src + self.cfg.n_heads, x[None])
-        return x
+            st = self._record(st, 1 + st["layer"] * self.per_src + self.cfg.n_heads, x[None])
+        return x, st
 
 
-def _circuit_resid(model: Transformer, tokens, mask, ablated, cut, start=None, x0=None, gap0=None):
+def circuit_resid(model: Transformer, tokens, mask, ablated, cut, start=None, x0=None, gap0=None):
     """Final residual stream of the circuit run; `cut [S, D]` float, 1 where an edge is ablated.
 
     With `start` (a traced layer), layers below it are skipped: the run begins from `x0`, the stream
@@ -133,37 +162,22 @@ def _circuit_resid(model: Transformer, tokens, mask, ablated, cut, start=None, x
     into a destination below `start` is cut, so that everything upstream equals the full model's run
     (ACDC's traversal).
     """
-    cfg = model.cfg
     B, T = tokens.shape
     positions = positions_from_mask(mask, B, T)
     if start is None:
-        x = model.W_E[tokens]
-        if cfg.positional == "learned":
-            x = x + model.W_pos[positions]
-        gap = ablated.at[0].add(-x)
+        x, _ = embed(model, tokens, positions)
+        gap, start = ablated.at[0].add(-x), 0
     else:
         x, gap = x0, gap0
-
-    def body(carry, xs):
-        params, i = xs
-
-        def layer(x, gap):
-            tap = _CircuitTap(cfg, i, gap, ablated, cut)
-            y = _block(cfg, params, x, positions, mask, tap, False, True)
-            return y, tap.gap
-
-        if start is None:
-            return layer(*carry), None
-        return lax.cond(i >= start, layer, lambda x, g: (x, g), *carry), None
-
-    (x, gap), _ = lax.scan(body, (x, gap), (model.blocks, jnp.arange(cfg.n_layers)))
-    return x + jnp.einsum("s,sbtd->btd", cut[:, -1], gap)
+    out = forward(model, tap=CircuitTap(model.cfg, ablated, cut), carry=gap, positions=positions, key_mask=mask, resid=x,
+                  start_layer=start, logits=False)  # fmt: skip
+    return out.resid + jnp.einsum("s,sbtd->btd", cut[:, -1], out.carry)
 
 
 @eqx.filter_jit
 def _circuits_metric(model, tokens, mask, positions, metric, ablated, cuts):
     def one(cut):
-        return _score(model, _circuit_resid(model, tokens, mask, ablated, cut), positions, metric)
+        return score_resid(model, circuit_resid(model, tokens, mask, ablated, cut), positions, metric)
 
     return jax.vmap(one)(cuts)
 
@@ -179,8 +193,8 @@ def ablated_outputs(model: Transformer, tokens, corrupt_tokens=None, ablation: s
     if ablation in ("patching", "resample"):
         if corrupt_tokens is None:
             raise ValueError("ablation='patching' needs corrupt tokens")
-        return _outputs_of(model, jnp.asarray(corrupt_tokens), mask)
-    out = _outputs_of(model, jnp.asarray(tokens), mask)
+        return outputs_of(model, jnp.asarray(corrupt_tokens), mask)
+    out = outputs_of(model, jnp.asarray(tokens), mask)
     if ablation == "zero":
         return jnp.zeros_like(out)
     if ablation == "mean":
@@ -204,7 +218,7 @@ def circuit_metrics(
         keep = keep[None]
     if keep.shape[1:] != graph.mask.shape:
         raise ValueError(f"circuits have shape {keep.shape[1:]}; the graph's [sources, destinations] is {graph.mask.shape}")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, False, attention_mask, answer_pos)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, False, attention_mask, answer_pos)
     ablated = ablated_outputs(model, pairs.clean, pairs.corrupt, ablation, pairs.mask)
     cuts = (graph.mask & ~keep).astype(np.float32)
     out = _circuits_metric(model, jnp.asarray(pairs.clean), pairs.mask, pairs.positions, metric, ablated, jnp.asarray(cuts))

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
-import functools
 import time
 from typing import Callable, Sequence
 
@@ -36,186 +34,27 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ..core._config import Config
-from ..patching._attribution import _IG_BATCH
-from ..core._interventions import ALL_LAYERS, Add, Hook, PerLayer, Replace
-from ..core._model import Transformer, run
-from ..patching._sweep import _Pairs, _hooked_metric, _score, auto_chunk, in_chunks
-
-_INPUT_KINDS = ("hook_q_input", "hook_k_input", "hook_v_input")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Graph:
-    """Sources, destinations and the `[sources, destinations]` mask of real edges of one config.
-
-    `order` gives each node's place in the forward pass (input 0; layer l's heads 2l+1 and MLP
-    2l+2 as sources; layer l's q/k/v inputs 2l+1, its MLP input 2l+2, logits 2L+1 as
-    destinations); an edge exists where the source comes strictly before the destination.
-    """
-
-    cfg: Config
-    sources: tuple[str, ...]
-    destinations: tuple[str, ...]
-    source_order: np.ndarray
-    dest_order: np.ndarray
-
-    def __repr__(self) -> str:  # counts, not the thousands of node names
-        return f"Graph({self.cfg.n_layers} layers, {len(self.sources)} sources, {len(self.destinations)} destinations, {self.n_edges} edges)"
-
-    @staticmethod
-    @functools.lru_cache(maxsize=32)
-    def of(cfg: Config) -> "Graph":
-        L, H, K = cfg.n_layers, cfg.n_heads, cfg.kv_heads
-        mlp = not cfg.attn_only
-        kv = "kv" if K != H else "h"
-        src, s_ord = ["input"], [0]
-        dst, d_ord = [], []
-        for l in range(L):
-            src += [f"a{l}.h{h}" for h in range(H)]
-            s_ord += [2 * l + 1] * H
-            dst += [f"a{l}.h{h}<q>" for h in range(H)]
-            dst += [f"a{l}.{kv}{j}<k>" for j in range(K)] + [f"a{l}.{kv}{j}<v>" for j in range(K)]
-            d_ord += [2 * l + 1] * (H + 2 * K)
-            if mlp:
-                src.append(f"m{l}")
-                s_ord.append(2 * l + 2)
-                dst.append(f"m{l}")
-                d_ord.append(2 * l + 2)
-        dst.append("logits")
-        d_ord.append(2 * L + 1)
-        return Graph(cfg, tuple(src), tuple(dst), np.asarray(s_ord), np.asarray(d_ord))
-
-    @functools.cached_property
-    def mask(self) -> np.ndarray:
-        """`[S, D]` bool: True for every real edge."""
-        return self.source_order[:, None] < self.dest_order[None, :]
-
-    @functools.cached_property
-    def feeds(self) -> np.ndarray:
-        """`[D, S]` bool: destination j is an input of source node i (a head's q/k/v, an MLP's input;
-        under grouped-query attention a kv input feeds every head of its group). Logits feed nothing."""
-        out = np.zeros((len(self.destinations), len(self.sources)), bool)
-        G = self.cfg.group_size
-        for j in range(len(self.destinations) - 1):
-            kind, layer, head = self.dest_site(j)
-            if kind == "hook_mlp_in":
-                out[j, self.source_index(f"m{layer}")] = True
-                continue
-            heads = [head] if kind == "hook_q_input" else range(head * G, (head + 1) * G)
-            for h in heads:
-                out[j, self.source_index(f"a{layer}.h{h}")] = True
-        return out
-
-    def dest_layer(self, j: int) -> int:
-        """The layer whose block reads destination j (`n_layers` for logits)."""
-        return self.cfg.n_layers if j == len(self.destinations) - 1 else self.dest_site(j)[1]
-
-    @property
-    def n_edges(self) -> int:
-        return int(self.mask.sum())
-
-    def edges(self) -> list[str]:
-        """Every edge name, `source->destination`, in matrix (row-major) order."""
-        s, d = np.nonzero(self.mask)
-        return [f"{self.sources[i]}->{self.destinations[j]}" for i, j in zip(s, d)]
-
-    def source_index(self, name: str) -> int:
-        return _index(name, self.sources, "source node")
-
-    def destination_index(self, name: str) -> int:
-        return _index(name, self.destinations, "destination")
-
-    def edge_index(self, name: str) -> tuple[int, int]:
-        """`(source, destination)` of an edge named `src->dst`; a missing edge names the nearest real ones."""
-        if "->" not in name:
-            raise KeyError(f"edge {name!r} is not of the form 'source->destination', e.g. 'a0.h1->a2.h3<q>'")
-        s, d = (p.strip() for p in name.split("->", 1))
-        i, j = self.source_index(s), self.destination_index(d)
-        if not self.mask[i, j]:
-            close = difflib.get_close_matches(f"{s}->{d}", self.edges(), n=5, cutoff=0.6)
-            hint = f"; nearest valid edges: {', '.join(close)}" if close else ""
-            raise KeyError(f"no edge {name!r}: {s} does not come before {d} in the forward pass{hint}")
-        return i, j
-
-    def select(self, spec: str | Sequence[str], of: str = "destinations") -> np.ndarray:
-        """Indices of the nodes matching a comma list of names or glob patterns (`a9.h*<q>`, `m*`)."""
-        names = self.destinations if of == "destinations" else self.sources
-        patterns = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-        picked: list[int] = []
-        for p in patterns:
-            hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, p)]
-            if not hits:
-                _index(p, names, of[:-1].replace("source", "source node"))  # raises with the nearest names
-            picked += [i for i in hits if i not in picked]
-        return np.asarray(picked, np.int64)
-
-    def dest_site(self, j: int) -> tuple[str, int, int | None]:
-        """The model site a destination reads: `(kind, layer, head)`; logits: the last resid_post."""
-        cfg, H, K = self.cfg, self.cfg.n_heads, self.cfg.kv_heads
-        if j == len(self.destinations) - 1:
-            return "hook_resid_post", cfg.n_layers - 1, None
-        per = H + 2 * K + (0 if cfg.attn_only else 1)
-        l, r = divmod(j, per)
-        if r < H:
-            return "hook_q_input", l, r
-        if r < H + K:
-            return "hook_k_input", l, r - H
-        if r < H + 2 * K:
-            return "hook_v_input", l, r - H - K
-        return "hook_mlp_in", l, None
-
-
-def _index(name: str, names: Sequence[str], what: str) -> int:
-    try:
-        return names.index(name)
-    except ValueError:
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f"; nearest valid: {', '.join(close)}" if close else f"; e.g. {', '.join(names[:3])}, ..."
-        raise KeyError(f"unknown {what} {name!r}{hint}") from None
-
-
-# ---------------------------------------------------------------------------
-# Source outputs and destination gradients
-# ---------------------------------------------------------------------------
-
-
-def _source_names(cfg: Config) -> list[str]:
-    L = cfg.n_layers
-    names = ["hook_embed", *(["hook_pos_embed"] if cfg.positional == "learned" else [])]
-    names += [f"blocks.{l}.attn.hook_result" for l in range(L)]
-    if not cfg.attn_only:
-        names += [f"blocks.{l}.hook_mlp_out" for l in range(L)]
-    return names
-
-
-def _outputs(cfg: Config, cache) -> Array:
-    """`[S, B, T, D]`: every source's write to the residual stream, in `Graph.sources` order."""
-    L = cfg.n_layers
-    x = cache["hook_embed"]
-    if cfg.positional == "learned":
-        x = x + cache["hook_pos_embed"]
-    heads = jnp.stack([cache[f"blocks.{l}.attn.hook_result"] for l in range(L)])  # [L, B, T, H, D]
-    per_layer = [heads]
-    if not cfg.attn_only:
-        per_layer.append(jnp.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])[:, :, :, None])
-    stacked = jnp.concatenate(per_layer, axis=3)  # [L, B, T, H(+1), D]
-    stacked = jnp.moveaxis(stacked, 3, 1).reshape(-1, *x.shape)
-    return jnp.concatenate([x[None], stacked])
-
-
-def _dest_kinds(cfg: Config) -> tuple[str, ...]:
-    return _INPUT_KINDS + (() if cfg.attn_only else ("hook_mlp_in",))
-
-
-def _dest_stack(cfg: Config, per_kind: dict[str, Array], final: Array) -> Array:
-    """Per-kind `[L, B, T, (heads,) D]` arrays and the final-stream one -> `[Dst, B, T, D]` in graph order."""
-    parts = [per_kind[k] for k in _INPUT_KINDS]
-    if not cfg.attn_only:
-        parts.append(per_kind["hook_mlp_in"][:, :, :, None])
-    stacked = jnp.concatenate(parts, axis=3)  # [L, B, T, H + 2K (+1), D]
-    stacked = jnp.moveaxis(stacked, 3, 1).reshape(-1, *final.shape)
-    return jnp.concatenate([stacked, final[None]])
+from ..core import (
+    ALL_LAYERS,
+    IG_BATCH,
+    INPUT_KINDS,
+    Add,
+    Graph,
+    Hook,
+    Pairs,
+    PerLayer,
+    Replace,
+    Transformer,
+    auto_chunk,
+    dest_kinds,
+    dest_stack,
+    hooked_metric,
+    in_chunks,
+    run,
+    score_resid,
+    source_outputs,
+    source_sites,
+)
 
 
 def _dest_grads(model, tokens, mask, positions, metric, extra_hooks=(), start_layer=0, resid=None):
@@ -226,16 +65,16 @@ def _dest_grads(model, tokens, mask, positions, metric, extra_hooks=(), start_la
     D, H, K = cfg.d_model, cfg.n_heads, cfg.kv_heads
     shapes = {"hook_q_input": (L, B, T, H, D), "hook_k_input": (L, B, T, K, D), "hook_v_input": (L, B, T, K, D),
               "hook_mlp_in": (L, B, T, D)}  # fmt: skip
-    zeros = {k: jnp.zeros(shapes[k], jnp.float32) for k in _dest_kinds(cfg)}
+    zeros = {k: jnp.zeros(shapes[k], jnp.float32) for k in dest_kinds(cfg)}
     zeros["logits"] = jnp.zeros((B, T, D), jnp.float32)
 
     def f(deltas):
-        hooks = [Hook(k, ALL_LAYERS, PerLayer(Add(deltas[k]))) for k in _dest_kinds(cfg)]
+        hooks = [Hook(k, ALL_LAYERS, PerLayer(Add(deltas[k]))) for k in dest_kinds(cfg)]
         hooks.append(Hook("hook_resid_post", L - 1, Add(deltas["logits"])))
-        return _hooked_metric(model, tokens, mask, positions, metric, [*extra_hooks, *hooks], start_layer, resid)
+        return hooked_metric(model, tokens, mask, positions, metric, [*extra_hooks, *hooks], start_layer, resid)
 
     value, g = jax.value_and_grad(f)(zeros)
-    return value, _dest_stack(cfg, {k: g[k] for k in _dest_kinds(cfg)}, g["logits"])
+    return value, dest_stack(cfg, {k: g[k] for k in dest_kinds(cfg)}, g["logits"])
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +94,7 @@ class EdgeScores:
     seconds: float
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self, skip=("graph",), extra=dict(graph=repr(self.graph)))
 
@@ -280,10 +119,10 @@ class EdgeScores:
 def _both_runs(model, source_tokens, target_tokens, mask, extra=()):
     """Source and target runs caching every source's output (and `extra` sites), and `[S, B, T, D]`
     output differences (source minus target)."""
-    names = _source_names(model.cfg) + list(extra)
+    names = source_sites(model.cfg) + list(extra)
     src = run(model, source_tokens, cache=names, attention_mask=mask, return_logits=False)
     tgt = run(model, target_tokens, cache=names, attention_mask=mask, return_logits=False)
-    return src, tgt, _outputs(model.cfg, src.cache) - _outputs(model.cfg, tgt.cache)
+    return src, tgt, source_outputs(model.cfg, src.cache) - source_outputs(model.cfg, tgt.cache)
 
 
 @eqx.filter_jit
@@ -291,7 +130,7 @@ def _eap(model, source_tokens, target_tokens, mask, positions, metric):
     src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask)
     target_metric, grads = _dest_grads(model, target_tokens, mask, positions, metric)
     scores = jnp.einsum("sbtd,ebtd->se", diff, grads)
-    return _score(model, src.resid, positions, metric), target_metric, scores
+    return score_resid(model, src.resid, positions, metric), target_metric, scores
 
 
 @eqx.filter_jit
@@ -305,8 +144,8 @@ def _eap_ig_inputs(model, source_tokens, target_tokens, mask, positions, metric,
         return _dest_grads(model, target_tokens, mask, positions, metric, (hook,))[1]
 
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
-    mean = jnp.mean(jax.lax.map(grads_at, alphas, batch_size=_IG_BATCH), axis=0)
-    return _score(model, src.resid, positions, metric), _score(model, tgt.resid, positions, metric), jnp.einsum(
+    mean = jnp.mean(jax.lax.map(grads_at, alphas, batch_size=IG_BATCH), axis=0)
+    return score_resid(model, src.resid, positions, metric), score_resid(model, tgt.resid, positions, metric), jnp.einsum(
         "sbtd,ebtd->se", diff, mean
     )
 
@@ -327,7 +166,7 @@ def _eap_ig_activations(model, source_tokens, target_tokens, mask, positions, me
         start = {} if layer is None else dict(start_layer=layer, resid=resid_pre[layer])
         return jnp.mean(jax.lax.map(lambda a: _dest_grads(model, target_tokens, mask, positions, metric,
                                                           (make_hook(a),), **start)[1], alphas,
-                                    batch_size=_IG_BATCH), axis=0)  # fmt: skip
+                                    batch_size=IG_BATCH), axis=0)  # fmt: skip
 
     def interp(kind, layer, s, t):
         return lambda a: Hook(kind, layer, Replace(t + a * (s - t)))
@@ -351,7 +190,7 @@ def _eap_ig_activations(model, source_tokens, target_tokens, mask, positions, me
         return out
 
     rows.append(jax.lax.map(layer_rows, jnp.arange(L)).reshape(L * per, -1))
-    return _score(model, src.resid, positions, metric), _score(model, tgt.resid, positions, metric), jnp.concatenate(rows)
+    return score_resid(model, src.resid, positions, metric), score_resid(model, tgt.resid, positions, metric), jnp.concatenate(rows)
 
 
 EDGE_METHODS = ("eap", "eap-ig", "eap-ig-activations")
@@ -383,7 +222,7 @@ def edge_attribution(
                        + (f" (did you mean {close[0]!r}?)" if close else ""))  # fmt: skip
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     args = (model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, metric)
     if method == "eap":
@@ -409,12 +248,6 @@ def _output_diff(model, source_tokens, target_tokens, mask):
 
 
 @eqx.filter_jit
-def _outputs_of(model, tokens, mask):
-    return _outputs(model.cfg, run(model, tokens, cache=_source_names(model.cfg), attention_mask=mask,
-                                   return_logits=False).cache)  # fmt: skip
-
-
-@eqx.filter_jit
 def _edge_chunk(model, tokens, mask, positions, resid, diff, metric, weights, start: int, groups):
     """Metric of each row of `weights` `[C, S_active, D_active]`: every active destination's input gets
     `sum_s w[s, d] * diff[s]` added; the runs start at layer `start` from the target residual."""
@@ -425,7 +258,7 @@ def _edge_chunk(model, tokens, mask, positions, resid, diff, metric, weights, st
         hooks = []
         for kind, layer, slots in groups:  # static: (site kind, layer, ((active index, head), ...))
             B, T, D = delta.shape[1:]
-            if kind in _INPUT_KINDS:
+            if kind in INPUT_KINDS:
                 n = cfg.n_heads if kind == "hook_q_input" else cfg.kv_heads
                 value = jnp.zeros((B, T, n, D), delta.dtype)
                 for a, h in slots:
@@ -433,7 +266,7 @@ def _edge_chunk(model, tokens, mask, positions, resid, diff, metric, weights, st
             else:
                 value = sum(delta[a] for a, _ in slots)
             hooks.append(Hook(kind, layer, Add(value)))
-        return _hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid)
+        return hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid)
 
     return jax.vmap(one)(weights)
 
@@ -441,7 +274,7 @@ def _edge_chunk(model, tokens, mask, positions, resid, diff, metric, weights, st
 def patch_edges(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], edge_sets, *,
     noising: bool = False, attention_mask=None, answer_pos=None, chunk_size: int | None = None,
-    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: _Pairs | None = None, mesh=None,
+    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: Pairs | None = None, mesh=None,
 ) -> np.ndarray:  # fmt: skip
     """Raw metric of the target run with each edge set patched, `[n]` (exact, batched and chunked).
 
@@ -460,7 +293,7 @@ def patch_edges(
         raise ValueError(f"edge sets have shape {w.shape[1:]}; the graph's [sources, destinations] is {graph.mask.shape}")
     w = w * graph.mask
     if pairs is None:
-        pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+        pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     active_s = np.flatnonzero(w.any(axis=(0, 2)))
     active_d = np.flatnonzero(w.any(axis=(0, 1)))
@@ -516,7 +349,7 @@ def _single_edge_chunk(model, tokens, mask, positions, resid, diff, metric, star
                 value = x[:, :, None, :] * (jnp.arange(n) == row[3]).astype(x.dtype)[None, None, :, None]
             hooks.append(Hook(kind, jnp.where(row[1] == k, row[2], -1), Add(value)))
         hooks.append(Hook("hook_resid_post", L - 1, Add(x * (row[1] == 4).astype(x.dtype))))
-        return _hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid[start])
+        return hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid[start])
 
     return jax.vmap(one)(rows)
 
@@ -524,7 +357,7 @@ def _single_edge_chunk(model, tokens, mask, positions, resid, diff, metric, star
 def patch_single_edges(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], edges, *,
     noising: bool = False, attention_mask=None, answer_pos=None, chunk_size: int | None = None,
-    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: _Pairs | None = None, mesh=None,
+    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: Pairs | None = None, mesh=None,
 ) -> np.ndarray:  # fmt: skip
     """Raw metric with each edge patched alone; `edges` are names (`"a0.h1->a2.h3<q>"`) or
     `(source, destination)` index pairs. One compiled program for any edges (chunked `vmap`)."""
@@ -536,7 +369,7 @@ def patch_single_edges(
         bad = pairs_idx[~graph.mask[pairs_idx[:, 0], pairs_idx[:, 1]]][0]
         graph.edge_index(f"{graph.sources[bad[0]]}->{graph.destinations[bad[1]]}")  # raises, naming the nearest
     if pairs is None:
-        pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+        pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     if not len(pairs_idx):
         return np.zeros(0, np.float32)
@@ -563,7 +396,7 @@ def edge_patch_all(model: Transformer, clean_tokens, corrupt_tokens, metric, *, 
     program): the ground truth for EAP. Affordable on small models; SmolLM2 has about 73k edges."""
     t0 = time.perf_counter()
     graph = Graph.of(model.cfg)
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     s, d = np.nonzero(graph.mask)
     raw = patch_single_edges(model, None, None, metric, np.stack([s, d], 1), chunk_size=chunk_size, progress=progress,
@@ -587,7 +420,7 @@ class PathPatchResult:
     seconds: float
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -623,7 +456,7 @@ def path_patch(
     else:
         send = graph.select(senders, of="sources")
         shape, axes = (len(send),), ("sender",)
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     raws = []
     for dests in groups:  # row i: sender i to every receiver it reaches (no dense [n, S, D] sets)

@@ -22,10 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..models._checkpoint import restore, save
+from ..core import Config, Graph
+from ..models import restore, save
 from ._circuit import Circuit
-from ..core._config import Config
-from ._edges import Graph
 
 FORMAT = "circuits_jax.circuit/1"
 

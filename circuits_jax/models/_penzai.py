@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core._config import Config
-from ..core._model import Blocks, Transformer
+from ..core import Blocks, Config, Transformer
 
 
 def _pz():

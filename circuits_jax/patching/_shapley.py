@@ -29,10 +29,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ..core._interventions import ALL_LAYERS, Hook, PerLayer, Replace
-from ..core._model import Transformer
-from ._sweep import SITES, _check_site_axes, _Pairs, _hooked_metric, auto_chunk, in_chunks
-from ..core._sites import Site, site_shape
+from ..core import (
+    ALL_LAYERS,
+    PATCH_SITES,
+    Hook,
+    Pairs,
+    PerLayer,
+    Replace,
+    Site,
+    Transformer,
+    auto_chunk,
+    check_site_axes,
+    hooked_metric,
+    in_chunks,
+    site_shape,
+)
 
 
 class ShapleyResult(NamedTuple):
@@ -54,7 +65,7 @@ class ShapleyResult(NamedTuple):
     chunk_size: int
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -69,15 +80,15 @@ def _components(components, site: str, cfg) -> list[tuple[str, int, dict]]:
         if len(c) in (2, 3) and isinstance(c[0], str):
             s, layer, index = c[0], c[1], dict(c[2]) if len(c) == 3 else {}
         elif c and all(isinstance(x, (int, np.integer)) for x in c):
-            if site not in SITES:
-                raise KeyError(f"unknown patching site {site!r}; valid sites: {', '.join(SITES)}")
-            names = [a for a in SITES[site][1] if a != "pos"]
+            if site not in PATCH_SITES:
+                raise KeyError(f"unknown patching site {site!r}; valid sites: {', '.join(PATCH_SITES)}")
+            names = [a for a in PATCH_SITES[site][1] if a != "pos"]
             if len(c) - 1 > len(names):
                 raise ValueError(f"component {i} {c}: site {site!r} takes (layer, {', '.join(names)}) at most")
             s, layer, index = site, c[0], dict(zip(names, c[1:]))
         else:
             raise ValueError(f"component {i} {c!r}: give (site, layer, {{axis: index}}) or (layer, *indices) of `site`")
-        _check_site_axes(s, ("layer", *index), cfg)
+        check_site_axes(s, ("layer", *index), cfg)
         if not 0 <= int(layer) < cfg.n_layers:
             raise ValueError(f"component {i} ({s}, layer {layer}): the model has layers 0..{cfg.n_layers - 1}")
         out.append((s, int(layer), {a: int(j) for a, j in index.items()}))
@@ -90,7 +101,7 @@ def _masks(components, cfg, B: int, T: int) -> tuple[dict[str, np.ndarray], dict
     masks: dict[str, list[np.ndarray]] = {}
     cols: dict[str, list[int]] = {}
     for i, (site, layer, index) in enumerate(components):
-        kind, axes = SITES[site]
+        kind, axes = PATCH_SITES[site]
         act = site_shape(Site(kind, 0), cfg, B, T)[1:]
         indexable = set(axes.values())
         shape = tuple(n if a in indexable else 1 for a, n in enumerate(act))
@@ -116,7 +127,7 @@ def _coalition_values(model, tokens, mask, positions, metric, start, resid, sour
             members = coalition[cols[kind]].astype(jnp.float32)
             hit = jnp.tensordot(members, masks[kind], axes=1) > 0.5  # [L, 1, *act]: the union of its members
             hooks.append(Hook(kind, ALL_LAYERS, PerLayer(Replace(source, hit))))
-        return _hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid)
+        return hooked_metric(model, tokens, mask, positions, metric, hooks, start, resid)
 
     return jax.vmap(one)(coalitions)
 
@@ -177,7 +188,7 @@ def shapley_values(
                              f"got shape {perms.shape}")  # fmt: skip
     P = perms.shape[0]
 
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
     masks, cols = _masks(comps, cfg, pairs.B, pairs.T)
     sources = {kind: pairs.site_stack(kind) for kind in masks}
 

@@ -22,39 +22,24 @@ normalised so clean = 1 and corrupt = 0.
 
 from __future__ import annotations
 
-import functools
-import math
 import time
 import warnings
 from typing import Callable, NamedTuple, Sequence
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ..scale import _sharding
-from ..core._config import Config
-from ..core._interventions import Hook, Replace
-from ..core._metrics import normalise
-from ..core._model import Transformer, run, unembed
-from ..core._sites import Site, site_shape
-
-# Site short name -> (site kind, the activation axes (after batch) each sweep axis indexes)
-SITES: dict[str, tuple[str, dict[str, int]]] = {
-    "resid_pre": ("hook_resid_pre", {"pos": 0}),
-    "resid_mid": ("hook_resid_mid", {"pos": 0}),
-    "resid_post": ("hook_resid_post", {"pos": 0}),
-    "attn_out": ("hook_attn_out", {"pos": 0}),
-    "mlp_out": ("hook_mlp_out", {"pos": 0}),
-    "z": ("attn.hook_z", {"pos": 0, "head": 1}),
-    "q": ("attn.hook_q", {"pos": 0, "head": 1}),
-    "k": ("attn.hook_k", {"pos": 0, "head": 1}),  # head = kv head under grouped-query attention
-    "v": ("attn.hook_v", {"pos": 0, "head": 1}),
-    "pattern": ("attn.hook_pattern", {"head": 0, "dest": 1, "src": 2}),
-    "mlp_post": ("mlp.hook_post", {"pos": 0, "neuron": 1}),
-}
+from ..core import (
+    PATCH_SITES,
+    Config,
+    Pairs,
+    Site,
+    Transformer,
+    auto_chunk,
+    check_site_axes,
+    normalise,
+    site_shape,
+)
 
 
 class PatchResult(NamedTuple):
@@ -69,181 +54,18 @@ class PatchResult(NamedTuple):
     chunk_size: int
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
 
-def _check_site_axes(site: str, by: Sequence[str], cfg: Config) -> tuple[str, dict[str, int]]:
-    if site not in SITES:
-        raise KeyError(f"unknown patching site {site!r}; valid sites: {', '.join(SITES)}")
-    kind, axes = SITES[site]
-    valid = ("layer", *axes)
-    by = tuple(by)
-    if not by or by[0] != "layer" or len(set(by)) != len(by) or any(a not in valid for a in by):
-        raise KeyError(f"invalid axes {','.join(by)!r} for site {site!r}; give 'layer' first, then any of {valid[1:]}")
-    if kind.startswith("mlp.") and cfg.attn_only:
-        raise KeyError(f"site {site!r} needs an MLP; this model is attention-only")
-    return kind, axes
-
-
-def _per_patch_bytes(cfg: Config, B: int, T: int) -> int:
-    """Rough live memory of one patched forward (one layer's activations, float32), with headroom."""
-    per_token = 8 * cfg.d_model + 4 * (cfg.d_mlp or 0) + 3 * cfg.n_heads * T + 4 * cfg.n_heads * cfg.d_head
-    return 4 * B * (T * per_token + cfg.d_vocab) * 3
-
-
-def auto_chunk(cfg: Config, B: int, T: int, memory_budget: int) -> int:
-    """Patches per compiled call: what fits the budget, capped on CPU where larger batches stop paying.
-
-    A chunk's runs all start at its lowest layer, so very long chunks also recompute layers below
-    the later patches' own. On the 2-core development CPU, a resid_pre [layer, pos] sweep of SmolLM2
-    ran fastest at 64 of the sizes tried (32, 64, 146); that is the CPU cap.
-    """
-    fit = memory_budget // _per_patch_bytes(cfg, B, T)
-    cap = 64 if jax.default_backend() == "cpu" else 1024
-    return int(max(1, min(cap, fit)))
-
-
-def _answer_positions(B: int, T: int, attention_mask, answer_pos):
-    if answer_pos is not None:
-        return jnp.broadcast_to(jnp.asarray(answer_pos, jnp.int32), (B,))
-    if attention_mask is None:
-        return jnp.full((B,), T - 1, jnp.int32)
-    # last real token of each row (works for left and right padding)
-    return (T - 1 - jnp.argmax(jnp.asarray(attention_mask)[:, ::-1], axis=1)).astype(jnp.int32)
-
-
-def _score(model, resid, positions, metric):
-    """The metric of a run: final norm and unembedding of each row's scored position only."""
-    return metric(unembed(model, resid[jnp.arange(resid.shape[0]), positions]))
-
-
-def _hit(act_shape, axis_of, index):
-    """Boolean mask over one example's activation: true where every indexed axis matches (-1: all)."""
-    hit = jnp.ones(act_shape, bool)
-    for a, ax in enumerate(axis_of):
-        grid = jax.lax.broadcasted_iota(jnp.int32, act_shape, ax)
-        hit = hit & ((index[a] < 0) | (grid == index[a]))
-    return hit
-
-
-@eqx.filter_jit
-def _score_chunk(model, tokens, mask, positions, resid, source, metric, start, rows, kind, axis_of, act_shape):
-    """Metric of each patch in `rows` `[C, 1 + n_axes]` (layer, then indices), one compiled program.
-
-    All patched runs of the chunk start at `start` (the chunk's lowest layer, an unbatched scalar,
-    so lower layers are skipped at run time); each patch's own layer is a batched hook layer.
-    """
-
-    def one(row):
-        layer = row[0]
-        hook = Hook(kind, layer, Replace(source[layer], _hit(act_shape, axis_of, row[1:])[None]))
-        return _hooked_metric(model, tokens, mask, positions, metric, [hook], start, resid[start])
-
-    return jax.vmap(one)(rows)
-
-
-@eqx.filter_jit
-def _rows_changed(source, target, rows, axis_of, act_shape):
-    """Whether each patch would change the target run at all (source differs somewhere under its mask)."""
-    diff = jnp.any(source != target, axis=1)  # [L, *act_shape], over the batch
-
-    def one(row):
-        return jnp.any(diff[row[0]] & _hit(act_shape, axis_of, row[1:]))
-
-    # batched, not one vmap over all rows: each row's mask is activation-sized
-    return jax.lax.map(one, rows, batch_size=256)
-
-
-def _hooked_metric(model, tokens, mask, positions, metric, hooks=(), start=0, resid=None):
-    """The metric of one run with `hooks`, from layer `start` (entering it with `resid`) to the scored positions."""
-    out = run(model, tokens, hooks=list(hooks), attention_mask=mask, start_layer=start, resid=resid, return_logits=False)
-    return _score(model, out.resid, positions, metric)
-
-
-@eqx.filter_jit
-def _metric_of(model, tokens, mask, positions, metric):
-    return _hooked_metric(model, tokens, mask, positions, metric)
-
-
-class _Pairs:
-    """A clean/corrupt batch prepared once: tokens, scored positions, metrics and the target residuals."""
-
-    def __init__(self, model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh=None):
-        clean, corrupt = (np.atleast_2d(np.asarray(t, np.int32)) for t in (clean_tokens, corrupt_tokens))
-        if clean.shape != corrupt.shape:
-            raise ValueError(
-                f"clean tokens have shape {clean.shape} and corrupt tokens {corrupt.shape}; patching needs aligned "
-                "prompts of equal length (pad them with Tokenizer.to_padded and pass attention_mask)"
-            )
-        self.model, self.metric, self.noising = model, metric, noising
-        self.B, self.T = clean.shape
-        self.mask = None if attention_mask is None else jnp.asarray(np.atleast_2d(attention_mask), bool)
-        self.positions = _answer_positions(self.B, self.T, self.mask, answer_pos)
-        self.clean, self.corrupt = clean, corrupt
-        self.mesh = mesh
-        if mesh is not None:  # the same programs, on placed inputs: GSPMD splits them (see _sharding)
-            self.model, self.metric = _sharding.shard_model(model, mesh), _sharding.replicate(metric, mesh)
-            self.clean, self.corrupt = (_sharding.shard_batch(t, mesh, what="a batch of prompts") for t in (clean, corrupt))
-            self.mask = _sharding.shard_batch(self.mask, mesh, what="a batch of prompts")
-            self.positions = _sharding.shard_batch(self.positions, mesh, what="a batch of prompts")
-        self.source_tokens, self.target_tokens = (self.corrupt, self.clean) if noising else (self.clean, self.corrupt)
-
-    def chunk(self, chunk: int) -> int:
-        """A chunk size every device of the mesh's `sweep` axis gets an equal share of."""
-        return _sharding.round_to(chunk, self.mesh)
-
-    def rows(self, part):
-        """A chunk of sweep rows, split over the mesh's `sweep` axis (as given without a mesh)."""
-        return part if self.mesh is None else _sharding.shard_rows(part, self.mesh)
-
-    # Computed on first use (an estimator that gets them from its own passes assigns them instead).
-    @functools.cached_property
-    def resid(self) -> Array:
-        """`[L, B, T, D]`: the target run's residual stream entering every layer."""
-        return self.site_stack("hook_resid_pre", source=False)
-
-    @functools.cached_property
-    def clean_metric(self) -> float:
-        return float(_metric_of(self.model, jnp.asarray(self.clean), self.mask, self.positions, self.metric))
-
-    @functools.cached_property
-    def corrupt_metric(self) -> float:
-        return float(_metric_of(self.model, jnp.asarray(self.corrupt), self.mask, self.positions, self.metric))
-
-    def site_stack(self, kind: str, source: bool = True) -> Array:
-        """`[L, B, ...]`: the site at every layer of the source (or target) run."""
-        L = self.model.cfg.n_layers
-        tokens = self.source_tokens if source else self.target_tokens
-        out = run(self.model, tokens, attention_mask=self.mask, cache=[f"blocks.{l}.{kind}" for l in range(L)])
-        return jnp.stack([out.cache[f"blocks.{l}.{kind}"] for l in range(L)])
-
-    def score(self, kind, axis_of, rows, *, chunk, skip_unchanged, progress, desc) -> tuple[np.ndarray, int]:
-        """Raw metric of every patch row `[layer, index...]` (index -1: the whole axis), and the chunk used."""
-        act_shape = site_shape(Site(kind, 0), self.model.cfg, self.B, self.T)[1:]
-        source = self.site_stack(kind)
-        target_metric = self.clean_metric if self.noising else self.corrupt_metric
-        raw = np.full(rows.shape[0], target_metric, np.float32)
-        todo = np.arange(rows.shape[0])
-        if skip_unchanged and len(rows):
-            changed = _rows_changed(source, self.site_stack(kind, source=False), jnp.asarray(rows), axis_of, act_shape)
-            todo = np.flatnonzero(np.asarray(changed))
-        chunk = self.chunk(max(1, min(chunk, max(len(todo), 1))))
-
-        def score(part):
-            return _score_chunk(self.model, self.target_tokens, self.mask, self.positions, self.resid, source,
-                                self.metric, jnp.int32(part[:, 0].min()), self.rows(part), kind, axis_of, act_shape)  # fmt: skip
-
-        raw[todo] = in_chunks(rows, chunk, score, desc, progress, order=todo)[todo]
-        return raw, chunk
-
-    def result(self, raw, axes, t0, chunk) -> PatchResult:
-        if self.clean_metric == self.corrupt_metric:
-            warnings.warn(f"clean and corrupt metrics are equal ({self.clean_metric}); the normalised result is NaN")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            result = np.asarray(normalise(raw, self.clean_metric, self.corrupt_metric), np.float32)
-        return PatchResult(result, raw, self.clean_metric, self.corrupt_metric, tuple(axes), time.perf_counter() - t0, chunk)
+def patch_result(pairs, raw, axes, t0, chunk) -> PatchResult:
+    """A sweep's raw metrics as a `PatchResult`, normalised by the pair's clean and corrupt metrics."""
+    if pairs.clean_metric == pairs.corrupt_metric:
+        warnings.warn(f"clean and corrupt metrics are equal ({pairs.clean_metric}); the normalised result is NaN")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result = np.asarray(normalise(raw, pairs.clean_metric, pairs.corrupt_metric), np.float32)
+    return PatchResult(result, raw, pairs.clean_metric, pairs.corrupt_metric, tuple(axes), time.perf_counter() - t0, chunk)
 
 
 def patch_sweep(
@@ -268,7 +90,7 @@ def patch_sweep(
 
     clean_tokens, corrupt_tokens: int `[B, T]` of equal shape (a batch of prompt pairs; `[T]` for one).
     metric: function of the logits at the scored position `[B, V]` to a scalar, e.g. `LogitDiff`.
-    site: one of `SITES`; by: axes, 'layer' first, e.g. `("layer", "pos", "head")`.
+    site: one of `PATCH_SITES`; by: axes, 'layer' first, e.g. `("layer", "pos", "head")`.
     attention_mask: bool `[B, T]` for padded batches (shared by both runs).
     answer_pos: position scored (default: the last real token of each row).
     chunk_size: patches per compiled call (default: from `memory_budget` bytes by a rough formula;
@@ -283,19 +105,19 @@ def patch_sweep(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
-    kind, axes = _check_site_axes(site, by, cfg)
+    kind, axes = check_site_axes(site, by, cfg)
     L = cfg.n_layers
     chosen = np.arange(L) if layers is None else np.asarray(list(layers), np.int32)
     if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= L:
         raise ValueError(f"layers {list(chosen)} out of range: the model has layers 0..{L - 1}")
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     act_shape = site_shape(Site(kind, 0), cfg, pairs.B, pairs.T)[1:]
     free = by[1:]
     sizes = [act_shape[axes[a]] for a in free]
     grid = np.indices((len(chosen), *sizes)).reshape(1 + len(sizes), -1).T.astype(np.int32)  # layer-major
     rows = np.concatenate([chosen[grid[:, :1]], grid[:, 1:]], axis=1)
     if chunk_size == "plan":  # measured: the compiled chunk program's memory, on abstract inputs
-        from ..scale._memory import plan_sweep
+        from ..scale import plan_sweep
 
         plan = plan_sweep(model, pairs.clean, site, by, metric=metric, attention_mask=attention_mask, budget=memory_budget)
         if progress:
@@ -304,7 +126,7 @@ def patch_sweep(
     chunk = chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget)
     raw, chunk = pairs.score(kind, tuple(axes[a] for a in free), rows, chunk=chunk, skip_unchanged=skip_unchanged,
                              progress=progress, desc=f"patching {site} by {','.join(by)}")  # fmt: skip
-    return pairs.result(raw.reshape(len(chosen), *sizes), by, t0, chunk)
+    return patch_result(pairs, raw.reshape(len(chosen), *sizes), by, t0, chunk)
 
 
 def patch_set(
@@ -331,17 +153,17 @@ def patch_set(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
-    pairs = _Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
     chunk = pairs.chunk(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget))
     raw = np.zeros(len(patches), np.float32)
     groups: dict[str, list[int]] = {}
     for i, (site, layer, index) in enumerate(patches):
-        kind, axes = _check_site_axes(site, ("layer", *index), cfg)
+        kind, axes = check_site_axes(site, ("layer", *index), cfg)
         if not 0 <= int(layer) < cfg.n_layers:
             raise ValueError(f"patch {i} ({site}, layer {layer}): the model has layers 0..{cfg.n_layers - 1}")
         groups.setdefault(site, []).append(i)
     for site, ids in groups.items():
-        kind, axes = SITES[site]
+        kind, axes = PATCH_SITES[site]
         names = list(axes)
         act_shape = site_shape(Site(kind, 0), cfg, pairs.B, pairs.T)[1:]
         rows = np.full((len(ids), 1 + len(names)), -1, np.int32)
@@ -356,7 +178,7 @@ def patch_set(
         got, _ = pairs.score(kind, tuple(axes[a] for a in names), rows[order], chunk=chunk,
                              skip_unchanged=skip_unchanged, progress=progress, desc=f"patching {site}")  # fmt: skip
         raw[np.asarray(ids)[order]] = got
-    return pairs.result(raw, ("patch",), t0, chunk)
+    return patch_result(pairs, raw, ("patch",), t0, chunk)
 
 
 def _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs):
@@ -392,26 +214,3 @@ def patch_every_block(model, clean_tokens, corrupt_tokens, metric, **kwargs) -> 
     return _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs)
 
 
-def in_chunks(rows: np.ndarray, chunk: int, score: Callable, desc: str, progress: bool, order=None,
-              dtype=np.float32) -> np.ndarray:  # fmt: skip
-    """`score(part)` over chunks of `chunk` rows taken in `order` (default: as given); the last chunk is
-    padded by repeating its final row, so one compiled program serves every chunk. Returns the values
-    in the rows' own order (rows left out of `order` stay 0). The Python loop runs over chunks, not
-    rows, and drives the progress bar."""
-    order = np.arange(len(rows)) if order is None else np.asarray(order)
-    out = np.zeros(len(rows), dtype)
-    n_chunks = math.ceil(len(order) / chunk)
-    bar = _progress(n_chunks, desc, progress)
-    for c in range(n_chunks):
-        ids = order[c * chunk : (c + 1) * chunk]
-        part = rows[np.concatenate([ids, np.repeat(ids[-1:], chunk - len(ids))])]
-        out[ids] = _sharding.to_host(score(part))[: len(ids)]
-        bar.update(1)
-    bar.close()
-    return out
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="chunk", disable=not enabled or total <= 1, leave=False)

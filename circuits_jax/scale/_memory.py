@@ -1,7 +1,9 @@
 """Memory planning: chunk sizes for sweeps and batch sizes for training, measured by XLA.
 
-A sweep scores its patches in chunks of C rows with one compiled program (`_patching._score_chunk`);
-a dictionary trains in batches of N tokens with one compiled step (`_sae_train.make_step`). How
+This module is the planner; the plans live beside what they plan: `patching.plan_sweep` (a sweep
+scores its patches in chunks of C rows with one compiled program, `core.score_chunk`) and
+`dictionaries.plan_training` (a dictionary trains in batches of N tokens with one compiled step,
+`make_step`). How
 much memory a program needs is not guessed here: the very program is compiled on *abstract*
 inputs (`jax.ShapeDtypeStruct`: shapes only, nothing allocated or computed) at two sizes, and
 `compiled.memory_analysis()` gives what XLA's buffer assignment will allocate:
@@ -26,17 +28,13 @@ activation store's shuffle buffer in host memory).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+import os
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-from ..dictionaries._activations import _available_memory
-from ..core._metrics import LogitDiff
-from ..patching._sweep import _check_site_axes, _score_chunk, auto_chunk
-from ..core._sites import Site, site_shape
 
 
 def device_memory(device=None) -> int | None:
@@ -49,10 +47,25 @@ def device_memory(device=None) -> int | None:
         stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    return _available_memory()
+    return available_memory()
 
 
-def _fmt(b: float) -> str:
+def available_memory() -> int | None:
+    """Bytes of host memory available now (`MemAvailable`), or None when the system does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+
+def fmt_bytes(b: float) -> str:
     """Bytes, readable: '1.2 GiB', '21 MiB', '512 B'."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(b) >= size:
@@ -74,20 +87,20 @@ class Footprint(NamedTuple):
         return self.argument + self.output + self.temp - self.alias
 
 
-def _is_leaf_array(x) -> bool:
+def is_leaf_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 def abstract(tree):
     """The pytree with every array (or ShapeDtypeStruct) leaf as a `jax.ShapeDtypeStruct`; other leaves kept."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if _is_leaf_array(x) else x, tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if is_leaf_array(x) else x, tree)
 
 
 def compiled_footprint(fn: Callable, *args) -> Footprint:
     """Compile `fn(*args)` on abstract inputs (array leaves traced, every other leaf static, as
     `eqx.filter_jit` does) and read XLA's memory analysis. Nothing is computed or allocated.
     Every array argument counts, read or not."""
-    dyn, static = eqx.partition(abstract(args), _is_leaf_array)
+    dyn, static = eqx.partition(abstract(args), is_leaf_array)
     # keep_unused: an argument the program never reads (the embedding, in a sweep that starts from a
     # cached residual) is still on the device, so it counts
     compiled = jax.jit(lambda d: fn(*eqx.combine(d, static)), keep_unused=True).lower(dyn).compile()
@@ -123,9 +136,9 @@ class MemoryPlan(NamedTuple):
         items = self.item if self.size == 1 else f"{self.item}es" if self.item == "patch" else f"{self.item}s"
         return (
             f"{self.what}: {kind} of {self.size} {items} needs "
-            f"{_fmt(self.size_bytes)} (compiled; line: {_fmt(self.fixed_bytes)} fixed + {_fmt(self.per_item_bytes)} per "
-            f"{self.item}), budget {_fmt(self.safety * self.budget_bytes)} ({self.safety:.0%} of "
-            f"{_fmt(self.budget_bytes)}); {self.note}"
+            f"{fmt_bytes(self.size_bytes)} (compiled; line: {fmt_bytes(self.fixed_bytes)} fixed + {fmt_bytes(self.per_item_bytes)} per "
+            f"{self.item}), budget {fmt_bytes(self.safety * self.budget_bytes)} ({self.safety:.0%} of "
+            f"{fmt_bytes(self.budget_bytes)}); {self.note}"
         )
 
 
@@ -133,26 +146,26 @@ class DoesNotFit(MemoryError):
     """Raised before any compute when even the smallest request (one patch, one token) exceeds the budget."""
 
 
-def _line(p1: tuple[int, int], p2: tuple[int, int]) -> tuple[int, int]:
+def fit_line(p1: tuple[int, int], p2: tuple[int, int]) -> tuple[int, int]:
     """`(fixed, per_item)` of the line through two `(size, bytes)` points (per_item >= 0)."""
     (n1, b1), (n2, b2) = sorted((p1, p2))
     per = max(0.0, (b2 - b1) / (n2 - n1))
     return int(round(b1 - n1 * per)), int(np.ceil(per))
 
 
-def _line_near(measured: dict[int, int], n: int) -> tuple[int, int]:
+def line_near(measured: dict[int, int], n: int) -> tuple[int, int]:
     """The line through the compile at `n` and its nearest measured neighbour below (above if none)."""
     below = [m for m in measured if m < n]
     other = max(below) if below else min(m for m in measured if m > n)
-    return _line((n, measured[n]), (other, measured[other]))
+    return fit_line((n, measured[n]), (other, measured[other]))
 
 
-def _largest(fixed: int, per: int, usable: float) -> int:
+def largest_fitting(fixed: int, per: int, usable: float) -> int:
     """The largest n with fixed + n * per <= usable (2**62 for a flat line)."""
     return 2**62 if per == 0 else int((usable - fixed) // per)
 
 
-def _search(bytes_at, measured: dict[int, int], start: int, usable: float, pow2: bool) -> int | None:
+def search_size(bytes_at, measured: dict[int, int], start: int, usable: float, pow2: bool) -> int | None:
     """The largest size from `start` down whose compile fits `usable` bytes, or None if not even 1.
 
     Each size tried is compiled; a failed one moves to the line through it and the nearest measured
@@ -169,13 +182,13 @@ def _search(bytes_at, measured: dict[int, int], start: int, usable: float, pow2:
         below = [m for m in measured if m < n]
         nxt = n - 1
         if below:
-            nxt = min(nxt, _largest(*_line((n, measured[n]), (max(below), measured[max(below)])), usable))
+            nxt = min(nxt, largest_fitting(*fit_line((n, measured[n]), (max(below), measured[max(below)])), usable))
         nxt = max(1, nxt)
         n = 1 << (nxt.bit_length() - 1) if pow2 else nxt
     return None
 
 
-def _check_budget(budget, safety) -> int:
+def check_budget(budget, safety) -> int:
     if not 0 < safety <= 1:
         raise ValueError(f"safety must be in (0, 1], got {safety}")
     if budget is None:
@@ -187,190 +200,23 @@ def _check_budget(budget, safety) -> int:
     return int(budget)
 
 
-def _check_sizes(sizes) -> tuple[int, int]:
+def check_sizes(sizes) -> tuple[int, int]:
     sizes = tuple(int(s) for s in sizes)
     if len(sizes) != 2 or not 1 <= sizes[0] < sizes[1]:
         raise ValueError(f"sizes must be two increasing sizes >= 1 to fit the line through, got {sizes}")
     return sizes
 
 
-def _upto(limit: int) -> str:
+def upto(limit: int) -> str:
     return "any size" if limit >= 2**62 else f"about {limit}"
 
 
-def _nbytes(tree) -> int:
+def nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract(tree))
                if isinstance(x, jax.ShapeDtypeStruct))  # fmt: skip
 
 
-def _need(measured: dict[int, int]) -> tuple[int, int, int]:
+def need_at_one(measured: dict[int, int]) -> tuple[int, int, int]:
     """Bytes at size 1 and the line through the two smallest compiles (for DoesNotFit)."""
     a, b = sorted(measured)[:2]
-    return measured[1], *_line((a, measured[a]), (b, measured[b]))
-
-
-# ---------------------------------------------------------------- sweeps
-
-
-def plan_sweep(
-    model,
-    clean_tokens,
-    site: str = "resid_pre",
-    by: Sequence[str] = ("layer", "pos"),
-    *,
-    metric=None,
-    attention_mask=None,
-    budget: int | None = None,
-    safety: float = 0.8,
-    max_chunk: int | None = None,
-    sizes: Sequence[int] = (2, 8),
-) -> MemoryPlan:
-    """The chunk size (patches per compiled call) of `patch_sweep(model, clean, corrupt, metric, site, by)`.
-
-    clean_tokens: int `[B, T]` or `[T]` (only the shape is used); metric: the sweep's metric
-        (default: a `LogitDiff` on dummy ids; a metric's own memory is negligible).
-    attention_mask: pass one (any `[B, T]` bool) if the sweep will.
-    budget: bytes of the device (default `device_memory()`); the plan uses `safety * budget`.
-    max_chunk: cap (default: `auto_chunk`'s, 64 on CPU and 1024 elsewhere); also capped at the
-        sweep's number of patches.
-    sizes: the two chunk sizes compiled first, to fit the line that proposes a size; the proposal
-        is then compiled itself, and lowered until its compile fits.
-    Raises `DoesNotFit` when one patch per call does not fit.
-    """
-    cfg = model.cfg
-    kind, axes = _check_site_axes(site, by, cfg)
-    shape = np.shape(clean_tokens)
-    if len(shape) == 1:
-        shape = (1, *shape)
-    if len(shape) != 2 or 0 in shape:
-        raise ValueError(f"clean_tokens must be [B, T] or [T] token ids, got shape {np.shape(clean_tokens)}")
-    B, T = (int(s) for s in shape)
-    if attention_mask is not None and np.shape(attention_mask) != (B, T):
-        raise ValueError(f"attention_mask has shape {np.shape(attention_mask)}, the tokens {(B, T)}")
-    budget = _check_budget(budget, safety)
-    usable = safety * budget
-    sizes = _check_sizes(sizes)
-    if max_chunk is not None and max_chunk < 1:
-        raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
-    L = cfg.n_layers
-    act_shape = site_shape(Site(kind, 0), cfg, B, T)[1:]
-    free = tuple(by)[1:]
-    axis_of = tuple(axes[a] for a in free)
-    n_patches = L * int(np.prod([act_shape[axes[a]] for a in free], dtype=np.int64))
-    if metric is None:
-        metric = LogitDiff(answer=jnp.zeros(B, jnp.int32), wrong=jnp.zeros(B, jnp.int32))
-    sds = jax.ShapeDtypeStruct
-    dtype = model.W_E.dtype
-    resid = sds((L, B, T, cfg.d_model), dtype)
-    source = sds((L, B, *act_shape), dtype)
-    mask = None if attention_mask is None else sds((B, T), jnp.bool_)
-    tokens, positions = sds((B, T), jnp.int32), sds((B,), jnp.int32)
-
-    def bytes_at(n: int) -> int:
-        rows = sds((n, 1 + len(free)), jnp.int32)
-        args = (model, tokens, mask, positions, resid, source, metric, sds((), jnp.int32), rows)
-        return compiled_footprint(lambda *a: _score_chunk(*a, kind, axis_of, act_shape), *args).total
-
-    measured = {n: bytes_at(n) for n in sizes}
-    proposed = _largest(*_line(*measured.items()), usable)
-    cap = auto_chunk(cfg, B, T, 2**62) if max_chunk is None else int(max_chunk)
-    what = f"patching {site} by {','.join(by)} (B={B}, T={T})"
-    size = _search(bytes_at, measured, max(1, min(proposed, cap, n_patches)), usable, pow2=False)
-    if size is None:
-        need, fixed, per = _need(measured)
-        raise DoesNotFit(
-            f"{what} does not fit: one patch per call needs {_fmt(need)} ({need} bytes; about {_fmt(fixed)} fixed: "
-            f"model weights {_fmt(_nbytes(model))}, cached residual stream [{L}, {B}, {T}, {cfg.d_model}] "
-            f"{_fmt(_nbytes(resid))}, source activations [{L}, {B}, {', '.join(map(str, act_shape))}] {_fmt(_nbytes(source))}, "
-            f"the rest XLA's fixed temporaries; + about {_fmt(per)} per patch), over the budget {_fmt(usable)} "
-            f"({safety:.0%} of {_fmt(budget)}). To fit: fewer prompts (B={B}) or shorter ones (T={T}), or shard the "
-            f"model over a device mesh with a 'model' axis (mesh=)"
-        )
-    fixed, per = _line_near(measured, size)
-    limit = _largest(fixed, per, usable)
-    if size == n_patches and size < limit:
-        note = f"every patch of the sweep ({n_patches}) in one call; {_upto(limit)} would fit"
-    elif size == cap and size < limit:
-        why = "max_chunk" if max_chunk is not None else f"auto_chunk's {jax.default_backend()} cap"
-        note = f"capped by {why} ({cap}); {_upto(limit)} would fit"
-    else:
-        note = "the most that fits"
-    return MemoryPlan(what, "patch", int(size), measured[size], fixed, per, budget, safety,
-                      tuple(sorted(measured.items())), int(limit), note)  # fmt: skip
-
-
-# ---------------------------------------------------------------- training
-
-
-def plan_training(
-    dictionary,
-    train_cfg,
-    *,
-    budget: int | None = None,
-    safety: float = 0.8,
-    max_batch: int | None = None,
-    sizes: Sequence[int] | None = None,
-) -> MemoryPlan:
-    """The batch size (tokens per step) to train `dictionary` with `train_cfg` (`TrainConfig`).
-
-    The configured `train_cfg.batch_size` is kept when it fits (a batch size changes the training
-    run, so it is not raised behind the user's back; the note says how far it could go); when it
-    does not, the plan is the largest power of two whose compile fits. The dictionary's arrays may
-    be `jax.ShapeDtypeStruct`s (e.g. `eqx.filter_eval_shape(init_sae, ...)`): nothing is allocated.
-    max_batch: cap (default: the power of two at or below `train_cfg.n_tokens`).
-    sizes: the two batch sizes compiled first (default: a quarter of the configured one, and it).
-    Raises `DoesNotFit` when one token per step does not fit.
-    """
-    from ..dictionaries._train import init_state, make_step
-
-    budget = _check_budget(budget, safety)
-    usable = safety * budget
-    configured = int(train_cfg.batch_size)
-    if configured < 1:
-        raise ValueError(f"train_cfg.batch_size must be >= 1, got {configured}")
-    sizes = _check_sizes(sizes if sizes is not None else (max(1, max(configured, 2) // 4), max(configured, 2)))
-    if max_batch is not None and max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    d = abstract(dictionary)
-    dyn, static = eqx.partition(d, _is_leaf_array)
-    state = jax.eval_shape(lambda dd: init_state(eqx.combine(dd, static), train_cfg), dyn)
-    x_shape, y_shape = tuple(d.W_enc.shape[:-1]), tuple(d.b_dec.shape)  # SAE: [D_in], [D_out]; CLT: [L, D], [L, D]
-    dtype = d.W_enc.dtype
-    step = make_step(train_cfg)
-
-    def bytes_at(n: int) -> int:
-        x, y = jax.ShapeDtypeStruct((n, *x_shape), dtype), jax.ShapeDtypeStruct((n, *y_shape), dtype)
-        return compiled_footprint(step, state, x, y).total
-
-    measured = {n: bytes_at(n) for n in sizes}
-    width = d.W_enc.shape[-1]
-    what = f"training a {getattr(d, 'arch', '')} dictionary of width {width} on {list(x_shape)} -> {list(y_shape)}"
-    cap = int(max_batch) if max_batch is not None else 1 << max(0, int(train_cfg.n_tokens).bit_length() - 1)
-    size = None
-    if configured <= cap:
-        measured.setdefault(configured, bytes_at(configured))
-        if measured[configured] <= usable:
-            size = configured
-    if size is None:
-        proposed = max(1, min(_largest(*_line_near(measured, max(measured)), usable), cap))
-        size = _search(bytes_at, measured, 1 << (proposed.bit_length() - 1), usable, pow2=True)
-    if size is None:
-        need, fixed, per = _need(measured)
-        raise DoesNotFit(
-            f"{what} does not fit: one token per step needs {_fmt(need)} ({need} bytes; about {_fmt(fixed)} fixed: "
-            f"parameters {_fmt(_nbytes(d))}, the train state with Adam's moments {_fmt(_nbytes(state))} and its updated "
-            f"copy, XLA's fixed temporaries; + about {_fmt(per)} per token), over the budget {_fmt(usable)} ({safety:.0%} "
-            f"of {_fmt(budget)}). To fit: a smaller width (now {width}), or shard the dictionary over a device mesh with "
-            f"a 'model' axis (mesh=)"
-        )
-    fixed, per = _line_near(measured, size)
-    limit = _largest(fixed, per, usable)
-    if size == configured:
-        note = f"the configured batch size fits ({_upto(limit)} would, by the line)"
-    elif configured > cap:
-        note = f"the configured batch size {configured} exceeds the cap {cap}: the largest power of two under it that fits"
-    else:
-        note = (f"the configured batch size {configured} does not fit (it needs {_fmt(measured[configured])}): "
-                "the largest power of two that fits")  # fmt: skip
-    return MemoryPlan(what, "token", int(size), measured[size], fixed, per, budget, safety,
-                      tuple(sorted(measured.items())), int(limit), note)  # fmt: skip
+    return measured[1], *fit_line((a, measured[a]), (b, measured[b]))

@@ -22,77 +22,15 @@ and per-row `answer_pos` (the built-in generators keep rows equal where they can
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
-import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array
 
-from ..core._metrics import AnswerProb, LogitDiff
-
-
-@dataclasses.dataclass
-class Task:
-    """One task: `clean`/`corrupt` int32 `[B, T]`, `metric` `[B, V] -> scalar` at the scored positions.
-
-    answers / wrong: int `[B]` (or `[B, n]` for several) token ids the metric reads.
-    answer_pos: int `[B]` scored position of each row, or None (the last real token).
-    prompts / corrupt_prompts: the texts, when the task came from text.
-    truth: `[sources, destinations]` bool over `Graph.of(cfg)` where the circuit is known, with
-    `truth_ablation`, the ablation it was defined under.
-    """
-
-    name: str
-    clean: np.ndarray
-    corrupt: np.ndarray
-    metric: Callable
-    answers: np.ndarray | None = None
-    wrong: np.ndarray | None = None
-    attention_mask: np.ndarray | None = None
-    answer_pos: np.ndarray | None = None
-    prompts: list[str] | None = None
-    corrupt_prompts: list[str] | None = None
-    truth: np.ndarray | None = None
-    truth_ablation: str | None = None
-    notes: str = ""
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
-
-        return summary(self, drop_none=True)
-
-    def __post_init__(self):
-        self.clean = np.atleast_2d(np.asarray(self.clean, np.int32))
-        self.corrupt = np.atleast_2d(np.asarray(self.corrupt, np.int32))
-        if self.clean.shape != self.corrupt.shape:
-            raise ValueError(f"task {self.name!r}: clean tokens {self.clean.shape} and corrupt tokens {self.corrupt.shape} differ in shape")
-
-    @property
-    def kwargs(self) -> dict:
-        """The keyword arguments every circuit function takes: `attention_mask`, `answer_pos`."""
-        return dict(attention_mask=self.attention_mask, answer_pos=self.answer_pos)
-
-
-class ProbMassDiff(eqx.Module):
-    """Mean over rows of `p(up) - p(down)`, each the softmax mass on a per-row token set.
-
-    Hanna et al.'s greater-than metric: mass on years after the start year minus mass on the
-    others. Masks are bool `[B, V]`; tokens in neither set count for nothing.
-    """
-
-    up: Array  # [B, V] bool
-    down: Array  # [B, V] bool
-
-    def __call__(self, logits):
-        p = jax.nn.softmax(logits, axis=-1)
-        mass = lambda mask: jnp.sum(jnp.where(mask, p, jnp.zeros_like(p)), axis=-1)  # noqa: E731
-        return jnp.mean(mass(self.up) - mass(self.down))
-
+from ..core import AnswerProb, LogitDiff, ProbMassDiff, Task
+from . import known
 
 # ---------------------------------------------------------------------------------------------
 # Checks and assembly shared by every generator
@@ -461,20 +399,18 @@ def load_task(name: str, model: str = "smollm2", *, n: int = 16, seed: int = 0):
     built on the spot; `model` is then ignored)."""
     key = name.strip().lower().replace("_", "-")
     if key in KNOWN_TASKS:
-        from . import _known
-
         if key == "trained-induction":
-            m, info = _known.induction_model(seed)
-            return m, _known.induction_task(m, info, batch=n, seed=seed)
-        build = {"constructed-induction": _known.constructed_induction, "marker-lookup": _known.marker_lookup,
-                 "modular-sum": _known.modular_sum}[key]  # fmt: skip
+            m, info = known.induction_model(seed)
+            return m, known.induction_task(m, info, batch=n, seed=seed)
+        build = {"constructed-induction": known.constructed_induction, "marker-lookup": known.marker_lookup,
+                 "modular-sum": known.modular_sum}[key]  # fmt: skip
         return build(batch=n, seed=seed)
     if key not in TASKS:
         valid = list(TASKS) + list(KNOWN_TASKS)
         near = difflib.get_close_matches(key, valid, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ValueError(f"unknown task {name!r}{hint}; valid tasks: {', '.join(valid)}")
-    from ..models._registry import load
+    from ..models import load
 
     m, tok = load(model)
     if tok is None:

@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ..core._interventions import ALL_LAYERS, Add, Hook, PerLayer, Replace
-from ..core._model import Transformer, run, unembed
+from ..core import ALL_LAYERS, Add, Hook, PerLayer, Replace, Transformer, run, unembed
 
 KINDS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 
@@ -61,7 +60,7 @@ class CausalTrace(NamedTuple):
     first_chunk_seconds: float  # wall time of its first compiled call (compiles unless cached)
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 

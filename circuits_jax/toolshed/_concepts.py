@@ -40,9 +40,7 @@ import numpy as np
 import optax
 from jax import Array
 
-from ..core._interventions import ALL_LAYERS, Add, Hook, PerLayer
-from ..core._model import Transformer, run
-from ..core._sites import parse_site
+from ..core import ALL_LAYERS, Add, Hook, PerLayer, Transformer, parse_site, run
 
 try:  # tqdm is a dependency of the package, but keep the import soft
     from tqdm.auto import tqdm
@@ -250,7 +248,7 @@ class LayerProbes(NamedTuple):
     probes: Probe  # stacked: w [L, D], b [L], ...
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -409,7 +407,7 @@ class TCAVResult(NamedTuple):
     derivatives: np.ndarray  # [R, N] directional derivatives of the class inputs along each concept CAV
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -557,7 +555,7 @@ class NeuronAttribution(NamedTuple):
     components: list[str]  # [C] names: "L{j}H{h}" heads, then "L{l-1}N{m}" neurons
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -661,7 +659,7 @@ class PureSplit(NamedTuple):
     centroids: np.ndarray  # [k, C] mean attribution vector per cluster
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 

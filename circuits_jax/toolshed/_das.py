@@ -51,10 +51,8 @@ from jax import Array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..scale import _sharding
-from ..core._interventions import Hook, Intervention
-from ..core._model import Transformer, run, unembed
-from ..core._sites import layer_kinds, parse_site
+from ..core import Hook, Intervention, Transformer, layer_kinds, parse_site, run, unembed
+from ..scale import check_divides, round_to, shard_model
 
 METHODS = ("das", "low_rank", "boundless")
 
@@ -211,7 +209,7 @@ class DASResult:
     n_test: int
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -336,8 +334,8 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
     readout_pos = last(attention_mask, N, T) if readout_pos is None else np.asarray(readout_pos, np.int32)
     n_train = (2 * N) // 3 if n_train is None else int(n_train)
     if mesh is not None:
-        _sharding.check_divides(min(batch_size, n_train), mesh, "data", "a DAS minibatch")
-        model = _sharding.shard_model(model, mesh)
+        check_divides(min(batch_size, n_train), mesh, "data", "a DAS minibatch")
+        model = shard_model(model, mesh)
     if not 0 < n_train < N:
         raise ValueError(f"n_train must leave pairs for both training and held-out evaluation: 0 < n_train < {N}")
 
@@ -373,7 +371,7 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
               boundary_penalty=boundary_penalty, mesh=mesh)  # floats, strings, the mesh: static
     chunk = max(1, min(int(chunk), len(layers)))
     if mesh is not None and chunk > 1:
-        chunk = _sharding.round_to(chunk, mesh)
+        chunk = round_to(chunk, mesh)
     place = (lambda a: a) if mesh is None or chunk == 1 else (  # noqa: E731
         lambda a: jax.device_put(a, NamedSharding(mesh, P("sweep"))))
     outs = []
@@ -419,7 +417,7 @@ class PositionSearch:
     results: dict[str, DASResult]
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 
@@ -459,7 +457,7 @@ def das_position_search(model: Transformer, base_tokens, source_tokens, labels, 
 def _ioi_rows(model, tok, n, seed):
     """IOI prompts the model gets right (IO logit > S logit), with P (0: IO named first) and
     candidates [first name, second name] (token ids)."""
-    from ..tasks._tasks import ioi_task
+    from ..tasks import ioi_task
 
     task = ioi_task(tok, n=n, seed=seed)
     clean, io, s = task.clean, task.answers, task.wrong

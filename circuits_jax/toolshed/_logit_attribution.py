@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from ..core._model import Transformer, run, unembed
+from ..core import Transformer, run, unembed
 
 
 class Decomposition(NamedTuple):
@@ -24,7 +24,7 @@ class Decomposition(NamedTuple):
     labels: list[str]  # C names: "embed", "pos_embed", "L{l}H{h}", "L{l}.attn_bias", "L{l}.mlp"
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 

@@ -38,9 +38,8 @@ import numpy as np
 import optax
 from jax import Array
 
-from ..dictionaries._activations import pack_contexts, read_corpus
-from ..core._interventions import Add, Hook
-from ..core._model import Transformer, run
+from ..core import Add, Hook, Transformer, run
+from ..dictionaries import pack_contexts, read_corpus
 
 # Short neutral texts put before the fact prompt (Meng et al. sample them from the model; fixed texts
 # keep edits reproducible without a generation step). "" is the bare prompt.
@@ -70,7 +69,7 @@ class RomeInfo(NamedTuple):
     seconds: float  # wall time of the whole edit
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core._repr import summary
+        from ..core import summary
 
         return summary(self)
 

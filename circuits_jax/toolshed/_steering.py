@@ -36,10 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from ..core._interventions import Hook, Intervention
-from ..core._metrics import next_token_nll
-from ..core._model import Transformer, run
-from ..core._sites import layer_kinds, parse_site
+from ..core import Hook, Intervention, Transformer, layer_kinds, next_token_nll, parse_site, run
 
 _NOT_PER_POSITION = ("attn.hook_attn_scores", "attn.hook_pattern")
 

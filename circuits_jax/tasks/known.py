@@ -32,11 +32,7 @@ import numpy as np
 import optax
 from jax import Array, lax
 
-from ..core._config import Config
-from ..graph._edges import Graph
-from ..core._metrics import LogitDiff
-from ..core._model import Blocks, Transformer, init_model, run
-from ._tasks import Task
+from ..core import Blocks, Config, Graph, LogitDiff, Task, Transformer, init_model, run
 
 BOS = 0
 

@@ -1,0 +1,534 @@
+"""The forward pass, written once.
+
+    tokens [B, T] ─embed─► x [B, T, D] ─► lax.scan over the stacked layers: block ─► final norm ─► unembed ─► [B, T, V]
+
+Every consumer of a model runs this pass: `run` (hooks and a cache), circuit runs (edge ablation),
+generation (a KV cache), the replacement model of attribution graphs, and whatever a user writes.
+What differs between them is a *tap*, passed in as a value.
+
+A tap (`Tap`) sees every activation as the pass computes it, may rewrite it, and threads a state
+of its own through the pass; nothing is mutated while the pass is traced. The pass calls:
+
+    state = tap.enter(layer, carry, xs)   before a layer: `layer` a traced int, `carry` what the previous
+                                          layer's `leave` returned, `xs` this layer's slice of the
+                                          per-layer inputs; `layer=None` (and `xs=None`) before the
+                                          global sites (the embedding, the final norm)
+    x, state = tap(kind, x, state)        at each site, in forward order (`kind` e.g. "attn.hook_z",
+                                          the names of `_sites.py`)
+    carry, ys = tap.leave(state)          after a layer; `ys` are stacked over the layers
+
+and asks, at trace time, `tap.observes(kinds)` / `tap.rewrites(kinds)` to decide whether the
+optional sites are computed at all: the per-head split inputs (`hook_q_input`, ...), which exist
+only when observed, and the per-head `attn.hook_result`, which feeds the stream (summed over heads)
+only when rewritten and is otherwise computed beside the fused output, so the plain pass keeps its
+numerics. `Taps(a, b)` runs several taps in order (its carry, xs and ys are tuples, one per part).
+
+A model feature (an embedding multiplier, a post-attention norm, local attention) is written here
+and nowhere else, so every consumer sees the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+from jaxtyping import Bool, Float, Int
+
+from ._config import Config
+from ._interventions import ALL_LAYERS, Hook, Intervention, PerLayer
+from ._sites import SPLIT_INPUTS, Site, global_kinds, layer_kinds, parse_site, site_shape
+
+# ---------------------------------------------------------------------------
+# Taps
+# ---------------------------------------------------------------------------
+
+
+class Tap(eqx.Module):
+    """Base tap: observes nothing and changes nothing. Subclass it (an equinox module: arrays are
+    traced leaves, other fields static) and override what you need; see the module docstring."""
+
+    def observes(self, kinds: Iterable[str]) -> bool:
+        """Whether this tap reads or rewrites any of `kinds` (decides which optional sites exist)."""
+        return False
+
+    def rewrites(self, kinds: Iterable[str]) -> bool:
+        """Whether this tap may change any of `kinds` (the per-head result then feeds the stream)."""
+        return False
+
+    def enter(self, layer, carry, xs):
+        """The state at the start of a layer (`layer` traced) or of the global sites (`layer=None`)."""
+        return carry
+
+    def __call__(self, kind: str, x: Array, state) -> tuple[Array, Any]:
+        return x, state
+
+    def leave(self, state) -> tuple[Any, Any]:
+        """`(carry, ys)` at the end of a layer (or of the global sites, where `ys` is dropped)."""
+        return state, None
+
+
+NO_TAP = Tap()
+
+
+class Taps(Tap):
+    """Several taps in order: each sees what the ones before it wrote. Carry, xs, ys are tuples."""
+
+    parts: tuple[Tap, ...]
+
+    def observes(self, kinds):
+        kinds = tuple(kinds)
+        return any(p.observes(kinds) for p in self.parts)
+
+    def rewrites(self, kinds):
+        kinds = tuple(kinds)
+        return any(p.rewrites(kinds) for p in self.parts)
+
+    def enter(self, layer, carry, xs):
+        n = len(self.parts)
+        carry = (None,) * n if carry is None else carry
+        xs = (None,) * n if xs is None else xs
+        return tuple(p.enter(layer, c, x) for p, c, x in zip(self.parts, carry, xs))
+
+    def __call__(self, kind, x, state):
+        out = []
+        for p, s in zip(self.parts, state):
+            x, s = p(kind, x, s)
+            out.append(s)
+        return x, tuple(out)
+
+    def leave(self, state):
+        left = [p.leave(s) for p, s in zip(self.parts, state)]
+        return tuple(c for c, _ in left), tuple(y for _, y in left)
+
+
+def _apply(hook: Hook, x: Array, name: str) -> Array:
+    fn = hook.fn
+    if isinstance(fn, Intervention):
+        fn.check(x, name)
+    y = fn(x)
+    if y.shape != x.shape:
+        raise ValueError(f"intervention at {name!r} returned shape {y.shape}; the activation has shape {x.shape}")
+    return y.astype(x.dtype)
+
+
+class HookTap(Tap):
+    """Applies `Hook`s: global ones at their site, per-layer ones where their layer matches (a traced
+    layer compares at run time under `lax.cond`; `ALL_LAYERS` with `PerLayer` slices per layer)."""
+
+    hooks: tuple[Hook, ...]
+
+    def observes(self, kinds):
+        kinds = tuple(kinds)
+        return any(h.kind in kinds for h in self.hooks)
+
+    rewrites = observes
+
+    def enter(self, layer, carry, xs):
+        return layer
+
+    def __call__(self, kind, x, layer):
+        for h in self.hooks:
+            if h.kind != kind or (h.layer is None) != (layer is None):
+                continue
+            if layer is None:  # a global site
+                x = _apply(h, x, kind)
+            elif isinstance(h.layer, str):  # ALL_LAYERS: every layer, a PerLayer intervention sliced here
+                fn = h.fn.at(layer) if isinstance(h.fn, PerLayer) else h.fn
+                x = _apply(Hook(kind, None, fn), x, f"blocks.*.{kind}")
+            else:
+                name = f"blocks.{h.layer}.{kind}" if isinstance(h.layer, int) else f"blocks.<l>.{kind}"
+                x = lax.cond(layer == h.layer, lambda a, h=h, n=name: _apply(h, a, n), lambda a: a, x)
+        return x, layer
+
+    def leave(self, layer):
+        return None, None
+
+
+class CacheTap(Tap):
+    """Records sites into the carry, a dict: per-layer kinds into buffers `[slots + 1, ...]` at the
+    slot `slots[kind][layer]` (the last slot is scratch for layers nobody asked for), global kinds
+    by name."""
+
+    slots: dict[str, Array]  # kind -> int [L]
+    global_record: tuple[str, ...] = eqx.field(static=True)
+
+    def observes(self, kinds):
+        return any(k in self.slots or k in self.global_record for k in kinds)
+
+    def enter(self, layer, carry, xs):
+        return layer, carry
+
+    def __call__(self, kind, x, state):
+        layer, bufs = state
+        if layer is None:
+            if kind in self.global_record:
+                bufs = {**bufs, kind: x}
+        elif kind in self.slots:
+            b = bufs[kind]
+            bufs = {**bufs, kind: lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), self.slots[kind][layer], 0)}
+        return x, (layer, bufs)
+
+    def leave(self, state):
+        return state[1], None
+
+
+# ---------------------------------------------------------------------------
+# The pieces of the pass
+# ---------------------------------------------------------------------------
+
+
+def add_bias(x, b):
+    """`x + b`, or `x` when the model has no such bias."""
+    return x if b is None else x + b
+
+
+def norm(cfg: Config, x: Array, w, b, prefix: str, tap: Tap, state) -> tuple[Array, Any]:
+    """LayerNorm / RMSNorm with TransformerLens's sites (`hook_normalized` is before the weight)."""
+    if cfg.normalization is None:
+        return x, state
+    if cfg.normalization == "layernorm":
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    scale, state = tap(f"{prefix}.hook_scale", jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps), state)
+    x, state = tap(f"{prefix}.hook_normalized", x / scale, state)
+    x = x * w
+    return (x if b is None else x + b), state
+
+
+def activation(cfg: Config, x: Array) -> Array:
+    match cfg.act:
+        case "gelu_new":
+            return jax.nn.gelu(x, approximate=True)
+        case "gelu":
+            return jax.nn.gelu(x, approximate=False)
+        case "relu":
+            return jax.nn.relu(x)
+        case "silu":
+            return jax.nn.silu(x)
+    raise ValueError(cfg.act)
+
+
+def rope(cfg: Config, x: Float[Array, "B T N E"], positions: Int[Array, "B T"]) -> Float[Array, "B T N E"]:
+    """Rotary embedding, Hugging Face's rotate-half convention."""
+    E = cfg.d_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x1, x2 = x[..., : E // 2], x[..., E // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: Bool[Array, "B T"] | None, batch: int, pos: int) -> Int[Array, "B T"]:
+    """Position ids: counted over real tokens only, so left padding does not shift them."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(pos), (batch, pos))
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def embed(model, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], tap: Tap = NO_TAP, state=None):
+    """`(x [B, T, D], state)`: what enters the residual stream before layer 0 (token and position embeddings)."""
+    cfg = model.cfg
+    x = model.W_E[tokens]
+    if cfg.embedding_multiplier != 1.0:
+        x = x * jnp.asarray(cfg.embedding_multiplier, x.dtype)
+    x, state = tap("hook_embed", x, state)
+    if cfg.positional == "learned":
+        pe, state = tap("hook_pos_embed", model.W_pos[positions], state)
+        x = x + pe
+    return x, state
+
+
+def final(model, x: Float[Array, "*B D"], tap: Tap = NO_TAP, state=None):
+    """`(logits [..., V], state)`: the final norm and the unembedding of a residual stream."""
+    h, state = norm(model.cfg, x, model.lnf_w, model.lnf_b, "ln_final", tap, state)
+    return add_bias(h @ model.W_U, model.b_U), state
+
+
+def unembed(model, resid: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
+    """Final norm and unembedding of a residual stream `[..., D]` (no hooks): logits `[..., V]`."""
+    return final(model, resid)[0]
+
+
+def block(cfg: Config, p, x: Float[Array, "B T D"], positions: Int[Array, "B T"], key_mask: Bool[Array, "B S"] | None,
+          tap: Tap, state) -> tuple[Float[Array, "B T D"], Any]:  # fmt: skip
+    """One transformer layer on the residual stream; `p` is that layer's slice of `Blocks`."""
+    B, T, _ = x.shape
+    H, K, G, E = cfg.n_heads, cfg.kv_heads, cfg.group_size, cfg.d_head
+    x, state = tap("hook_resid_pre", x, state)
+    if tap.observes(SPLIT_INPUTS):  # each head reads its own copy of the stream (edges into one head)
+
+        def split(kind, n, W, b, state):
+            xi, state = tap(kind, jnp.broadcast_to(x[:, :, None], (B, T, n, x.shape[-1])), state)
+            hi, _ = norm(cfg, xi, p.ln1_w, p.ln1_b, "ln1", NO_TAP, None)
+            return add_bias(jnp.einsum("btnd,nde->btne", hi, W), b), state
+
+        q, state = split("hook_q_input", H, p.W_Q, p.b_Q, state)
+        q, state = tap("attn.hook_q", q, state)
+        k, state = split("hook_k_input", K, p.W_K, p.b_K, state)
+        k, state = tap("attn.hook_k", k, state)
+        v, state = split("hook_v_input", K, p.W_V, p.b_V, state)
+        v, state = tap("attn.hook_v", v, state)
+    else:
+        h, state = norm(cfg, x, p.ln1_w, p.ln1_b, "ln1", tap, state)
+        q, state = tap("attn.hook_q", add_bias(jnp.einsum("btd,hde->bthe", h, p.W_Q), p.b_Q), state)
+        k, state = tap("attn.hook_k", add_bias(jnp.einsum("bsd,kde->bske", h, p.W_K), p.b_K), state)
+        v, state = tap("attn.hook_v", add_bias(jnp.einsum("bsd,kde->bske", h, p.W_V), p.b_V), state)
+    if cfg.positional == "rotary":
+        q, state = tap("attn.hook_rot_q", rope(cfg, q, positions), state)
+        k, state = tap("attn.hook_rot_k", rope(cfg, k, positions), state)
+    qg = q.reshape(B, T, K, G, E)
+    S = k.shape[1]  # keys: T, or a KV cache's slots when generating (queries are then the last T of them)
+    scores = jnp.einsum("btkge,bske->bkgts", qg, k).reshape(B, H, T, S)
+    if cfg.attn_scale is None:  # the usual 1/sqrt(d_head), as a division (the numerics every reference has)
+        scores = scores / np.sqrt(E).astype(np.float32)
+    else:
+        scores = scores * np.float32(cfg.attn_scale)
+    allowed = jnp.ones((T, S), bool)
+    if cfg.causal:
+        allowed = jnp.tril(allowed, S - T)
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    scores, state = tap("attn.hook_attn_scores", jnp.where(allowed, scores, jnp.finfo(scores.dtype).min), state)
+    pattern, state = tap("attn.hook_pattern", jax.nn.softmax(scores, axis=-1), state)
+    z = jnp.einsum("bkgts,bske->btkge", pattern.reshape(B, K, G, T, S), v).reshape(B, T, H, E)
+    z, state = tap("attn.hook_z", z, state)
+    if tap.rewrites(("attn.hook_result",)):  # the per-head outputs feed the stream only when something rewrites them
+        result, state = tap("attn.hook_result", jnp.einsum("bthe,hed->bthd", z, p.W_O), state)
+        attn_out = result.sum(axis=2)
+    else:  # observed (or not) without changing the numerics of the main path
+        if tap.observes(("attn.hook_result",)):
+            _, state = tap("attn.hook_result", jnp.einsum("bthe,hed->bthd", z, p.W_O), state)
+        attn_out = jnp.einsum("bthe,hed->btd", z, p.W_O)
+    attn_out, state = tap("hook_attn_out", add_bias(attn_out, p.b_O), state)
+    if cfg.attn_only:
+        return tap("hook_resid_post", x + attn_out, state)
+    x, state = tap("hook_resid_mid", x + attn_out, state)
+    mlp_in, state = tap("hook_mlp_in", x, state)  # mlp_in feeds the MLP only
+    h, state = norm(cfg, mlp_in, p.ln2_w, p.ln2_b, "ln2", tap, state)
+    if cfg.gated_mlp:
+        pre, state = tap("mlp.hook_pre", add_bias(h @ p.W_gate, p.b_gate), state)
+        linear, state = tap("mlp.hook_pre_linear", add_bias(h @ p.W_in, p.b_in), state)
+        post = activation(cfg, pre) * linear
+    else:
+        pre, state = tap("mlp.hook_pre", add_bias(h @ p.W_in, p.b_in), state)
+        post = activation(cfg, pre)
+    post, state = tap("mlp.hook_post", post, state)
+    mlp_out, state = tap("hook_mlp_out", add_bias(post @ p.W_out, p.b_out), state)
+    return tap("hook_resid_post", x + mlp_out, state)
+
+
+def layers(model, x: Float[Array, "B T D"], positions, key_mask, tap: Tap = NO_TAP, carry=None, xs=None,
+           start_layer: int | Array = 0, stop_layer: int | Array | None = None):  # fmt: skip
+    """`(x, carry, ys)` after blocks `start_layer .. stop_layer - 1`: the one layer loop (a `lax.scan`).
+
+    Layers outside the bounds pass `x` and the carry through (`ys` zero there); the bounds may be
+    traced, so one compiled program serves every value. With `start_layer` the Python int 0 and no
+    `stop_layer`, the scan body has no `lax.cond` at all.
+    """
+    cfg = model.cfg
+    every = isinstance(start_layer, int) and start_layer == 0 and (
+        stop_layer is None or (isinstance(stop_layer, int) and stop_layer == cfg.n_layers)
+    )
+    stop = cfg.n_layers if stop_layer is None else stop_layer
+
+    def body(c, inp):
+        x, carry = c
+        p, i, xs_i = inp
+
+        def layer(x, carry):
+            state = tap.enter(i, carry, xs_i)
+            x, state = block(cfg, p, x, positions, key_mask, tap, state)
+            carry, ys = tap.leave(state)
+            return x, carry, ys
+
+        if every:
+            x, carry, ys = layer(x, carry)
+            return (x, carry), ys
+
+        def skip(x, carry):
+            ys = jax.eval_shape(layer, x, carry)[2]
+            return x, carry, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ys)
+
+        x, carry, ys = lax.cond((i >= start_layer) & (i < stop), layer, skip, x, carry)
+        return (x, carry), ys
+
+    (x, carry), ys = lax.scan(body, (x, carry), (model.blocks, jnp.arange(cfg.n_layers), xs))
+    return x, carry, ys
+
+
+class Forward(NamedTuple):
+    """What `forward` returns."""
+
+    logits: Array | None  # [B, T, V]; None when not asked for
+    resid: Array  # [B, T, D] the residual stream after the last layer run
+    carry: Any  # the tap's carry after the last stage
+    ys: Any  # the tap's per-layer outputs, stacked on a leading L axis
+
+
+def forward(model, tokens: Int[Array, "B T"] | None = None, *, tap: Tap = NO_TAP, carry=None, xs=None,
+            positions: Int[Array, "B T"] | None = None, key_mask: Bool[Array, "B S"] | None = None,
+            resid: Float[Array, "B T D"] | None = None, start_layer: int | Array = 0,
+            stop_layer: int | Array | None = None, logits: bool = True) -> Forward:  # fmt: skip
+    """The whole pass with a tap: embed `tokens` (or enter at `start_layer` with `resid`), run the
+    layers, and (`logits=True`) the final norm and unembedding. `positions` default to
+    `0 .. T-1`; `key_mask` masks keys (padding, or a KV cache's empty slots). Pure: arrays in,
+    arrays out; wrap it in `jit`/`vmap`/`grad` as needed (`run` is the jitted, validated form)."""
+    ref = tokens if tokens is not None else resid
+    B, T = ref.shape[0], ref.shape[1]
+    if positions is None:
+        positions = positions_from_mask(None, B, T)
+    if resid is None:
+        state = tap.enter(None, carry, None)
+        x, state = embed(model, tokens, positions, tap, state)
+        carry, _ = tap.leave(state)
+    else:
+        x = resid
+    x, carry, ys = layers(model, x, positions, key_mask, tap, carry, xs, start_layer, stop_layer)
+    out = None
+    if logits:
+        state = tap.enter(None, carry, None)
+        out, state = final(model, x, tap, state)
+        carry, _ = tap.leave(state)
+    return Forward(out, x, carry, ys)
+
+
+# ---------------------------------------------------------------------------
+# run: hooks and a cache, validated
+# ---------------------------------------------------------------------------
+
+HookSpec = Hook | tuple[Any, Any] | Mapping[Any, Any]
+
+
+def normalize_hooks(hooks: HookSpec | Iterable[HookSpec] | None, cfg: Config) -> tuple[Hook, ...]:
+    """Accept `{name: fn}`, `[(name, fn), ...]` or `Hook`s; return validated `Hook`s."""
+    if hooks is None:
+        return ()
+    if isinstance(hooks, Mapping):
+        hooks = list(hooks.items())
+    elif isinstance(hooks, Hook):
+        hooks = [hooks]
+    out = []
+    for h in hooks:
+        if isinstance(h, Hook):
+            if isinstance(h.layer, str) and h.layer != ALL_LAYERS:
+                raise ValueError(f"hook layer {h.layer!r}: give an int, a traced int, None or ALL_LAYERS")
+            valid = layer_kinds(cfg) if h.layer is not None else global_kinds(cfg)
+            if h.kind not in valid:
+                parse_site(h.name if h.layer is not None else h.kind, cfg)  # raises with suggestions
+            out.append(h)
+            continue
+        name, fn = h
+        site = parse_site(name, cfg)
+        out.append(Hook(site.kind, site.layer, fn))
+    return tuple(out)
+
+
+class RunOutput(NamedTuple):
+    """What `run` returns: logits (or None), the final residual stream, and the requested cache by site name."""
+
+    logits: Array | None  # [B, T, V]; None when stopped early at a static layer
+    resid: Array  # residual stream after the last layer run, [B, T, D]
+    cache: dict[str, Array]  # requested sites, by full name
+
+    def __repr__(self) -> str:  # shapes and site names, not array contents
+        from ._repr import summary
+
+        return summary(self, items=8)
+
+
+@eqx.filter_jit
+def run(
+    model,
+    tokens: Int[Array, "B T"] | Int[Array, " T"],
+    *,
+    hooks=None,
+    cache: Iterable[Any] = (),
+    attention_mask: Bool[Array, "B T"] | None = None,
+    start_layer: int | Array = 0,
+    stop_layer: int | Array | None = None,
+    resid: Float[Array, "B T D"] | None = None,
+    return_logits: bool = True,
+) -> RunOutput:
+    """Pure forward pass with interventions and a cache of the requested sites only.
+
+    tokens: int `[B, T]` (a `[T]` vector is treated as one row).
+    hooks: `{site: intervention}`, `[(site, intervention), ...]` or `Hook`s.
+    cache: site names (or shorthand tuples) to return, e.g. `["blocks.3.attn.hook_z"]`.
+    attention_mask: bool `[B, T]`, False at padding; positions skip the padding.
+    start_layer, stop_layer: run blocks `start_layer .. stop_layer - 1` only. Pass them as
+        arrays (`jnp.int32(l)`) and one compiled program serves every value (Python ints are
+        static: one program each). With `start_layer > 0`, pass `resid`, the residual stream
+        entering `start_layer` (`blocks.{start}.hook_resid_pre`).
+    Logits are computed unless `stop_layer` is a Python int below `n_layers` or
+    `return_logits=False` (sweeps unembed only the positions they score, see `unembed`).
+
+    Compiled with `equinox.filter_jit`: arrays (weights, tokens, patch values, traced
+    layer indices) are traced, everything else (site names, Python-int layers,
+    intervention functions) is static, so repeated calls of the same shapes reuse
+    one program. Inside an outer `jit`/`vmap`/`grad` it simply inlines.
+    """
+    cfg = model.cfg
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+        attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)[None]
+    B, T = tokens.shape
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask).astype(bool)
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}; tokens have shape {(B, T)}")
+    hooks = normalize_hooks(hooks, cfg)
+    wanted = [parse_site(n, cfg) for n in cache]
+    touched = {h.kind for h in hooks} | {s.kind for s in wanted}
+    if touched & set(SPLIT_INPUTS) and any(k.startswith("ln1.") for k in touched):
+        raise ValueError(
+            "the split q/k/v inputs (hook_q_input, ...) and the ln1 sites cannot be used in one run: with split "
+            "inputs every head normalises its own copy of the stream, so there is no single ln1 activation"
+        )
+    positions = positions_from_mask(attention_mask, B, T)
+    if cfg.positional == "learned" and T > cfg.n_ctx:
+        raise ValueError(f"{T} positions exceed the model's context of {cfg.n_ctx}")
+    if resid is None and isinstance(start_layer, int) and start_layer != 0:
+        raise ValueError(f"start_layer={start_layer} needs resid, the residual stream entering that layer")
+    if resid is not None:
+        resid = jnp.asarray(resid)
+        if resid.shape != (B, T, cfg.d_model):
+            raise ValueError(
+                f"resid (the input to blocks.<start>.hook_resid_pre) has shape {resid.shape}; expected {(B, T, cfg.d_model)}"
+            )
+
+    # Per-layer caches: for each requested kind a buffer with one slot per requested
+    # layer plus a scratch slot, written with a dynamic index inside the scan.
+    by_kind: dict[str, list[int]] = {}
+    for s in wanted:
+        if s.layer is not None and s.layer not in by_kind.setdefault(s.kind, []):
+            by_kind[s.kind].append(s.layer)
+    dtype = model.W_E.dtype if resid is None else resid.dtype
+    slots, buffers = {}, {}
+    for kind, ls in by_kind.items():
+        table = np.full(cfg.n_layers, len(ls), np.int32)
+        table[ls] = np.arange(len(ls))
+        slots[kind] = jnp.asarray(table)
+        buffers[kind] = jnp.zeros((len(ls) + 1, *site_shape(Site(kind, 0), cfg, B, T)), dtype)
+    tap = Taps((HookTap(hooks), CacheTap(slots, tuple(s.kind for s in wanted if s.layer is None))))
+    logits = return_logits and not (isinstance(stop_layer, int) and stop_layer < cfg.n_layers)
+    out = forward(model, tokens if resid is None else None, tap=tap, carry=(None, buffers), positions=positions,
+                  key_mask=attention_mask, resid=resid, start_layer=start_layer, stop_layer=stop_layer, logits=logits)  # fmt: skip
+    recorded = out.carry[1]
+    got = {}
+    for kind, ls in by_kind.items():
+        for j, l in enumerate(ls):
+            got[f"blocks.{l}.{kind}"] = recorded[kind][j]
+    got.update({k: v for k, v in recorded.items() if k not in by_kind})
+    return RunOutput(out.logits, out.resid, {s.name: got[s.name] for s in wanted})
+
+
+def run_with_cache(model, tokens: Array, names: Iterable[Any], **kwargs) -> tuple[Array, dict[str, Array]]:
+    """`(logits, cache)`, TransformerLens style, caching only `names`."""
+    out = run(model, tokens, cache=names, **kwargs)
+    return out.logits, out.cache
