@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -9,6 +10,11 @@ import pytest
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests mirror the package's subpackages (tests/core, tests/patching, ...); test modules share a few
+# helpers by module name (`from test_sae_train import sparse_data`), so every test folder is importable.
+for _d in sorted(Path(__file__).resolve().parent.iterdir()):
+    if _d.is_dir() and not _d.name.startswith((".", "_")) and str(_d) not in sys.path:
+        sys.path.append(str(_d))
 SHARED = Path(os.environ.get("CIRCUITS_JAX_SHARED", ROOT.parent / "shared"))
 REFERENCE = SHARED / "reference"
 

@@ -42,7 +42,7 @@ from ..core import (
     score_resid,
     site_shape,
 )
-from ._sweep import PatchResult
+from ._sweep import PatchResult, patch_result
 
 
 @eqx.filter_jit
@@ -115,7 +115,7 @@ def attribution_patch(
                                        attention_mask=attention_mask, answer_pos=answer_pos, mesh=mesh)  # fmt: skip
     change = np.asarray(_reduce(est[site], axes, by))
     base = pairs.clean_metric if noising else pairs.corrupt_metric
-    return pairs.result((base + change).astype(np.float32), by, t0, 0)
+    return patch_result(pairs, (base + change).astype(np.float32), by, t0, 0)
 
 
 
@@ -171,7 +171,7 @@ def integrated_gradients(
                                pairs.positions, metric, kind, int(steps))  # fmt: skip
     change = _reduce(np.asarray((source - target) * grad), axes, by)
     base = pairs.clean_metric if noising else pairs.corrupt_metric
-    return pairs.result((base + change).astype(np.float32), by, t0, 0)
+    return patch_result(pairs, (base + change).astype(np.float32), by, t0, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def atp_star(
     if not graddrop:  # one compiled program per site, whatever `by`: reduced here
         change = _reduce(np.asarray(change), axes, by)
         base = pairs.clean_metric if noising else pairs.corrupt_metric
-        return pairs.result((base + change).astype(np.float32), by, t0, 0)
+        return patch_result(pairs, (base + change).astype(np.float32), by, t0, 0)
     change = np.asarray(change, np.float32)
     gap = abs(pairs.clean_metric - pairs.corrupt_metric)
     if gap == 0:

@@ -9,8 +9,9 @@ import pytest
 from conftest import tiny_configs
 
 import circuits_jax as cj
-from circuits_jax.scale import _memory as M
-from circuits_jax.patching._sweep import _score_chunk, auto_chunk
+from circuits_jax import scale as M
+from circuits_jax.core import auto_chunk
+from circuits_jax.core import score_chunk as _score_chunk
 from circuits_jax.dictionaries._sae import init_sae
 from circuits_jax.dictionaries._train import TrainConfig, init_state, make_step
 
@@ -40,16 +41,16 @@ def test_abstract_compile_is_the_real_programs_footprint(tiny):
     assert got.temp == real.temp_size_in_bytes  # the same program as the sweep's own jit compiles
     # every array passed counts, also those the program never reads (the real compile drops them
     # from its arguments, but they stay on the device: here the unused embedding)
-    assert got.argument == M._nbytes(arrays) > real.argument_size_in_bytes
-    assert got.total > got.argument > M._nbytes(tiny)
+    assert got.argument == M.nbytes(arrays) > real.argument_size_in_bytes
+    assert got.total > got.argument > M.nbytes(tiny)
 
 
 def test_sweep_plan_line_predicts_an_unfitted_size_and_fits_its_budget(tiny):
     toks = np.zeros((B, T), np.int32)
-    roomy = M.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=2**30, max_chunk=10**6)
+    roomy = cj.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=2**30, max_chunk=10**6)
     n_patches = 3 * T * 4
     assert roomy.size == n_patches and "every patch" in roomy.note  # a generous budget: the whole sweep
-    line = M._line(*roomy.measured[:2])  # the line through the first two compiles (chunks 2 and 8)
+    line = M.fit_line(*roomy.measured[:2])  # the line through the first two compiles (chunks 2 and 8)
     arrays, static = _chunk_args(tiny, 40)
     truth = M.compiled_footprint(lambda *a: _score_chunk(*a, *static), *arrays).total
     assert abs(line[0] + 40 * line[1] - truth) < 0.15 * truth  # measured within 9 % on the 5 tiny configs, chunks 1 to 100
@@ -57,10 +58,10 @@ def test_sweep_plan_line_predicts_an_unfitted_size_and_fits_its_budget(tiny):
 
     # a budget between chunk 8 and the line's chunk 20: the plan is compiled and under it
     budget = int(roomy.predicted(20) / 0.8)
-    p = M.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=budget, max_chunk=10**6)
+    p = cj.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=budget, max_chunk=10**6)
     assert 8 <= p.size < n_patches and p.size_bytes <= 0.8 * budget
     assert dict(p.measured)[p.size] == p.size_bytes and "chunk of" in str(p)
-    capped = M.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=2**30)  # 84 patches, CPU cap 64
+    capped = cj.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=2**30)  # 84 patches, CPU cap 64
     assert capped.size == auto_chunk(tiny.cfg, B, T, 2**62) < n_patches and "auto_chunk" in capped.note
     metric = cj.LogitDiff(answer=jnp.zeros(B, jnp.int32), wrong=jnp.ones(B, jnp.int32))
     r = cj.patch_sweep(tiny, toks, toks + 1, metric, "z", ("layer", "pos", "head"), chunk_size=capped.size, progress=False)
@@ -70,11 +71,11 @@ def test_sweep_plan_line_predicts_an_unfitted_size_and_fits_its_budget(tiny):
 def test_sweep_that_cannot_fit_is_refused_with_its_numbers(tiny):
     toks = np.zeros((B, T), np.int32)
     with pytest.raises(M.DoesNotFit) as e:
-        M.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=20_000)
+        cj.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=20_000)
     msg = str(e.value)
     one = M.compiled_footprint(lambda *a: _score_chunk(*a, *_chunk_args(tiny, 1)[1]), *_chunk_args(tiny, 1)[0]).total
-    assert f"needs {M._fmt(one)} ({one} bytes" in msg  # the compiled need of one patch
-    for s in ("B=2", "T=7", "[3, 2, 7, 16]", "per patch", f"{M._fmt(16_000)} (80% of {M._fmt(20_000)})", "'model' axis"):
+    assert f"needs {M.fmt_bytes(one)} ({one} bytes" in msg  # the compiled need of one patch
+    for s in ("B=2", "T=7", "[3, 2, 7, 16]", "per patch", f"{M.fmt_bytes(16_000)} (80% of {M.fmt_bytes(20_000)})", "'model' axis"):
         assert s in msg, s
     assert isinstance(e.value, MemoryError)
 
@@ -82,41 +83,41 @@ def test_sweep_that_cannot_fit_is_refused_with_its_numbers(tiny):
 def test_bad_sweep_requests_are_named(tiny):
     toks = np.zeros((B, T), np.int32)
     with pytest.raises(KeyError, match="valid sites"):
-        M.plan_sweep(tiny, toks, "zz", budget=2**30)
+        cj.plan_sweep(tiny, toks, "zz", budget=2**30)
     with pytest.raises(KeyError, match="'layer' first"):
-        M.plan_sweep(tiny, toks, "z", ("pos", "layer"), budget=2**30)
+        cj.plan_sweep(tiny, toks, "z", ("pos", "layer"), budget=2**30)
     with pytest.raises(ValueError, match=r"\[B, T\] or \[T\].*\(1, 2, 7\)"):
-        M.plan_sweep(tiny, toks[None], budget=2**30)
+        cj.plan_sweep(tiny, toks[None], budget=2**30)
     with pytest.raises(ValueError, match=r"attention_mask has shape \(7,\), the tokens \(2, 7\)"):
-        M.plan_sweep(tiny, toks, attention_mask=np.ones(7, bool), budget=2**30)
+        cj.plan_sweep(tiny, toks, attention_mask=np.ones(7, bool), budget=2**30)
     with pytest.raises(ValueError, match="safety must be in"):
-        M.plan_sweep(tiny, toks, budget=2**30, safety=0)
+        cj.plan_sweep(tiny, toks, budget=2**30, safety=0)
     with pytest.raises(ValueError, match="budget must be a positive"):
-        M.plan_sweep(tiny, toks, budget=-1)
+        cj.plan_sweep(tiny, toks, budget=-1)
     with pytest.raises(ValueError, match="two increasing sizes"):
-        M.plan_sweep(tiny, toks, budget=2**30, sizes=(8, 2))
+        cj.plan_sweep(tiny, toks, budget=2**30, sizes=(8, 2))
 
 
 def test_training_plan_keeps_the_configured_batch_or_halves_to_a_power_of_two():
     sae = init_sae(16, 64, key=jax.random.key(0), arch="relu")  # relu: its step compiles 2x faster than topk's
     tc = TrainConfig(n_tokens=100_000, batch_size=1024)
-    roomy = M.plan_training(sae, tc, budget=2**30)
+    roomy = cj.plan_training(sae, tc, budget=2**30)
     assert roomy.size == 1024 and roomy.measured[0][0] == 256 and "configured batch size fits" in roomy.note
     state = eqx.filter_eval_shape(init_state, sae, tc)
     x = jax.ShapeDtypeStruct((3000, 16), jnp.float32)
     truth = M.compiled_footprint(make_step(tc), state, x, x).total
     assert abs(roomy.predicted(3000) - truth) < 0.1 * truth  # measured within 0.5 % from 256 to 3000 tokens
 
-    tight = M.plan_training(sae, tc, budget=int(roomy.predicted(700) / 0.8))
+    tight = cj.plan_training(sae, tc, budget=int(roomy.predicted(700) / 0.8))
     assert tight.size == 512 and tight.size_bytes <= 0.8 * tight.budget_bytes and "does not fit" in tight.note
 
     with pytest.raises(M.DoesNotFit) as e:
-        M.plan_training(sae, tc, budget=40_000, sizes=(1, 2))
+        cj.plan_training(sae, tc, budget=40_000, sizes=(1, 2))
     msg = str(e.value)
-    for s in ("width 64", "per token", "Adam", f"{M._fmt(32_000)} (80% of {M._fmt(40_000)})", "smaller width"):
+    for s in ("width 64", "per token", "Adam", f"{M.fmt_bytes(32_000)} (80% of {M.fmt_bytes(40_000)})", "smaller width"):
         assert s in msg, s
     with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
-        M.plan_training(sae, tc, budget=2**30, max_batch=0)
+        cj.plan_training(sae, tc, budget=2**30, max_batch=0)
 
 
 def test_device_memory_reads_the_backends_limit_else_the_hosts():

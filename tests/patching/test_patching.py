@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from circuits_jax.patching._sweep import SITES
+from circuits_jax.core import PATCH_SITES as SITES
 from circuits_jax.core._sites import Site, site_shape
 
 from conftest import tiny_configs
@@ -135,7 +135,7 @@ def test_bad_input_errors(model):
 
 
 def test_repeated_sweeps_do_not_recompile(model):
-    from circuits_jax.patching._sweep import _score_chunk
+    from circuits_jax.core import score_chunk as _score_chunk
 
     cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), chunk_size=8, progress=False)
     before = _score_chunk._cached._cache_size()
@@ -171,7 +171,7 @@ def test_every_variants_stack_the_single_sweeps(model):
 
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_one_compiled_program_per_sweep_whatever_the_depth(n_layers):
-    from circuits_jax.patching._sweep import _score_chunk
+    from circuits_jax.core import score_chunk as _score_chunk
 
     deep = cj.init_model(tiny_configs()["llamalike"].replace(n_layers=n_layers), key=jax.random.key(8), std=0.4)
     before = _score_chunk._cached._cache_size()

@@ -16,6 +16,7 @@ import pytest
 import circuits_jax as cj
 from circuits_jax.scale import _sharding as sh
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from conftest import tiny_configs  # noqa: E402
 from test_sae_train import SAE_SITE, CHUNK, sparse_data, write_store, _key  # noqa: E402
 

@@ -15,12 +15,13 @@ import pytest
 import circuits_jax as cj
 from circuits_jax.scale import _sharding as sh
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[1]
+TESTS = HERE.parent
 
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUITS_JAX_") or k == "CIRCUITS_JAX_SHARED"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), str(TESTS), env.get("PYTHONPATH", "")])
     return {**env, **extra}
 
 

@@ -26,6 +26,7 @@ import circuits_jax as cj  # noqa: E402
 from circuits_jax.dictionaries._activations import open_store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from multidevice.setups import sae, sweep_inputs, train_cfg  # noqa: E402
 
 assert (index, count) == (pid, 2) and jax.device_count() == 4 and jax.local_device_count() == 2

@@ -449,8 +449,8 @@ def no_compute(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("compute started before the input checks")
 
-    monkeypatch.setattr(A, "build_store", boom)
-    monkeypatch.setattr(A, "pack_contexts", boom)
+    monkeypatch.setattr(P, "build_store", boom)  # what the pipeline calls
+    monkeypatch.setattr(P, "pack_contexts", boom)
     monkeypatch.setattr(P, "train", boom)
     monkeypatch.setattr(P, "evaluate", boom)
 
