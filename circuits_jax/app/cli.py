@@ -347,9 +347,8 @@ def _kind_arg(text: str) -> str:
     """argparse `type`: a per-layer site kind such as hook_resid_pre (checked against every architecture's kinds)."""
     import difflib
 
-    from ..core import ATTN_KINDS, MLP_KINDS
+    from ..core import LAYER_KINDS as kinds
 
-    kinds = (*ATTN_KINDS, *MLP_KINDS, "hook_resid_post")
     if text not in kinds:
         close = difflib.get_close_matches(text, kinds, n=3, cutoff=0.5)
         raise argparse.ArgumentTypeError(f"unknown site kind {text!r}" + (f"; closest: {', '.join(close)}" if close else
@@ -361,10 +360,9 @@ def _check_site_name(name: str, flag: str) -> None:
     """Refuse a site name no architecture has (before any model loads), naming the closest valid ones."""
     import difflib
 
-    from ..core import ATTN_KINDS, MLP_KINDS
+    from ..core import GLOBAL_KINDS as glob
+    from ..core import LAYER_KINDS as kinds
 
-    glob = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized")
-    kinds = (*ATTN_KINDS, *MLP_KINDS, "hook_resid_post")
     parts = name.split(".", 2)
     if name in glob or (len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in kinds):
         return

@@ -1,37 +1,95 @@
-"""Activation-site names, following TransformerLens.
+"""Activation-site names, following TransformerLens: the one table every part of the library reads.
 
-A *site* is an intermediate activation a researcher can read (cache) or
-rewrite (intervene on). Full names match TransformerLens:
-`blocks.{l}.attn.hook_z`, `hook_embed`, `ln_final.hook_scale`, ...
-Internally a site is a pair `(kind, layer)`: `("attn.hook_z", 5)`; global
-sites have `layer=None`.
+A *site* is an intermediate activation a researcher can read (cache) or rewrite (intervene on).
+Full names match TransformerLens: `blocks.{l}.attn.hook_z`, `hook_embed`, `ln_final.hook_scale`, ...
+Internally a site is a pair `(kind, layer)`: `("attn.hook_z", 5)`; global sites have `layer=None`.
 
-Shapes (B batch, T positions, H query heads, K kv heads, E d_head,
-D d_model, M d_mlp):
+`SITE_KINDS` below is the table: every kind with its shape, the shorthands that name it
+(`("z", 5)` -> `blocks.5.attn.hook_z`), the axes a patching sweep may index, and which
+architectures have it. `parse_site`, `site_shape`, `layer_kinds`, the patching sweeps
+(`PATCH_SITES`), the CLI's `--site` / `--kind` options and every "did you mean" error read it;
+a family that adds a site (a post-attention norm, q/k norms) adds a row here.
 
-    hook_embed, hook_pos_embed, hook_resid_{pre,mid,post}   [B, T, D]
-    hook_attn_out, hook_mlp_out                             [B, T, D]
-    ln*.hook_scale                                          [B, T, 1]
-    ln*.hook_normalized                                     [B, T, D]
-    attn.hook_q, attn.hook_rot_q, attn.hook_z               [B, T, H, E]
-    attn.hook_k, attn.hook_v, attn.hook_rot_k               [B, T, K, E]
-    attn.hook_attn_scores, attn.hook_pattern                [B, H, T(query), T(key)]
-    attn.hook_result, hook_q_input                          [B, T, H, D]
-    hook_k_input, hook_v_input                              [B, T, K, D]
-    hook_mlp_in                                             [B, T, D]
-
-The split inputs (`hook_q_input`, ...) are TransformerLens's `use_split_qkv_input`: each
-head reads its own copy of the residual stream, so an edge into one head's query can be
-patched alone. They exist only while hooked or cached; the `ln1` sites then do not.
-    mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post        [B, T, M]
+Shape letters: B batch, T positions (S keys), H query heads, K kv heads, E d_head, D d_model,
+M d_mlp, 1 a kept unit axis. The split inputs (`hook_q_input`, ...) are TransformerLens's
+`use_split_qkv_input`: each head reads its own copy of the residual stream, so an edge into one
+head's query can be patched alone. They exist only while hooked or cached; the `ln1` sites then
+do not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import NamedTuple
 
 from ._config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteKind:
+    """One row of the site table."""
+
+    kind: str  # e.g. "attn.hook_z"
+    shape: str  # axis letters after nothing else, e.g. "B T H E"
+    short: tuple[str, ...] = ()  # shorthands, e.g. ("z",)
+    sweep: tuple[tuple[str, int], ...] | None = None  # axes a patching sweep may index: (name, axis after batch)
+    per_layer: bool = True
+    needs: str = ""  # "norm", "rotary", "mlp", "gated", "learned" (positions): absent from models without it
+
+
+SITE_KINDS: tuple[SiteKind, ...] = (
+    # global, before the layers
+    SiteKind("hook_embed", "B T D", ("embed",), per_layer=False),
+    SiteKind("hook_pos_embed", "B T D", ("pos_embed",), per_layer=False, needs="learned"),
+    # attention half of a layer, in forward order
+    SiteKind("hook_resid_pre", "B T D", ("resid_pre",), sweep=(("pos", 0),)),
+    SiteKind("hook_q_input", "B T H D", ("q_input",)),
+    SiteKind("hook_k_input", "B T K D", ("k_input",)),
+    SiteKind("hook_v_input", "B T K D", ("v_input",)),
+    SiteKind("ln1.hook_scale", "B T 1", needs="norm"),
+    SiteKind("ln1.hook_normalized", "B T D", needs="norm"),
+    SiteKind("attn.hook_q", "B T H E", ("q",), sweep=(("pos", 0), ("head", 1))),
+    SiteKind("attn.hook_k", "B T K E", ("k",), sweep=(("pos", 0), ("head", 1))),  # head = kv head under GQA
+    SiteKind("attn.hook_v", "B T K E", ("v",), sweep=(("pos", 0), ("head", 1))),
+    SiteKind("attn.hook_rot_q", "B T H E", ("rot_q",), needs="rotary"),
+    SiteKind("attn.hook_rot_k", "B T K E", ("rot_k",), needs="rotary"),
+    SiteKind("attn.hook_attn_scores", "B H T S", ("attn_scores", "scores")),
+    SiteKind("attn.hook_pattern", "B H T S", ("pattern", "attn"), sweep=(("head", 0), ("dest", 1), ("src", 2))),
+    SiteKind("attn.hook_z", "B T H E", ("z",), sweep=(("pos", 0), ("head", 1))),
+    SiteKind("attn.hook_result", "B T H D", ("result",)),
+    SiteKind("hook_attn_out", "B T D", ("attn_out",), sweep=(("pos", 0),)),
+    # MLP half
+    SiteKind("hook_resid_mid", "B T D", ("resid_mid",), sweep=(("pos", 0),), needs="mlp"),
+    SiteKind("hook_mlp_in", "B T D", ("mlp_in",), needs="mlp"),
+    SiteKind("ln2.hook_scale", "B T 1", needs="mlp norm"),
+    SiteKind("ln2.hook_normalized", "B T D", needs="mlp norm"),
+    SiteKind("mlp.hook_pre", "B T M", ("pre", "mlp_pre"), needs="mlp"),
+    SiteKind("mlp.hook_pre_linear", "B T M", ("pre_linear",), needs="mlp gated"),
+    SiteKind("mlp.hook_post", "B T M", ("post", "mlp_post"), sweep=(("pos", 0), ("neuron", 1)), needs="mlp"),
+    SiteKind("hook_mlp_out", "B T D", ("mlp_out",), sweep=(("pos", 0),), needs="mlp"),
+    SiteKind("hook_resid_post", "B T D", ("resid_post",), sweep=(("pos", 0),)),
+    # global, after the layers
+    SiteKind("ln_final.hook_scale", "B T 1", per_layer=False, needs="norm"),
+    SiteKind("ln_final.hook_normalized", "B T D", per_layer=False, needs="norm"),
+)
+KIND = {k.kind: k for k in SITE_KINDS}
+LAYER_KINDS = tuple(k.kind for k in SITE_KINDS if k.per_layer)  # every per-layer kind of any architecture
+GLOBAL_KINDS = tuple(k.kind for k in SITE_KINDS if not k.per_layer)
+SHORTHANDS = {s: k.kind for k in SITE_KINDS for s in k.short}  # ("z", 5) -> blocks.5.attn.hook_z
+SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
+
+# What a patching sweep may patch: shorthand -> (kind, {axis name: activation axis after batch})
+PATCH_SITES: dict[str, tuple[str, dict[str, int]]] = {
+    k.short[-1] if k.kind == "mlp.hook_post" else k.short[0]: (k.kind, dict(k.sweep)) for k in SITE_KINDS if k.sweep
+}
+
+
+def _has(cfg: Config, k: SiteKind) -> bool:
+    need = k.needs.split()
+    return not (("norm" in need and cfg.normalization is None) or ("rotary" in need and cfg.positional != "rotary")
+                or ("learned" in need and cfg.positional != "learned") or ("mlp" in need and cfg.attn_only)
+                or ("gated" in need and not cfg.gated_mlp))  # fmt: skip
 
 
 class Site(NamedTuple):
@@ -45,107 +103,14 @@ class Site(NamedTuple):
         return self.kind if self.layer is None else f"blocks.{self.layer}.{self.kind}"
 
 
-ATTN_KINDS = (
-    "hook_resid_pre",
-    "hook_q_input",
-    "hook_k_input",
-    "hook_v_input",
-    "ln1.hook_scale",
-    "ln1.hook_normalized",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_v",
-    "attn.hook_rot_q",
-    "attn.hook_rot_k",
-    "attn.hook_attn_scores",
-    "attn.hook_pattern",
-    "attn.hook_z",
-    "attn.hook_result",
-    "hook_attn_out",
-)
-MLP_KINDS = (
-    "hook_resid_mid",
-    "hook_mlp_in",
-    "ln2.hook_scale",
-    "ln2.hook_normalized",
-    "mlp.hook_pre",
-    "mlp.hook_pre_linear",
-    "mlp.hook_post",
-    "hook_mlp_out",
-)
-
-# TransformerLens-style shorthands: ("z", 5) -> blocks.5.attn.hook_z
-_SHORT = {
-    "embed": "hook_embed",
-    "pos_embed": "hook_pos_embed",
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "q": "attn.hook_q",
-    "k": "attn.hook_k",
-    "v": "attn.hook_v",
-    "rot_q": "attn.hook_rot_q",
-    "rot_k": "attn.hook_rot_k",
-    "attn_scores": "attn.hook_attn_scores",
-    "scores": "attn.hook_attn_scores",
-    "pattern": "attn.hook_pattern",
-    "attn": "attn.hook_pattern",
-    "z": "attn.hook_z",
-    "result": "attn.hook_result",
-    "pre": "mlp.hook_pre",
-    "pre_linear": "mlp.hook_pre_linear",
-    "post": "mlp.hook_post",
-    "mlp_post": "mlp.hook_post",
-    "mlp_pre": "mlp.hook_pre",
-    "q_input": "hook_q_input",
-    "k_input": "hook_k_input",
-    "v_input": "hook_v_input",
-    "mlp_in": "hook_mlp_in",
-}
-
-SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
-
-# Site short name -> (site kind, the activation axes (after batch) each sweep axis indexes)
-PATCH_SITES: dict[str, tuple[str, dict[str, int]]] = {
-    "resid_pre": ("hook_resid_pre", {"pos": 0}),
-    "resid_mid": ("hook_resid_mid", {"pos": 0}),
-    "resid_post": ("hook_resid_post", {"pos": 0}),
-    "attn_out": ("hook_attn_out", {"pos": 0}),
-    "mlp_out": ("hook_mlp_out", {"pos": 0}),
-    "z": ("attn.hook_z", {"pos": 0, "head": 1}),
-    "q": ("attn.hook_q", {"pos": 0, "head": 1}),
-    "k": ("attn.hook_k", {"pos": 0, "head": 1}),  # head = kv head under grouped-query attention
-    "v": ("attn.hook_v", {"pos": 0, "head": 1}),
-    "pattern": ("attn.hook_pattern", {"head": 0, "dest": 1, "src": 2}),
-    "mlp_post": ("mlp.hook_post", {"pos": 0, "neuron": 1}),
-}
-
-
 def layer_kinds(cfg: Config) -> tuple[str, ...]:
-    """Per-layer site kinds that exist in models of this config."""
-    kinds = list(ATTN_KINDS)
-    if cfg.normalization is None:
-        kinds = [k for k in kinds if not k.startswith("ln1.")]
-    if cfg.positional != "rotary":
-        kinds = [k for k in kinds if "rot_" not in k]
-    if not cfg.attn_only:
-        mlp = [k for k in MLP_KINDS if cfg.normalization is not None or not k.startswith("ln2.")]
-        if not cfg.gated_mlp:
-            mlp.remove("mlp.hook_pre_linear")
-        kinds += mlp
-    kinds.append("hook_resid_post")
-    return tuple(kinds)
+    """Per-layer site kinds that exist in models of this config, in forward order."""
+    return tuple(k.kind for k in SITE_KINDS if k.per_layer and _has(cfg, k))
 
 
 def global_kinds(cfg: Config) -> tuple[str, ...]:
-    kinds = ["hook_embed"]
-    if cfg.positional == "learned":
-        kinds.append("hook_pos_embed")
-    if cfg.normalization is not None:
-        kinds += ["ln_final.hook_scale", "ln_final.hook_normalized"]
-    return tuple(kinds)
+    """Global site kinds (embedding, final norm) that exist in models of this config."""
+    return tuple(k.kind for k in SITE_KINDS if not k.per_layer and _has(cfg, k))
 
 
 def all_site_names(cfg: Config) -> list[str]:
@@ -167,7 +132,7 @@ def parse_site(name, cfg: Config) -> Site:
         name = name.name
     if isinstance(name, tuple):
         short, *rest = name
-        kind = _SHORT.get(short, short)
+        kind = SHORTHANDS.get(short, short)
         if short in ("scale", "normalized"):
             layer = rest[0] if rest else None
             ln = rest[1] if len(rest) > 1 else ("ln_final" if layer is None else "ln1")
@@ -188,21 +153,7 @@ def parse_site(name, cfg: Config) -> Site:
 
 
 def site_shape(site: Site, cfg: Config, batch: int, pos: int) -> tuple[int, ...]:
-    """Shape of a site's activation for a `[batch, pos]` token array."""
-    B, T, D, H, K, E = batch, pos, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
-    kind = site.kind
-    if kind.endswith("hook_scale"):
-        return (B, T, 1)
-    if kind in ("attn.hook_q", "attn.hook_rot_q", "attn.hook_z"):
-        return (B, T, H, E)
-    if kind in ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k"):
-        return (B, T, K, E)
-    if kind in ("attn.hook_attn_scores", "attn.hook_pattern"):
-        return (B, H, T, T)
-    if kind in ("attn.hook_result", "hook_q_input"):
-        return (B, T, H, D)
-    if kind in ("hook_k_input", "hook_v_input"):
-        return (B, T, K, D)
-    if kind.startswith("mlp."):
-        return (B, T, cfg.d_mlp)
-    return (B, T, D)
+    """Shape of a site's activation for a `[batch, pos]` token array (from the table's letters)."""
+    size = dict(B=batch, T=pos, S=pos, D=cfg.d_model, H=cfg.n_heads, K=cfg.kv_heads, E=cfg.d_head, M=cfg.d_mlp)
+    size["1"] = 1
+    return tuple(size[a] for a in KIND[site.kind].shape.split())
