@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/discovery.py [--parts known,smollm2,speed] [--n 8] [--json out.json] [--png-dir docs/img]
 
 In one process run:
-known.   Models with known circuits (`circuits_jax/tasks/_known.py`: the trained induction model and the
+known.   Models with known circuits (`circuits_jax/tasks/known.py`: the trained induction model and the
          hand-built ones): edge and node ROC AUC against the truth of EAP, EAP-IG (inputs and
          activations) and ACDC (a threshold sweep, Conmy et al.'s ROC), each under the ablation the
          truth was defined with.
@@ -30,7 +30,7 @@ import numpy as np
 
 import circuits_jax as cj
 import circuits_jax.plot  # noqa: F401  (cj.plot)
-from circuits_jax.tasks._tasks import ioi_task
+from circuits_jax.tasks import ioi_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,39 +44,38 @@ def _fmt_curve(f) -> str:
 # ---------------------------------------------------------------------------
 
 
-def known(thresholds, steps, seeds=(0,)) -> list[dict]:
-    from circuits_jax.tasks import _known
+def known(thresholds, steps, seeds=(0,), ablations=("resample",)) -> list[dict]:
+    from circuits_jax.tasks import known as K
+
     rows = []
     print("\n## Ground truth: ROC AUC against the known circuit")
     print("| model | edges (truth) | ablation | method | edge AUC | node AUC | seconds |")
     print("|---|---:|---|---|---:|---:|---:|")
-    tasks = dict(_known.benchmark_tasks(seeds[0]))
+    tasks = dict(K.benchmark_tasks(seeds[0]))
     for seed in seeds[1:]:  # more trained models: the hand-built ones do not depend on the seed's weights
-        m, info = _known.induction_model(seed)
-        tasks[f"induction seed {seed}"] = (m, _known.induction_task(m, info, seed=seed))
+        m, info = K.induction_model(seed)
+        tasks[f"induction seed {seed}"] = (m, K.induction_task(m, info, seed=seed))
     for name, (model, task) in tasks.items():
         g = cj.Graph.of(model.cfg)
-        kw = dict(attention_mask=task.attention_mask, answer_pos=task.answer_pos)
-        abl = task.truth_ablation
-        head = f"| {name} | {g.n_edges} ({int(task.truth.sum())}) | {abl} "
-        for method in cj.EDGE_METHODS:  # EAP's differences are corrupt minus clean: patching ablation
+        for abl in ablations:  # every method ablates the same way: resample from the corrupt prompt, or zero
+            head = f"| {name} | {g.n_edges} ({int(task.truth.sum())}) | {abl} "
+            for method in cj.EDGE_METHODS:  # noising: the estimate of removing each edge from the clean run
+                t = time.perf_counter()
+                s = cj.edge_attribution(model, task, method, steps=steps, ablation=abl, noising=True)
+                secs = time.perf_counter() - t
+                auc = cj.roc_auc(s, task.truth)
+                rows.append(dict(model=name, ablation=abl, method=method, seconds=secs, edge=auc.edge, node=auc.node))
+                print(head + f"| {method} | {auc.edge:.3f} | {auc.node:.3f} | {secs:.1f} |", flush=True)
             t = time.perf_counter()
-            s = cj.edge_attribution(model, task.clean, task.corrupt, task.metric, method, steps=steps, noising=True, **kw)
+            circuits = [cj.acdc(model, task, threshold=tau, ablation=abl, progress=False) for tau in thresholds]
             secs = time.perf_counter() - t
-            auc = cj.roc_auc(s, task.truth)
-            rows.append(dict(model=name, method=method, seconds=secs, **auc))
-            print(head + f"| {method} | {auc['edge']:.3f} | {auc['node']:.3f} | {secs:.1f} |", flush=True)
-        t = time.perf_counter()
-        circuits = [cj.acdc(model, task.clean, task.corrupt, task.metric, threshold=tau, ablation=abl, progress=False,
-                            **kw) for tau in thresholds]  # fmt: skip
-        secs = time.perf_counter() - t
-        auc = cj.roc_sweep(circuits, task.truth)
-        exact = [c for c in circuits if (c.edges == task.truth).all()]
-        rows.append(dict(model=name, method="acdc", seconds=secs, edge=auc["edge"], node=auc["node"],
-                         points=auc["edge_points"], exact_at=[c.meta["threshold"] for c in exact]))  # fmt: skip
-        exact_at = ", ".join(f"{c.meta['threshold']:g}" for c in exact)
-        print(head + f"| ACDC ({len(thresholds)} thresholds) | {auc['edge']:.3f} | {auc['node']:.3f} | {secs:.1f} |"
-              + (f" exact at τ = {exact_at}" if exact else ""), flush=True)  # fmt: skip
+            auc = cj.roc_sweep(circuits, task.truth)
+            exact = [c for c in circuits if (c.edges == task.truth).all()]
+            rows.append(dict(model=name, ablation=abl, method="acdc", seconds=secs, edge=auc.edge, node=auc.node,
+                             points=auc.edge_points, exact_at=[c.meta["threshold"] for c in exact]))  # fmt: skip
+            exact_at = ", ".join(f"{c.meta['threshold']:g}" for c in exact)
+            print(head + f"| ACDC ({len(thresholds)} thresholds) | {auc.edge:.3f} | {auc.node:.3f} | {secs:.1f} |"
+                  + (f" exact at τ = {exact_at}" if exact else ""), flush=True)  # fmt: skip
     return rows
 
 
@@ -232,6 +231,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--known-thresholds", default="0,1e-4,1e-3,3e-3,0.01,0.03,0.1,0.3,1,3")
     ap.add_argument("--windows", default="1,8,16")
     ap.add_argument("--seeds", default="0", help="known: seeds of the trained induction model (the first also seeds the rest)")
+    ap.add_argument("--ablations", default="resample,zero", help="known: the ablations every method is run with")
     ap.add_argument("--tl-candidates", type=int, default=30)
     ap.add_argument("--json", default=None)
     ap.add_argument("--png-dir", default=None)
@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
     report = {}
     if "known" in parts:
         report["known"] = known([float(t) for t in args.known_thresholds.split(",")], args.steps,
-                                [int(x) for x in args.seeds.split(",")])  # fmt: skip
+                                [int(x) for x in args.seeds.split(",")], args.ablations.split(","))  # fmt: skip
     if "smollm2" in parts or "speed" in parts:
         model, tok = cj.load("smollm2")
         task = ioi_task(tok, n=args.n)

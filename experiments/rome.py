@@ -156,7 +156,7 @@ def main():
         new_model, info = R.rome_edit(model, tok, case, layer, cov[layer], lam=lam)
         ev = R.evaluate_edit(model, new_model, tok, case)
         row = {"fact": tmpl.format(s), "true": true, "new": new, "layer": layer, "lam": lam, "seconds": info.seconds,
-               "steps": len(info.nll), "final_nll": float(info.nll[-1]), "eval": ev}  # fmt: skip
+               "steps": len(info.nll), "final_nll": float(info.nll[-1]), "eval": dict(ev)}  # fmt: skip
         print(f"L{layer} {row['fact']!r} -> {new}: ES {ev['efficacy']:.0f} PS {ev['paraphrase']:.2f} "
               f"NS {ev['neighborhood']:.2f} p_new {ev['post']['p_new']:.3f} KL {ev['essence_kl']:.3f} "
               f"edit {info.seconds:.1f}s", flush=True)  # fmt: skip
@@ -192,7 +192,7 @@ def main():
             info, case, _ = edit(i, best)
             for lam in LAMS:
                 ev = R.evaluate_edit(model, edited(best, info, lam), tok, case)
-                lam_rows[lam].append({"fact": case["prompt"].format(case["subject"]), "eval": ev})
+                lam_rows[lam].append({"fact": case["prompt"].format(case["subject"]), "eval": dict(ev)})
     result["lam_sweep"] = {str(lam): summary(r) for lam, r in lam_rows.items()}
     print("lam sweep", result["lam_sweep"], flush=True)
 

@@ -52,7 +52,7 @@ def main() -> None:
     held_out = held_out[: args.eval_contexts]
     ts = cj.load_transcoders(out, model=model, model_name="smollm2")
     t0 = time.perf_counter()
-    ev = cj.evaluate_transcoders(model, ts, held_out, progress=not args.quiet)
+    ev = dict(cj.evaluate_transcoders(model, ts, held_out, progress=not args.quiet))  # a dict: seconds and tokens are added
     ev["seconds"] = time.perf_counter() - t0
     ev["eval_tokens"] = int(held_out.shape[0] * (held_out.shape[1] - 1))
     (out / "eval.json").write_text(json.dumps(ev, indent=1))

@@ -35,14 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import Transformer
+from ..core import Result, Transformer
 from ._replacement import Trace, Transcoders, token_embeddings, linear_forward, trace
 
 
-@dataclasses.dataclass
-class AttributionGraph:
+@dataclasses.dataclass(frozen=True, repr=False)
+class AttributionGraph(Result):
     """A direct-effect graph. Node order: features (S), errors (layer-major, L*T), tokens (T),
-    logits (K); `adjacency[target, source]`."""
+    logits (K); `adjacency[target, source]`. `save` writes a compressed .npz (the adjacency is sparse)."""
+
+    _compress = True
 
     prompt: str
     tokens: np.ndarray  # [T]
@@ -57,11 +59,6 @@ class AttributionGraph:
     n_layers: int
     error_norms: np.ndarray  # [L, T]
     info: dict = dataclasses.field(default_factory=dict)
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
     @property
     def n_pos(self) -> int:
@@ -105,20 +102,17 @@ class AttributionGraph:
         ids += [f"{self.n_layers + 1}_{t}_{self.n_pos - 1}" for t in self.logit_tokens.tolist()]
         return ids
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Arrays to `path` (.npz) with the strings and info as JSON inside."""
-        path = Path(path)
-        meta = dict(prompt=self.prompt, token_strs=self.token_strs, logit_strs=self.logit_strs, n_layers=self.n_layers, info=self.info)
-        np.savez_compressed(path, tokens=self.tokens, features=self.features, activations=self.activations, logit_tokens=self.logit_tokens,
-                            logit_probs=self.logit_probs, logit_values=self.logit_values, adjacency=self.adjacency,
-                            error_norms=self.error_norms, meta=np.asarray(json.dumps(meta)))  # fmt: skip
-        return path
-
     @classmethod
     def load(cls, path: str | os.PathLike) -> AttributionGraph:
-        z = np.load(path)
-        meta = json.loads(str(z["meta"]))
-        arrays = {k: z[k] for k in ("tokens", "features", "activations", "logit_tokens", "logit_probs", "logit_values", "adjacency", "error_norms")}
+        """Read a graph written by `save`, also one written before graphs were `Result`s (JSON under `meta`)."""
+        with np.load(path, allow_pickle=False) as z:
+            if "__meta__" in z.files or "meta" not in z.files:
+                legacy = None
+            else:
+                legacy = json.loads(str(z["meta"])), {k: z[k] for k in z.files if k != "meta"}
+        if legacy is None:
+            return super().load(path)
+        meta, arrays = legacy
         return cls(prompt=meta["prompt"], token_strs=meta["token_strs"], logit_strs=meta["logit_strs"], n_layers=meta["n_layers"],
                    info=meta["info"], **arrays)  # fmt: skip
 
@@ -355,18 +349,15 @@ def _threshold(scores: np.ndarray, frac: float) -> float:
     return float(s[i])
 
 
-@dataclasses.dataclass
-class Pruned:
+@dataclasses.dataclass(frozen=True, repr=False)
+class Pruned(Result):
+    """`prune`'s choice: which nodes and edges of an `AttributionGraph` are kept, and at which thresholds."""
+
     node_mask: np.ndarray  # [N]
     edge_mask: np.ndarray  # [N, N]
     cumulative: np.ndarray  # [N]: share of influence held by this node and every node above it
     node_threshold: float
     edge_threshold: float
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
 
 def prune(g: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
@@ -400,7 +391,15 @@ def prune(g: AttributionGraph, node_threshold: float = 0.8, edge_threshold: floa
     return Pruned(keep, edges, cum, node_threshold, edge_threshold)
 
 
-def graph_scores(g: AttributionGraph) -> dict:
+@dataclasses.dataclass(frozen=True, repr=False)
+class GraphScores(Result):
+    """`graph_scores`: the replacement and completeness scores of a graph; reads like the dict it was (`s["replacement"]`)."""
+
+    replacement: float
+    completeness: float
+
+
+def graph_scores(g: AttributionGraph) -> GraphScores:
     """`replacement`: share of the token-to-logit influence that reaches the logits without
     passing through an error node's share; `completeness`: influence-weighted share of every
     node's inputs that come from features and tokens rather than errors."""
@@ -410,14 +409,15 @@ def graph_scores(g: AttributionGraph) -> dict:
     tok, err = inf[g.token_slice].sum(), inf[g.error_slice].sum()
     non_error = 1.0 - norm[:, g.error_slice].sum(1)
     out = inf + w
-    return dict(replacement=float(tok / max(tok + err, 1e-30)), completeness=float((non_error * out).sum() / max(out.sum(), 1e-30)))
+    return GraphScores(replacement=float(tok / max(tok + err, 1e-30)),
+                       completeness=float((non_error * out).sum() / max(out.sum(), 1e-30)))  # fmt: skip
 
 
 # ---------------------------------------------------------------- circuit-tracer / Neuronpedia JSON
 
 
 def graph_json(g: AttributionGraph, pruned: Pruned | None = None, *, slug: str = "graph", scan: str = "",
-               supernodes=(), scores: dict | None = None, labels: dict | None = None) -> dict:  # fmt: skip
+               supernodes=(), scores: GraphScores | dict | None = None, labels: dict | None = None) -> dict:  # fmt: skip
     """The graph in the schema circuit-tracer writes and Neuronpedia's graph viewer reads.
 
     supernodes: `[[name, node_id, ...], ...]`; labels: `{"{layer}_{feature}": text}` for `clerp`."""

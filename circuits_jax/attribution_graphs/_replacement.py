@@ -15,6 +15,7 @@ training); that position's MLP output is all error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,7 @@ from jax import Array
 from ..core import (
     ALL_LAYERS,
     Hook,
+    Result,
     Tap,
     Transformer,
     Zero,
@@ -395,7 +397,21 @@ def _eval_batch(model: Transformer, ts: Transcoders, tokens):
                 l0=jnp.sum(tr.acts[:, :, 1:] > 0, (1, 2, 3)), ce=jnp.stack([ce(tr.logits), ce(replaced), ce(zero)]))  # fmt: skip
 
 
-def evaluate_transcoders(model: Transformer, ts: Transcoders, contexts, *, batch_size: int = 8, progress: bool = True) -> dict:
+@dataclasses.dataclass(frozen=True, repr=False)
+class TranscoderEvaluation(Result):
+    """`evaluate_transcoders`: per-layer reconstruction and the spliced-in next-token loss; reads
+    like the dict it was (`ev["ce_recovered"]`; `dict(ev)` for JSON)."""
+
+    fve: list[float]  # [L] fraction of variance of each MLP output the transcoder explains
+    l0: list[float]  # [L] mean active features per token
+    ce_clean: float  # next-token loss of the real model
+    ce_replaced: float  # every MLP replaced by its transcoder (no error terms, nothing frozen)
+    ce_zero: float  # every MLP zeroed
+    ce_recovered: float  # (ce_zero - ce_replaced) / (ce_zero - ce_clean)
+
+
+def evaluate_transcoders(model: Transformer, ts: Transcoders, contexts, *, batch_size: int = 8,
+                         progress: bool = True) -> TranscoderEvaluation:  # fmt: skip
     """Per-layer fraction of variance explained and L0 on held-out `contexts` `[N, T]` (BOS
     first, BOS excluded), and the next-token loss of the real model, of the model with every
     MLP replaced by its transcoder (no error terms, nothing frozen) and with every MLP zeroed."""
@@ -411,6 +427,8 @@ def evaluate_transcoders(model: Transformer, ts: Transcoders, contexts, *, batch
     n = N * (T - 1)
     sst = (tot["s2"] - tot["s1"] ** 2 / n).sum(-1)
     ce_clean, ce_rep, ce_zero = tot["ce"] / n
-    return dict(fve=(1 - tot["sse"] / np.maximum(sst, 1e-12)).tolist(), l0=(tot["l0"] / n).tolist(), ce_clean=float(ce_clean),
-                ce_replaced=float(ce_rep), ce_zero=float(ce_zero),
-                ce_recovered=float((ce_zero - ce_rep) / (ce_zero - ce_clean)) if ce_zero != ce_clean else float("nan"))  # fmt: skip
+    return TranscoderEvaluation(
+        fve=(1 - tot["sse"] / np.maximum(sst, 1e-12)).tolist(), l0=(tot["l0"] / n).tolist(), ce_clean=float(ce_clean),
+        ce_replaced=float(ce_rep), ce_zero=float(ce_zero),
+        ce_recovered=float((ce_zero - ce_rep) / (ce_zero - ce_clean)) if ce_zero != ce_clean else float("nan"),
+    )  # fmt: skip

@@ -14,7 +14,12 @@ from jax import Array
 
 
 def _rows(logits: Array, ids: Array) -> Array:
-    return jnp.take_along_axis(logits, jnp.asarray(ids, jnp.int32).reshape(-1, 1), axis=-1)[:, 0]
+    """`logits[..., ids]` per scored position: `logits [B, V]` with ids `[B]`, or `[B, n, V]` with ids
+    `[B, n]` (or `[B]`: the same id at each of a row's positions)."""
+    ids = jnp.asarray(ids, jnp.int32)
+    lead = logits.shape[:-1]
+    ids = jnp.broadcast_to(ids.reshape(ids.shape + (1,) * (len(lead) - ids.ndim)), lead) if ids.ndim < len(lead) else ids
+    return jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
 
 
 class LogitDiff(eqx.Module):

@@ -29,24 +29,24 @@ from ._forward import run
 class Blocks(eqx.Module):
     """Parameters of all layers, stacked along a leading L axis. Absent parts are None."""
 
-    W_Q: Array  # [L, H, D, E]
-    W_K: Array  # [L, K, D, E]
-    W_V: Array  # [L, K, D, E]
-    W_O: Array  # [L, H, E, D]
-    b_Q: Array | None = None  # [L, H, E]
-    b_K: Array | None = None  # [L, K, E]
-    b_V: Array | None = None  # [L, K, E]
-    b_O: Array | None = None  # [L, D]
-    ln1_w: Array | None = None  # [L, D]
-    ln1_b: Array | None = None  # [L, D]
-    ln2_w: Array | None = None
-    ln2_b: Array | None = None
-    W_in: Array | None = None  # [L, D, M] (the "up" projection when gated)
-    b_in: Array | None = None  # [L, M]
-    W_gate: Array | None = None  # [L, D, M]
-    b_gate: Array | None = None
-    W_out: Array | None = None  # [L, M, D]
-    b_out: Array | None = None  # [L, D]
+    W_Q: Float[Array, "L H D E"]
+    W_K: Float[Array, "L K D E"]
+    W_V: Float[Array, "L K D E"]
+    W_O: Float[Array, "L H E D"]
+    b_Q: Float[Array, "L H E"] | None = None
+    b_K: Float[Array, "L K E"] | None = None
+    b_V: Float[Array, "L K E"] | None = None
+    b_O: Float[Array, "L D"] | None = None
+    ln1_w: Float[Array, "L D"] | None = None
+    ln1_b: Float[Array, "L D"] | None = None
+    ln2_w: Float[Array, "L D"] | None = None
+    ln2_b: Float[Array, "L D"] | None = None
+    W_in: Float[Array, "L D M"] | None = None  # (the "up" projection when gated)
+    b_in: Float[Array, "L M"] | None = None
+    W_gate: Float[Array, "L D M"] | None = None
+    b_gate: Float[Array, "L M"] | None = None
+    W_out: Float[Array, "L M D"] | None = None
+    b_out: Float[Array, "L D"] | None = None
 
 
 class Transformer(eqx.Module):
@@ -58,13 +58,13 @@ class Transformer(eqx.Module):
     """
 
     cfg: Config = eqx.field(static=True)
-    W_E: Array  # [V, D]
+    W_E: Float[Array, "V D"]
     blocks: Blocks
-    W_U: Array  # [D, V]
-    W_pos: Array | None = None  # [n_ctx, D]
-    lnf_w: Array | None = None
-    lnf_b: Array | None = None
-    b_U: Array | None = None  # [V]
+    W_U: Float[Array, "D V"]
+    W_pos: Float[Array, "n_ctx D"] | None = None
+    lnf_w: Float[Array, " D"] | None = None
+    lnf_b: Float[Array, " D"] | None = None
+    b_U: Float[Array, " V"] | None = None
 
     def __check_init__(self):
         check_shapes(self)
@@ -112,25 +112,28 @@ def init_model(cfg: Config, *, key: Array, std: float = 0.02) -> Transformer:
     )
 
 
+# The config fields each weight's axes come from, by field name (`blocks.` for the per-layer ones);
+# `n_kv_heads` stands for `cfg.kv_heads` (n_kv_heads or n_heads). The d_mlp ones exist only with an MLP.
+WEIGHT_AXES: dict[str, tuple[str, ...]] = {
+    "W_E": ("d_vocab", "d_model"), "W_U": ("d_model", "d_vocab"), "W_pos": ("n_ctx", "d_model"),
+    "lnf_w": ("d_model",), "lnf_b": ("d_model",), "b_U": ("d_vocab",),
+    "blocks.W_Q": ("n_layers", "n_heads", "d_model", "d_head"), "blocks.W_K": ("n_layers", "n_kv_heads", "d_model", "d_head"),
+    "blocks.W_V": ("n_layers", "n_kv_heads", "d_model", "d_head"), "blocks.W_O": ("n_layers", "n_heads", "d_head", "d_model"),
+    "blocks.b_Q": ("n_layers", "n_heads", "d_head"), "blocks.b_K": ("n_layers", "n_kv_heads", "d_head"),
+    "blocks.b_V": ("n_layers", "n_kv_heads", "d_head"), "blocks.b_O": ("n_layers", "d_model"),
+    "blocks.ln1_w": ("n_layers", "d_model"), "blocks.ln1_b": ("n_layers", "d_model"),
+    "blocks.ln2_w": ("n_layers", "d_model"), "blocks.ln2_b": ("n_layers", "d_model"),
+    "blocks.W_in": ("n_layers", "d_model", "d_mlp"), "blocks.b_in": ("n_layers", "d_mlp"),
+    "blocks.W_gate": ("n_layers", "d_model", "d_mlp"), "blocks.b_gate": ("n_layers", "d_mlp"),
+    "blocks.W_out": ("n_layers", "d_mlp", "d_model"), "blocks.b_out": ("n_layers", "d_model"),
+}  # fmt: skip
+
+
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """The shape every weight of a model of `cfg` must have, by field name (`blocks.` for per-layer ones)."""
-    L, D, H, K, E, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_vocab
-    M = cfg.d_mlp
-    out = {"W_E": (V, D), "W_U": (D, V), "W_pos": (cfg.n_ctx, D), "lnf_w": (D,), "lnf_b": (D,), "b_U": (V,),
-           "blocks.W_Q": (L, H, D, E), "blocks.W_K": (L, K, D, E), "blocks.W_V": (L, K, D, E), "blocks.W_O": (L, H, E, D),
-           "blocks.b_Q": (L, H, E), "blocks.b_K": (L, K, E), "blocks.b_V": (L, K, E), "blocks.b_O": (L, D),
-           "blocks.ln1_w": (L, D), "blocks.ln1_b": (L, D), "blocks.ln2_w": (L, D), "blocks.ln2_b": (L, D)}  # fmt: skip
-    if M is not None:
-        out.update({"blocks.W_in": (L, D, M), "blocks.b_in": (L, M), "blocks.W_gate": (L, D, M), "blocks.b_gate": (L, M),
-                    "blocks.W_out": (L, M, D), "blocks.b_out": (L, D)})  # fmt: skip
-    return out
-
-
-_FIELD_CFG = {"W_E": "d_vocab, d_model", "W_U": "d_model, d_vocab", "W_pos": "n_ctx, d_model", "b_U": "d_vocab",
-              "blocks.W_Q": "n_layers, n_heads, d_model, d_head", "blocks.W_K": "n_layers, n_kv_heads, d_model, d_head",
-              "blocks.W_V": "n_layers, n_kv_heads, d_model, d_head", "blocks.W_O": "n_layers, n_heads, d_head, d_model",
-              "blocks.W_in": "n_layers, d_model, d_mlp", "blocks.W_gate": "n_layers, d_model, d_mlp",
-              "blocks.W_out": "n_layers, d_mlp, d_model"}  # fmt: skip
+    size = lambda f: cfg.kv_heads if f == "n_kv_heads" else getattr(cfg, f)  # noqa: E731
+    return {name: tuple(size(f) for f in axes) for name, axes in WEIGHT_AXES.items()
+            if cfg.d_mlp is not None or "d_mlp" not in axes}  # fmt: skip
 
 
 def check_shapes(model) -> None:
@@ -144,6 +147,6 @@ def check_shapes(model) -> None:
         if shape is None or name not in want:
             continue
         if tuple(shape) != want[name]:
-            how = f" ({_FIELD_CFG[name]})" if name in _FIELD_CFG else ""
-            raise ValueError(f"weight {name} has shape {tuple(shape)}, but the config gives {want[name]}{how}; "
+            how = ", ".join(WEIGHT_AXES[name])
+            raise ValueError(f"weight {name} has shape {tuple(shape)}, but the config gives {want[name]} ({how}); "
                              "fix the config or the weight")  # fmt: skip

@@ -9,6 +9,7 @@ target run's residual stream, both metrics), placed on a mesh when one is given.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from typing import Callable, Sequence
@@ -22,8 +23,9 @@ from jax import Array
 from ..scale import replicate, round_to, shard_batch, shard_model, shard_rows, to_host
 from ._config import Config
 from ._forward import run, unembed
-from ._interventions import Hook, Replace
-from ._sites import PATCH_SITES, Site, site_shape
+from ._interventions import ALL_LAYERS, Hook, PerLayer, Replace
+from ._sites import KIND, PATCH_SITES, Site, parse_site, site_shape
+from ._task import Task
 
 IG_BATCH = 8  # integration-gradient steps vmapped together: one batched pass instead of eight small sequential ones
 
@@ -61,17 +63,40 @@ def auto_chunk(cfg: Config, B: int, T: int, memory_budget: int) -> int:
 
 
 def answer_positions(B: int, T: int, attention_mask, answer_pos):
+    """Scored positions: `answer_pos` (`[B]`, or `[B, n]` for several per row) or each row's last real token."""
     if answer_pos is not None:
-        return jnp.broadcast_to(jnp.asarray(answer_pos, jnp.int32), (B,))
+        pos = jnp.asarray(answer_pos, jnp.int32)
+        return pos if pos.ndim == 2 else jnp.broadcast_to(pos, (B,))
     if attention_mask is None:
         return jnp.full((B,), T - 1, jnp.int32)
     # last real token of each row (works for left and right padding)
     return (T - 1 - jnp.argmax(jnp.asarray(attention_mask)[:, ::-1], axis=1)).astype(jnp.int32)
 
 
+def at_positions(x, positions):
+    """`x [B, T, ...]` at each row's scored position(s): `[B, ...]` for positions `[B]`, `[B, n, ...]` for `[B, n]`."""
+    rows = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (positions.ndim - 1))
+    return x[rows, positions]
+
+
 def score_resid(model, resid, positions, metric):
-    """The metric of a run: final norm and unembedding of each row's scored position only."""
-    return metric(unembed(model, resid[jnp.arange(resid.shape[0]), positions]))
+    """The metric of a run: final norm and unembedding of each row's scored position(s) only
+    (`positions [B]` gives the metric logits `[B, V]`, `[B, n]` gives `[B, n, V]`)."""
+    return metric(unembed(model, at_positions(resid, positions)))
+
+
+def source_metric(model, resid, positions, metric):
+    """The metric of a source run, or NaN for zero and mean ablation, which have no run (`resid` None)."""
+    return jnp.float32(jnp.nan) if resid is None else score_resid(model, resid, positions, metric)
+
+
+def flat(largest_estimate: float, gap: float, largest_gradient: float) -> bool:
+    """Whether a gradient estimate is flat where it was taken: the gradient is zero, or every estimate is
+    below 1e-4 of the clean-corrupt gap (a metric measuring distance to the point where it is taken,
+    such as KL to the clean logits in noising mode, has zero gradient there up to rounding)."""
+    if largest_gradient == 0:
+        return True
+    return bool(np.isfinite(gap) and gap != 0 and largest_estimate <= 1e-4 * abs(gap))
 
 
 def hit_mask(act_shape, axis_of, index):
@@ -122,28 +147,152 @@ def metric_of(model, tokens, mask, positions, metric):
     return hooked_metric(model, tokens, mask, positions, metric)
 
 
-class Pairs:
-    """A clean/corrupt batch prepared once: tokens, scored positions, metrics and the target residuals."""
+_EXPLICIT = ("clean_tokens", "corrupt_tokens", "metric")
 
-    def __init__(self, model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh=None):
-        clean, corrupt = (np.atleast_2d(np.asarray(t, np.int32)) for t in (clean_tokens, corrupt_tokens))
-        if clean.shape != corrupt.shape:
-            raise ValueError(
-                f"clean tokens have shape {clean.shape} and corrupt tokens {corrupt.shape}; patching needs aligned "
-                "prompts of equal length (pad them with Tokenizer.to_padded and pass attention_mask)"
-            )
-        self.model, self.metric, self.noising = model, metric, noising
+
+def as_task(clean_or_task, corrupt=None, metric=None, *, attention_mask=None, answer_pos=None, name: str = "task") -> Task:
+    """A `Task` from the explicit arguments (clean tokens, corrupt tokens or None, metric), or the task itself."""
+    if isinstance(clean_or_task, Task):
+        if corrupt is not None or metric is not None or attention_mask is not None or answer_pos is not None:
+            raise TypeError("give a Task, or clean tokens, corrupt tokens and a metric (with attention_mask / "
+                            "answer_pos), not both")  # fmt: skip
+        return clean_or_task
+    return Task(name, clean_or_task, corrupt, metric, attention_mask=attention_mask, answer_pos=answer_pos)
+
+
+def takes_task(fn: Callable) -> Callable:
+    """Let a technique `fn(model, task, *args, **kwargs)` also be called the explicit way,
+    `fn(model, clean_tokens, corrupt_tokens, metric, *args, attention_mask=..., answer_pos=..., **kwargs)`
+    (corrupt tokens may be None for zero and mean ablation). The explicit form builds the `Task`."""
+
+    @functools.wraps(fn)
+    def technique(model, *args, **kwargs):
+        explicit = {k: kwargs.pop(k) for k in (*_EXPLICIT, "attention_mask", "answer_pos") if k in kwargs}
+        if args and isinstance(args[0], Task):
+            task = args[0]
+            clash = [k for k, v in explicit.items() if v is not None and v is not getattr(task, k, None)]
+            if clash:
+                raise TypeError(f"{fn.__name__}: give a Task, or {', '.join(_EXPLICIT)} with attention_mask / answer_pos, "
+                                f"not both (got {', '.join(clash)} beside a Task; the task holds its own)")  # fmt: skip
+            return fn(model, *args, **kwargs)
+        missing = [k for k in _EXPLICIT if k not in explicit]
+        if len(args) < len(missing):
+            raise TypeError(f"{fn.__name__}(model, task, ...) or {fn.__name__}(model, clean_tokens, corrupt_tokens, "
+                            f"metric, ...): missing {', '.join(missing[len(args):])}")  # fmt: skip
+        explicit.update(zip(missing, args))
+        task = as_task(explicit["clean_tokens"], explicit["corrupt_tokens"], explicit["metric"],
+                       attention_mask=explicit.get("attention_mask"), answer_pos=explicit.get("answer_pos"))  # fmt: skip
+        return fn(model, task, *args[len(missing):], **kwargs)
+
+    return technique
+
+
+ABLATIONS = ("resample", "zero", "mean")
+_SYNONYMS = {"patching": "resample", "corrupt": "resample"}
+
+
+def check_ablation(ablation: str, task: Task, noising: bool | None = None) -> tuple[str, bool]:
+    """`(ablation, noising)` checked against the task: resample needs corrupt inputs; zero and mean
+    ablate the clean run (noising), so `noising=False` is refused with them. `noising=None` means
+    denoising for resample (clean patched into corrupt), noising for zero and mean."""
+    name = _SYNONYMS.get(ablation, ablation)
+    if name not in ABLATIONS:
+        close = difflib.get_close_matches(str(ablation), [*ABLATIONS, *_SYNONYMS], n=1)
+        raise KeyError(f"unknown ablation {ablation!r}; valid: {', '.join(ABLATIONS)}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))  # fmt: skip
+    if name == "resample":
+        if task.corrupt is None:
+            raise ValueError(f"ablation='resample' takes values from corrupt inputs, and task {task.name!r} has none: "
+                             "give corrupt tokens, or ablation='zero' or 'mean'")  # fmt: skip
+        return name, bool(noising)
+    if noising is False:
+        raise ValueError(f"ablation={name!r} replaces clean activations by {name} values, which is noising: there is no "
+                         f"{name}-ablated run to patch clean values into; leave noising unset (or True)")  # fmt: skip
+    return name, True
+
+
+class Source(eqx.Module):
+    """Where patched-in values come from, as a value a compiled program takes.
+
+    `"run"`: a forward pass on `tokens` (the clean run when denoising, the corrupt one under
+    resample noising); `"zero"`: zeros; `"mean"`: each site's mean over `tokens` (the task's
+    reference set, or its clean batch), over the batch and over real token positions where the
+    site has a position axis, broadcast to the target's shape.
+    """
+
+    kind: str = eqx.field(static=True)
+    tokens: Array | None = None
+    mask: Array | None = None
+
+    def values(self, model, names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Array], Array | None]:
+        """`({name: value shaped shapes[name]}, residual stream after the last layer or None)`."""
+        if self.kind == "zero":
+            dtype = model.W_E.dtype
+            return {n: jnp.zeros(shapes[n], dtype) for n in names}, None
+        out = run(model, self.tokens, cache=list(names), attention_mask=self.mask, return_logits=False)
+        if self.kind == "run":
+            return out.cache, out.resid
+        cfg = model.cfg
+        w = jnp.ones(self.tokens.shape, jnp.float32) if self.mask is None else jnp.asarray(self.mask, jnp.float32)
+        means = {}
+        for n in names:
+            x = out.cache[n]
+            letters = KIND[parse_site(n, cfg).kind].shape.split()
+            if len(letters) > 1 and letters[1] == "T":  # batch and positions, real tokens only
+                ww = w.reshape(w.shape + (1,) * (x.ndim - 2)).astype(x.dtype)
+                m = jnp.sum(x * ww, axis=(0, 1), keepdims=True) / jnp.sum(ww, axis=(0, 1), keepdims=True)
+            else:  # attention patterns and scores: over the batch
+                m = jnp.mean(x, axis=0, keepdims=True)
+            means[n] = jnp.broadcast_to(m, shapes[n])
+        return means, None
+
+    def stacks(self, model, kinds: Sequence[str], B: int, T: int) -> tuple[dict[str, Array], Array | None]:
+        """`({kind: [L, B, ...] values at every layer}, source residual or None)` for per-layer kinds."""
+        cfg = model.cfg
+        L = cfg.n_layers
+        names = [f"blocks.{l}.{k}" for k in kinds for l in range(L)]
+        got, resid = self.values(model, names, {n: site_shape(parse_site(n, cfg), cfg, B, T) for n in names})
+        return {k: jnp.stack([got[f"blocks.{l}.{k}"] for l in range(L)]) for k in kinds}, resid
+
+
+class Pairs:
+    """A task prepared once for a technique: tokens, scored positions, where patched-in values come
+    from (`source`: the clean run when denoising; the corrupt run, zeros or means when noising), the
+    target run's residual stream and both metrics, placed on a mesh when one is given."""
+
+    def __init__(self, model, task: Task, *, ablation: str = "resample", noising: bool | None = None, mesh=None):
+        self.ablation, noising = check_ablation(ablation, task, noising)
+        self.task, self.model, self.metric, self.noising = task, model, task.metric, noising
+        clean = np.atleast_2d(np.asarray(task.clean, np.int32))
+        corrupt = None if task.corrupt is None else np.atleast_2d(np.asarray(task.corrupt, np.int32))
         self.B, self.T = clean.shape
-        self.mask = None if attention_mask is None else jnp.asarray(np.atleast_2d(attention_mask), bool)
-        self.positions = answer_positions(self.B, self.T, self.mask, answer_pos)
+        self.mask = None if task.attention_mask is None else jnp.asarray(np.atleast_2d(task.attention_mask), bool)
+        self.positions = answer_positions(self.B, self.T, self.mask, task.answer_pos)
         self.clean, self.corrupt = clean, corrupt
+        reference = task.reference if task.reference is not None else clean
+        ref_mask = task.reference_mask if task.reference is not None else task.attention_mask
+        ref_mask = None if ref_mask is None else jnp.asarray(np.atleast_2d(ref_mask), bool)
         self.mesh = mesh
         if mesh is not None:  # the same programs, on placed inputs: GSPMD splits them (see _sharding)
-            self.model, self.metric = shard_model(model, mesh), replicate(metric, mesh)
-            self.clean, self.corrupt = (shard_batch(t, mesh, what="a batch of prompts") for t in (clean, corrupt))
-            self.mask = shard_batch(self.mask, mesh, what="a batch of prompts")
-            self.positions = shard_batch(self.positions, mesh, what="a batch of prompts")
-        self.source_tokens, self.target_tokens = (self.corrupt, self.clean) if noising else (self.clean, self.corrupt)
+            what = "a batch of prompts"
+            self.model, self.metric = shard_model(model, mesh), replicate(self.metric, mesh)
+            self.clean = shard_batch(clean, mesh, what=what)
+            self.corrupt = None if corrupt is None else shard_batch(corrupt, mesh, what=what)
+            self.mask = shard_batch(self.mask, mesh, what=what)
+            self.positions = shard_batch(self.positions, mesh, what=what)
+        if not noising:
+            self.source, self.target_tokens = Source("run", jnp.asarray(self.clean), self.mask), self.corrupt
+        elif self.ablation == "resample":
+            self.source, self.target_tokens = Source("run", jnp.asarray(self.corrupt), self.mask), self.clean
+        elif self.ablation == "zero":
+            self.source, self.target_tokens = Source("zero"), self.clean
+        else:
+            self.source, self.target_tokens = Source("mean", jnp.asarray(reference), ref_mask), self.clean
+
+    @property
+    def source_tokens(self):
+        """The source run's tokens (a resample or denoising source); None for zero and mean."""
+        return self.source.tokens if self.source.kind == "run" else None
 
     def chunk(self, chunk: int) -> int:
         """A chunk size every device of the mesh's `sweep` axis gets an equal share of."""
@@ -165,14 +314,32 @@ class Pairs:
 
     @functools.cached_property
     def corrupt_metric(self) -> float:
+        """The corrupt run's metric; with zero or mean ablation, the metric with everything the technique
+        ablates ablated at once (the technique sets it: there is no corrupt run)."""
+        if self.corrupt is None:
+            raise ValueError("this technique has not set the fully ablated metric of a zero / mean ablation")
         return float(metric_of(self.model, jnp.asarray(self.corrupt), self.mask, self.positions, self.metric))
 
+    def shapes(self, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        cfg = self.model.cfg
+        return {n: site_shape(parse_site(n, cfg), cfg, self.B, self.T) for n in names}
+
     def site_stack(self, kind: str, source: bool = True) -> Array:
-        """`[L, B, ...]`: the site at every layer of the source (or target) run."""
+        """`[L, B, ...]`: the site at every layer of the source values (or of the target run)."""
         L = self.model.cfg.n_layers
-        tokens = self.source_tokens if source else self.target_tokens
-        out = run(self.model, tokens, attention_mask=self.mask, cache=[f"blocks.{l}.{kind}" for l in range(L)])
-        return jnp.stack([out.cache[f"blocks.{l}.{kind}"] for l in range(L)])
+        names = tuple(f"blocks.{l}.{kind}" for l in range(L))
+        if source:
+            got = _source_values(self.model, self.source, names, self.shapes(names))
+        else:
+            got = run(self.model, self.target_tokens, attention_mask=self.mask, cache=names, return_logits=False).cache
+        return jnp.stack([got[n] for n in names])
+
+    def ablated_metric(self, kinds: Sequence[str]) -> float:
+        """The target run's metric with every one of `kinds` replaced by its source values at every layer
+        at once (what 0 means for a sweep of those sites under zero or mean ablation)."""
+        stacks = {k: self.site_stack(k) for k in kinds}
+        return float(_ablated_metric(self.model, jnp.asarray(self.target_tokens), self.mask, self.positions, self.metric,
+                                     stacks))  # fmt: skip
 
     def score(self, kind, axis_of, rows, *, chunk, skip_unchanged, progress, desc) -> tuple[np.ndarray, int]:
         """Raw metric of every patch row `[layer, index...]` (index -1: the whole axis), and the chunk used."""
@@ -192,6 +359,17 @@ class Pairs:
 
         raw[todo] = in_chunks(rows, chunk, score, desc, progress, order=todo)[todo]
         return raw, chunk
+
+
+@eqx.filter_jit
+def _source_values(model, source: Source, names, shapes):
+    return source.values(model, names, shapes)[0]
+
+
+@eqx.filter_jit
+def _ablated_metric(model, tokens, mask, positions, metric, stacks):
+    hooks = [Hook(kind, ALL_LAYERS, PerLayer(Replace(stack))) for kind, stack in stacks.items()]
+    return hooked_metric(model, tokens, mask, positions, metric, hooks)
 
 
 def in_chunks(rows: np.ndarray, chunk: int, score: Callable, desc: str, progress: bool, order=None,

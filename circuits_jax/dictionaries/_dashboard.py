@@ -27,19 +27,21 @@ padding is never scored either). Pass `exclude_first=False` to score it.
 
 from __future__ import annotations
 
+import dataclasses
 from html import escape
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import parse_site, run
+from ..core import Result, parse_site, run
 from ._sae import SAE, CrossLayerTranscoder
 
 __all__ = [
     "feature_activations",
+    "FeatureStats",
     "feature_stats",
     "select_features",
     "direct_logit_effects",
@@ -175,11 +177,22 @@ def feature_activations(
     return np.concatenate(out, axis=0)
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class FeatureStats(Result):
+    """`feature_stats`: per-feature activity over scored tokens; reads like the dict it was (`stats["density"]`)."""
+
+    density: np.ndarray  # [F] fraction of scored tokens where the feature is active (> 0)
+    n_active: np.ndarray  # [F] int64, how many scored tokens that is
+    max_act: np.ndarray  # [F] float32, its largest activation
+    n_tokens: int  # scored tokens
+
+
 def feature_stats(model, dictionary: SAE, tokens, *, batch_size: int = 8, attention_mask=None,
-                  exclude_first: bool = True) -> dict[str, Any]:  # fmt: skip
+                  exclude_first: bool = True) -> FeatureStats:  # fmt: skip
     """Per-feature statistics over all `F` features, without holding the `[N, T, F]` activations.
 
-    Returns `{"density" [F], "n_active" [F], "max_act" [F], "n_tokens"}`: the fraction and the
+    Returns a `FeatureStats` of `density [F]`, `n_active [F]`, `max_act [F]` and `n_tokens`
+    (readable as `stats["density"]`, ...): the fraction and the
     number of scored tokens where each feature is active (> 0), its largest activation, and the
     number of scored tokens (the first token of each row and padding are not scored, see
     `feature_activations`). The input `select_features` expects.
@@ -196,7 +209,7 @@ def feature_stats(model, dictionary: SAE, tokens, *, batch_size: int = 8, attent
         count += np.asarray(c, np.int64)
         top = np.maximum(top, np.asarray(m, np.float32))
     n_tokens = int(valid.sum())
-    return {"density": count / max(n_tokens, 1), "n_active": count, "max_act": top, "n_tokens": n_tokens}
+    return FeatureStats(density=count / max(n_tokens, 1), n_active=count, max_act=top, n_tokens=n_tokens)
 
 
 def _feature_ids(features, width: int) -> list[int]:
@@ -211,7 +224,7 @@ def select_features(stats, how: str | Sequence[int] = "top_density", *, n: int =
                     max_density: float | None = None, width: int | None = None) -> list[int]:  # fmt: skip
     """Which features to show by default.
 
-    stats: `feature_stats(...)`'s dict, or a density array `[F]`.
+    stats: `feature_stats(...)` (or a dict with its keys), or a density array `[F]`.
     how:
         "top_density"  the `n` most frequently active live features (densest first),
         "top_max"      the `n` live features with the largest max activation (needs `stats["max_act"]`),
@@ -220,7 +233,7 @@ def select_features(stats, how: str | Sequence[int] = "top_density", *, n: int =
     Dead features (never active) are never chosen by the first three; `max_density` also
     drops very dense features (often uninterpretable), e.g. `max_density=0.1`.
     """
-    if isinstance(stats, dict):
+    if isinstance(stats, (dict, Result)):
         density = np.asarray(stats["density"], np.float64)
         max_act = stats.get("max_act")
     else:

@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import Hook, Replace, Transformer, Zero, next_token_nll, parse_site, run
+from ..core import Hook, Replace, Result, Transformer, Zero, next_token_nll, parse_site, run
 from ._sae import CrossLayerTranscoder, gather_xy
 
 
-@dataclasses.dataclass
-class Evaluation:
+@dataclasses.dataclass(frozen=True, repr=False)
+class Evaluation(Result):
     """A dictionary's evaluation: sparsity (L0), variance explained, CE / KL recovered when spliced in, dead and dense latents."""
 
     l0: float
@@ -46,11 +46,6 @@ class Evaluation:
     density: np.ndarray  # [F] (or [L, F])
     n_tokens: int
     layer_fvu: list[float] | None = None  # CLT: fraction of variance unexplained per target layer
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
     def summary(self) -> dict:
         """Every field but the per-latent density (JSON-ready)."""

@@ -123,7 +123,7 @@ def train_dictionary(
         f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
     res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress, mesh=mesh)
     if mesh is not None:  # evaluation splices it into the single-device model
-        res.dictionary = gather(res.dictionary)
+        res = res.replace(dictionary=gather(res.dictionary))
     t_train = res.seconds
     t0 = time.perf_counter()
     ev = evaluate(model, res.dictionary, held_out, progress=progress)
@@ -224,7 +224,7 @@ def train_transcoders(
         log(f"layer {l}: training a {arch} transcoder of width {width} on {view.n_tokens:,} tokens ({tc.steps} steps)")
         res = train(d, view, tc, checkpoint_dir=sub / "checkpoints", progress=progress, mesh=mesh)
         if mesh is not None:
-            res.dictionary = gather(res.dictionary)
+            res = res.replace(dictionary=gather(res.dictionary))
         save_dictionary(sub / "dictionary", res.dictionary, dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len,
                                                                  n_tokens=view.n_tokens, train=_jsonable(tc), seed=seed + l))  # fmt: skip
         (sub / "history.json").write_text(json.dumps(res.history))

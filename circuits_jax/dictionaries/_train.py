@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..core import Result
 from ..models import restore, save
 from ..scale import (
     DoesNotFit,
@@ -147,17 +148,14 @@ def make_step(cfg: TrainConfig) -> Callable[[TrainState, Any, Any], tuple[TrainS
     return train_step
 
 
-@dataclasses.dataclass
-class TrainResult:
+@dataclasses.dataclass(frozen=True, repr=False)
+class TrainResult(Result):
+    """What `train` returns: the trained dictionary, its logged history, the wall time and the step it resumed from."""
+
     dictionary: Any
     history: list[dict]  # one row every `log_every` steps: step, tokens, loss, mse, l0, fve, dead, lr, seconds
     seconds: float  # wall-clock of this call's steps (excluding checkpoint writes)
     resumed_from: int  # step restored from a checkpoint (0 for a fresh run)
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
 
 def _ckpts(root: Path) -> list[int]:

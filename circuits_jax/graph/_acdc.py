@@ -31,7 +31,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array
 
 from ..core import (
     ALL_LAYERS,
@@ -44,12 +43,16 @@ from ..core import (
     hooked_metric,
     progress_bar,
     run,
+    Task,
+    as_task,
+    at_positions,
     score_resid,
     source_outputs,
+    takes_task,
     source_sites,
     unembed,
 )
-from ._circuit import Circuit, ablated_outputs, circuit_metrics, circuit_resid
+from ._circuit import Circuit, circuit_metrics, circuit_resid, pairs_outputs
 
 LOSSES = ("kl", "metric")
 
@@ -70,7 +73,7 @@ def _full_run(model, pairs: Pairs):
     names = source_sites(cfg) + [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)]
     out = run(model, jnp.asarray(pairs.clean), cache=names, attention_mask=pairs.mask, return_logits=False)
     resid = jnp.stack([out.cache[f"blocks.{l}.hook_resid_pre"] for l in range(cfg.n_layers)] + [out.resid])
-    logits = unembed(model, out.resid[jnp.arange(pairs.B), pairs.positions])
+    logits = unembed(model, at_positions(out.resid, pairs.positions))
     return source_outputs(cfg, out.cache), resid, logits
 
 
@@ -151,10 +154,10 @@ def _pad(rows: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], n - len(rows), axis=0)])
 
 
+@takes_task
 def acdc(
-    model, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], *, threshold: float,
-    loss: str = "kl", level: str = "edge", ablation: str = "patching", abs_value: bool = False,
-    window: int | None = None, attention_mask=None, answer_pos=None, progress: bool = True,
+    model, task: Task, *, threshold: float, loss: str = "kl", level: str = "edge", ablation: str = "resample",
+    abs_value: bool = False, window: int | None = None, progress: bool = True,
 ) -> Circuit:  # fmt: skip
     """ACDC's circuit for a task: edges (or heads and MLPs) whose removal raises the loss by < `threshold`
     are ablated, visiting destinations from the logits back.
@@ -162,7 +165,8 @@ def acdc(
     metric: the task metric (higher = more of the behaviour); it scores the found circuit, and is the
         loss (negated) when `loss="metric"`. `loss="kl"`: KL(full model || circuit) at the scored positions.
     level: "edge", or "node" (heads and MLPs kept or removed whole).
-    ablation: what a removed edge carries: "patching"/"resample" (the corrupt prompt's output), "zero", "mean".
+    ablation: what a removed edge carries: "resample" (the corrupt prompt's output), "zero", "mean" (zero and
+        mean need no corrupt prompt).
     abs_value: compare |change| with the threshold (ACDC's `abs_value_threshold`).
     window: candidates evaluated per compiled call (default: `_default_window`, by backend and size).
 
@@ -177,9 +181,10 @@ def acdc(
     t0 = time.perf_counter()
     cfg = model.cfg
     graph = Graph.of(cfg)
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, False, attention_mask, answer_pos)
+    metric = task.metric
+    pairs = Pairs(model, task, ablation=ablation, noising=True)
     buf, resid, logits = _full_run(model, pairs)
-    ablated = ablated_outputs(model, pairs.clean, pairs.corrupt, ablation, pairs.mask)
+    ablated = pairs_outputs(pairs)
     loss_fn = KLFrom(logits) if loss == "kl" else _Negated(metric)
     tokens = jnp.asarray(pairs.clean)
     if window is None:
@@ -197,19 +202,19 @@ def acdc(
         keep, skipped, node_scores = _node_level(model, graph, pairs, tokens, loss_fn, ablated, resid, walk, effects, progress)
         scores = np.where(graph.mask, np.asarray([node_scores.get(s, np.nan) for s in graph.sources], np.float32)[:, None], np.nan)
     seconds = time.perf_counter() - t0
-    circuit = Circuit(graph, keep, scores, method="acdc", level=level)
-    m = circuit_metrics(model, pairs.clean, pairs.corrupt, metric, np.stack([graph.mask, np.zeros_like(keep), circuit.edges]),
-                        ablation=ablation, attention_mask=attention_mask, answer_pos=answer_pos)  # fmt: skip
+    kept = Circuit(graph, keep).edges
+    m = circuit_metrics(model, task, np.stack([graph.mask, np.zeros_like(keep), kept]), ablation=ablation)
     full, empty, found = (float(v) for v in m)
-    if not circuit.edges[:, -1].any():  # nothing reaches the logits: this is the empty circuit
+    if not kept[:, -1].any():  # nothing reaches the logits: this is the empty circuit
         found = empty
     f = (found - empty) / (full - empty) if full != empty else float("nan")
-    circuit.meta = dict(threshold=threshold, loss=loss, ablation=ablation, abs_value=abs_value, window=window,
-                        metric_full=full, metric_empty=empty, metric=found, faithfulness=f, final_loss=walk.cur,
-                        compiled_calls=walk.calls, rows_run=walk.rows, edges_tested=walk.decided,
-                        edges_skipped=skipped, seconds=seconds)  # fmt: skip
+    meta = dict(threshold=threshold, loss=loss, ablation=pairs.ablation, abs_value=abs_value, window=window,
+                metric_full=full, metric_empty=empty, metric=found, faithfulness=f, final_loss=walk.cur,
+                compiled_calls=walk.calls, rows_run=walk.rows, edges_tested=walk.decided, edges_skipped=skipped,
+                seconds=seconds)  # fmt: skip
     if node_scores is not None:
-        circuit.meta["node_scores"] = node_scores
+        meta["node_scores"] = node_scores
+    circuit = Circuit(graph, keep, scores, method="acdc", level=level, meta=meta)
     if level == "node" and circuit.nodes == ["input"]:
         warnings.warn(
             f"ACDC with threshold {threshold} pruned every head and MLP: only the direct path input -> logits is "
@@ -290,15 +295,19 @@ def _node_chain(model, pairs, tokens, loss_fn, ablated, resid, window):
     return chain
 
 
-def node_chain_losses(model, clean_tokens, corrupt_tokens, nodes, *, ablation: str = "patching", attention_mask=None,
+def node_chain_losses(model, task, corrupt_tokens=None, nodes=None, *, ablation: str = "resample", attention_mask=None,
                       answer_pos=None) -> np.ndarray:  # fmt: skip
     """KL from the full model after ablating `nodes[:r + 1]` (graph source names or indices), for every r,
-    in one compiled call: the rows of one ACDC node-level window, for checking against other code."""
+    in one compiled call: the rows of one ACDC node-level window, for checking against other code.
+    `node_chain_losses(model, task, nodes=...)`, or explicitly `(model, clean_tokens, corrupt_tokens, nodes)`."""
     graph = Graph.of(model.cfg)
+    if nodes is None:
+        raise TypeError("node_chain_losses needs nodes")
     idx = [graph.source_index(n) if isinstance(n, str) else int(n) for n in nodes]
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, None, False, attention_mask, answer_pos)
+    task = as_task(task, corrupt_tokens, attention_mask=attention_mask, answer_pos=answer_pos)
+    pairs = Pairs(model, task, ablation=ablation, noising=True)
     buf, resid, logits = _full_run(model, pairs)
-    ablated = ablated_outputs(model, pairs.clean, pairs.corrupt, ablation, pairs.mask)
+    ablated = pairs_outputs(pairs)
     chain = _node_chain(model, pairs, jnp.asarray(pairs.clean), KLFrom(logits), ablated, resid, len(idx))
     return chain([], idx)
 

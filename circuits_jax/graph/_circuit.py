@@ -19,7 +19,6 @@ faithfulness curve) as one `vmap`: one compiled program for all of them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import equinox as eqx
 import jax
@@ -28,6 +27,15 @@ import numpy as np
 from jax import Array, lax
 
 from ..core import (
+    Result,
+    Source,
+    Task,
+    as_task,
+    parse_site,
+    site_shape,
+    source_outputs,
+    source_sites,
+    takes_task,
     SPLIT_INPUTS,
     Config,
     Graph,
@@ -36,14 +44,13 @@ from ..core import (
     Transformer,
     embed,
     forward,
-    outputs_of,
     positions_from_mask,
     score_resid,
 )
 
 
-@dataclasses.dataclass
-class Circuit:
+@dataclasses.dataclass(frozen=True, repr=False)
+class Circuit(Result):
     """A circuit as data: the kept edges `[sources, destinations]` of `graph`, with per-edge scores.
 
     edges: bool `[S, D]`, True for a kept edge (always within `graph.mask`).
@@ -60,7 +67,7 @@ class Circuit:
     meta: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        self.edges = np.asarray(self.edges, bool) & self.graph.mask
+        object.__setattr__(self, "edges", np.asarray(self.edges, bool) & self.graph.mask)
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
         from ..core import summary
@@ -182,35 +189,36 @@ def _circuits_metric(model, tokens, mask, positions, metric, ablated, cuts):
     return jax.vmap(one)(cuts)
 
 
-ABLATIONS = ("patching", "resample", "zero", "mean")
+@eqx.filter_jit
+def _source_outputs(model, source: Source, B: int, T: int):
+    cfg = model.cfg
+    names = tuple(source_sites(cfg))
+    values, _ = source.values(model, names, {n: site_shape(parse_site(n, cfg), cfg, B, T) for n in names})
+    return source_outputs(cfg, values)
 
 
-def ablated_outputs(model: Transformer, tokens, corrupt_tokens=None, ablation: str = "patching", attention_mask=None):
+def pairs_outputs(pairs: Pairs) -> Array:
+    """`[S, B, T, D]`: what an ablated edge carries from each source under the pair's ablation."""
+    return _source_outputs(pairs.model, pairs.source, pairs.B, pairs.T)
+
+
+def ablated_outputs(model: Transformer, tokens, corrupt_tokens=None, ablation: str = "resample", attention_mask=None):
     """`[S, B, T, D]`: what an ablated edge carries from each source: its output on the corrupt prompt
-    ("patching", or its synonym "resample": ACDC's resample ablation), zero ("zero"), or its mean over
-    the batch and positions of `tokens` ("mean")."""
-    mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
-    if ablation in ("patching", "resample"):
-        if corrupt_tokens is None:
-            raise ValueError("ablation='patching' needs corrupt tokens")
-        return outputs_of(model, jnp.asarray(corrupt_tokens), mask)
-    out = outputs_of(model, jnp.asarray(tokens), mask)
-    if ablation == "zero":
-        return jnp.zeros_like(out)
-    if ablation == "mean":
-        return jnp.broadcast_to(out.mean(axis=(1, 2), keepdims=True), out.shape)
-    raise KeyError(f"unknown ablation {ablation!r}; valid: {', '.join(ABLATIONS)}")
+    ("resample", or its synonym "patching": ACDC's resample ablation), zero ("zero"), or its mean over
+    the batch and (real) positions of the reference set, by default `tokens` ("mean"). `tokens` may be a
+    `Task` (then give neither corrupt tokens nor a mask)."""
+    task = as_task(tokens, corrupt_tokens, attention_mask=attention_mask)
+    return pairs_outputs(Pairs(model, task, ablation=ablation, noising=True))
 
 
-def circuit_metrics(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], circuits, *,
-    ablation: str = "patching", attention_mask=None, answer_pos=None,
-) -> np.ndarray:  # fmt: skip
+@takes_task
+def circuit_metrics(model: Transformer, task: Task, circuits, *, ablation: str = "resample") -> np.ndarray:
     """The metric of the clean run with every edge outside each circuit ablated, `[n]`, one compiled program.
 
     circuits: bool `[n, S, D]` (or `[S, D]`) over `Graph.of(cfg)`: True keeps the edge. Entries off the
-    graph's mask are ignored. Keeping every edge gives the clean run; keeping none with
-    `ablation="patching"` gives the corrupt run.
+    graph's mask are ignored. Keeping every edge gives the clean run; keeping none with resample
+    ablation gives the corrupt run. `ablation`: "resample" (the corrupt prompt's outputs), "zero" or
+    "mean" (no corrupt prompt needed).
     """
     graph = Graph.of(model.cfg)
     keep = np.asarray(circuits, bool)
@@ -218,11 +226,28 @@ def circuit_metrics(
         keep = keep[None]
     if keep.shape[1:] != graph.mask.shape:
         raise ValueError(f"circuits have shape {keep.shape[1:]}; the graph's [sources, destinations] is {graph.mask.shape}")
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, False, attention_mask, answer_pos)
-    ablated = ablated_outputs(model, pairs.clean, pairs.corrupt, ablation, pairs.mask)
+    pairs = Pairs(model, task, ablation=ablation, noising=True)
     cuts = (graph.mask & ~keep).astype(np.float32)
-    out = _circuits_metric(model, jnp.asarray(pairs.clean), pairs.mask, pairs.positions, metric, ablated, jnp.asarray(cuts))
+    out = _circuits_metric(model, jnp.asarray(pairs.clean), pairs.mask, pairs.positions, task.metric, pairs_outputs(pairs),
+                           jnp.asarray(cuts))  # fmt: skip
     return np.asarray(out)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Faithfulness(Result):
+    """MIB's faithfulness curve: `f[i]` of the circuit of the top `ks[i]` fraction of edges (`edges[i]` of
+    them, metric `metric[i]`), normalised by the full model's metric and the empty circuit's; CPR and CMD
+    are the areas under f and under |1 - f|. Reads like the dict it replaced (`r["cpr"]`)."""
+
+    ks: np.ndarray
+    f: np.ndarray
+    metric: np.ndarray
+    full: float
+    empty: float
+    edges: list
+    cpr: float
+    cmd: float
+    ablation: str = "resample"
 
 
 FAITHFULNESS_KS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # MIB's 0.1% .. 100% of edges
@@ -247,11 +272,11 @@ def top_edges(scores: np.ndarray, mask: np.ndarray, fraction: float, absolute: b
     return _top_n(scores, mask, _edge_count(fraction, int(mask.sum())), absolute)
 
 
+@takes_task
 def faithfulness(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], scores, *,
-    ks=FAITHFULNESS_KS, ablation: str = "patching", absolute: bool = True, method: str = "topn",
-    attention_mask=None, answer_pos=None,
-) -> dict:  # fmt: skip
+    model: Transformer, task: Task, scores, *, ks=FAITHFULNESS_KS, ablation: str = "resample", absolute: bool = True,
+    method: str = "topn",
+) -> Faithfulness:  # fmt: skip
     """MIB's faithfulness curve of the circuits made of the top-k fraction of edges by score
     (`method="topn"`, or "greedy": grown from the logits, see `circuit_from_scores`).
 
@@ -265,14 +290,13 @@ def faithfulness(
     chosen = [circuit_from_scores(s, _edge_count(k, graph.n_edges), method=method, absolute=absolute, graph=graph).edges
               for k in ks]  # fmt: skip
     circuits = np.stack([graph.mask, np.zeros_like(graph.mask)] + chosen)
-    m = circuit_metrics(model, clean_tokens, corrupt_tokens, metric, circuits, ablation=ablation,
-                        attention_mask=attention_mask, answer_pos=answer_pos)  # fmt: skip
+    m = circuit_metrics(model, task, circuits, ablation=ablation)
     full, empty, curve = float(m[0]), float(m[1]), m[2:]
     with np.errstate(divide="ignore", invalid="ignore"):
         f = (curve - empty) / (full - empty)
     k = np.asarray(ks, np.float64)
-    return dict(ks=k, f=f, metric=curve, full=full, empty=empty, edges=[int(c.sum()) for c in circuits[2:]],
-                cpr=float(np.trapezoid(f, k)), cmd=float(np.trapezoid(np.abs(1 - f), k)))  # fmt: skip
+    return Faithfulness(k, f, curve, full, empty, [int(c.sum()) for c in circuits[2:]], float(np.trapezoid(f, k)),
+                        float(np.trapezoid(np.abs(1 - f), k)), ablation)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -373,7 +397,18 @@ def node_truth(graph: Graph, truth: np.ndarray) -> np.ndarray:
     return nodes
 
 
-def roc_auc(scores, truth: np.ndarray, *, graph: Graph | None = None, absolute: bool = True) -> dict:
+@dataclasses.dataclass(frozen=True, repr=False)
+class ROC(Result):
+    """Edge and node ROC AUC against a known circuit (`roc_sweep` adds the operating points it went
+    through). Reads like the dict it replaced (`r["edge"]`)."""
+
+    edge: float
+    node: float
+    edge_points: list | None = None
+    node_points: list | None = None
+
+
+def roc_auc(scores, truth: np.ndarray, *, graph: Graph | None = None, absolute: bool = True) -> ROC:
     """Edge and node ROC AUC of per-edge scores against a known circuit `truth [S, D]`.
 
     Edges are ranked by (absolute) score over the graph's real edges; a node (head or MLP) by the largest
@@ -393,10 +428,10 @@ def roc_auc(scores, truth: np.ndarray, *, graph: Graph | None = None, absolute: 
     edge = _auc(s[m & truth], s[m & ~truth])
     node_s = np.where(m, s, -np.inf).max(axis=1)[1:]
     nt = node_truth(graph, truth)[1:]
-    return dict(edge=edge, node=_auc(node_s[nt], node_s[~nt]))
+    return ROC(edge, _auc(node_s[nt], node_s[~nt]))
 
 
-def roc_sweep(circuits: list[Circuit], truth: np.ndarray) -> dict:
+def roc_sweep(circuits: list[Circuit], truth: np.ndarray) -> ROC:
     """ACDC's ROC: each circuit (e.g. one per threshold) is a point (FPR, TPR); AUC by the trapezoid
     through the points with (0, 0) and (1, 1) added, for edges and for nodes."""
     graph = circuits[0].graph
@@ -416,4 +451,4 @@ def roc_sweep(circuits: list[Circuit], truth: np.ndarray) -> dict:
         tpr = np.maximum.accumulate(tpr)  # the ROC hull's upper envelope through the operating points
         out[level] = float(np.trapezoid(tpr, fpr))
         out[f"{level}_points"] = pts
-    return out
+    return ROC(**out)

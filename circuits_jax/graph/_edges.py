@@ -26,15 +26,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import time
-from typing import Callable, Sequence
+import warnings
+from typing import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array
 
+from ._circuit import circuit_metrics
 from ..core import (
+    Result,
+    Source,
+    Task,
+    parse_site,
+    site_shape,
+    flat,
+    source_metric,
+    takes_task,
     ALL_LAYERS,
     IG_BATCH,
     INPUT_KINDS,
@@ -82,9 +91,11 @@ def _dest_grads(model, tokens, mask, positions, metric, extra_hooks=(), start_la
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class EdgeScores:
-    """Per-edge values `[sources, destinations]` (zero off `mask`): an estimated or exact change of the metric."""
+@dataclasses.dataclass(frozen=True, repr=False)
+class EdgeScores(Result):
+    """Per-edge values `[sources, destinations]` (zero off `mask`): an estimated or exact change of the metric.
+
+    Under zero or mean ablation `corrupt_metric` is the empty circuit's metric (every edge ablated)."""
 
     scores: np.ndarray
     graph: Graph
@@ -92,6 +103,8 @@ class EdgeScores:
     corrupt_metric: float
     method: str
     seconds: float
+    ablation: str = "resample"
+    noising: bool = False
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
         from ..core import summary
@@ -116,28 +129,31 @@ class EdgeScores:
         return [(f"{g.sources[i // vals.shape[1]]}->{g.destinations[i % vals.shape[1]]}", float(vals.flat[i])) for i in idx]
 
 
-def _both_runs(model, source_tokens, target_tokens, mask, extra=()):
-    """Source and target runs caching every source's output (and `extra` sites), and `[S, B, T, D]`
-    output differences (source minus target)."""
-    names = source_sites(model.cfg) + list(extra)
-    src = run(model, source_tokens, cache=names, attention_mask=mask, return_logits=False)
-    tgt = run(model, target_tokens, cache=names, attention_mask=mask, return_logits=False)
-    return src, tgt, source_outputs(model.cfg, src.cache) - source_outputs(model.cfg, tgt.cache)
+def _both_runs(model, source: Source, target_tokens, mask, extra=(), extra_target=()):
+    """The source values and the target run of every source's output (and `extra` sites; `extra_target`
+    on the target only): `(source values, source metric's residual or None, target run, [S, B, T, D]
+    output differences (source minus target))`."""
+    cfg = model.cfg
+    names = source_sites(cfg) + list(extra)
+    B, T = target_tokens.shape
+    src, src_resid = source.values(model, names, {n: site_shape(parse_site(n, cfg), cfg, B, T) for n in names})
+    tgt = run(model, target_tokens, cache=names + list(extra_target), attention_mask=mask, return_logits=False)
+    return src, src_resid, tgt, source_outputs(cfg, src) - source_outputs(cfg, tgt.cache)
 
 
 @eqx.filter_jit
-def _eap(model, source_tokens, target_tokens, mask, positions, metric):
-    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask)
+def _eap(model, source: Source, target_tokens, mask, positions, metric):
+    src, src_resid, tgt, diff = _both_runs(model, source, target_tokens, mask)
     target_metric, grads = _dest_grads(model, target_tokens, mask, positions, metric)
     scores = jnp.einsum("sbtd,ebtd->se", diff, grads)
-    return score_resid(model, src.resid, positions, metric), target_metric, scores
+    return source_metric(model, src_resid, positions, metric), target_metric, scores, jnp.max(jnp.abs(grads))
 
 
 @eqx.filter_jit
-def _eap_ig_inputs(model, source_tokens, target_tokens, mask, positions, metric, steps: int):
+def _eap_ig_inputs(model, source: Source, target_tokens, mask, positions, metric, steps: int):
     """Gradients averaged along the straight path from the target's input embedding to the source's."""
-    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask)
-    e_src, e_tgt = src.cache["hook_embed"], tgt.cache["hook_embed"]
+    src, src_resid, tgt, diff = _both_runs(model, source, target_tokens, mask)
+    e_src, e_tgt = src["hook_embed"], tgt.cache["hook_embed"]
 
     def grads_at(alpha):
         hook = Hook("hook_embed", None, Replace(e_tgt + alpha * (e_src - e_tgt)))
@@ -145,19 +161,18 @@ def _eap_ig_inputs(model, source_tokens, target_tokens, mask, positions, metric,
 
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
     mean = jnp.mean(jax.lax.map(grads_at, alphas, batch_size=IG_BATCH), axis=0)
-    return score_resid(model, src.resid, positions, metric), score_resid(model, tgt.resid, positions, metric), jnp.einsum(
-        "sbtd,ebtd->se", diff, mean
-    )
+    return (source_metric(model, src_resid, positions, metric), score_resid(model, tgt.resid, positions, metric),
+            jnp.einsum("sbtd,ebtd->se", diff, mean), jnp.max(jnp.abs(mean)))  # fmt: skip
 
 
 @eqx.filter_jit
-def _eap_ig_activations(model, source_tokens, target_tokens, mask, positions, metric, steps: int):
+def _eap_ig_activations(model, source: Source, target_tokens, mask, positions, metric, steps: int):
     """Per source group (the input, each layer's heads, each MLP): gradients averaged while that group's
     output moves from its target value to its source value, every other node computed as usual."""
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
-    extra = [f"blocks.{l}.{k}" for l in range(L) for k in ("hook_attn_out", "hook_resid_pre")]
-    src, tgt, diff = _both_runs(model, source_tokens, target_tokens, mask, extra)
+    src, src_resid, tgt, diff = _both_runs(model, source, target_tokens, mask, [f"blocks.{l}.hook_attn_out" for l in range(L)],
+                                           [f"blocks.{l}.hook_resid_pre" for l in range(L)])  # fmt: skip
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
 
     resid_pre = jnp.stack([tgt.cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)])
@@ -171,12 +186,12 @@ def _eap_ig_activations(model, source_tokens, target_tokens, mask, positions, me
     def interp(kind, layer, s, t):
         return lambda a: Hook(kind, layer, Replace(t + a * (s - t)))
 
-    e_src, e_tgt = src.cache["hook_embed"], tgt.cache["hook_embed"]
+    e_src, e_tgt = src["hook_embed"], tgt.cache["hook_embed"]
     rows = [jnp.einsum("btd,ebtd->e", diff[0], mean_grads(interp("hook_embed", None, e_src, e_tgt)))[None]]
-    attn = jnp.stack([src.cache[f"blocks.{l}.hook_attn_out"] for l in range(L)]), jnp.stack(
+    attn = jnp.stack([src[f"blocks.{l}.hook_attn_out"] for l in range(L)]), jnp.stack(
         [tgt.cache[f"blocks.{l}.hook_attn_out"] for l in range(L)]
     )
-    mlp = (jnp.stack([src.cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)]),
+    mlp = (jnp.stack([src[f"blocks.{l}.hook_mlp_out"] for l in range(L)]),
            jnp.stack([tgt.cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])) if not cfg.attn_only else None  # fmt: skip
     per = H + (0 if cfg.attn_only else 1)
     by_layer = diff[1:].reshape(L, per, *diff.shape[1:])
@@ -190,15 +205,17 @@ def _eap_ig_activations(model, source_tokens, target_tokens, mask, positions, me
         return out
 
     rows.append(jax.lax.map(layer_rows, jnp.arange(L)).reshape(L * per, -1))
-    return score_resid(model, src.resid, positions, metric), score_resid(model, tgt.resid, positions, metric), jnp.concatenate(rows)
+    return (source_metric(model, src_resid, positions, metric), score_resid(model, tgt.resid, positions, metric),
+            jnp.concatenate(rows), jnp.float32(jnp.inf))  # fmt: skip
 
 
 EDGE_METHODS = ("eap", "eap-ig", "eap-ig-activations")
 
 
+@takes_task
 def edge_attribution(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], method: str = "eap", *,
-    steps: int = 8, noising: bool = False, attention_mask=None, answer_pos=None, mesh=None,
+    model: Transformer, task: Task, method: str = "eap", *, steps: int = 8, ablation: str = "resample",
+    noising: bool | None = None, mesh=None,
 ) -> EdgeScores:  # fmt: skip
     """Estimated metric change from patching each edge alone, `[sources, destinations]`, one compiled program.
 
@@ -212,8 +229,12 @@ def edge_attribution(
              nodes are computed as usual. (Hanna et al.'s code averages each edge over every group's
              interpolation; we use the edge's own source group, which makes a source's edge scores sum to
              that source's integrated gradient.)
-    Denoising by default (source = clean, target = corrupt). Scores are summed over batch and positions,
-    in metric units (`EdgeScores.normalised` divides by clean - corrupt); zero off the edge mask.
+    ablation: what an edge's source carries when patched: "resample" (denoising by default: source =
+        clean, target = corrupt; `noising=True` the reverse), "zero" or "mean" (noising the clean run;
+        no corrupt prompt needed; then `corrupt_metric` is the empty circuit's metric, every edge ablated).
+    Scores are summed over batch and positions, in metric units (`EdgeScores.normalised` divides by
+    clean - corrupt); zero off the edge mask. EAP warns when the metric's gradient is zero where it is
+    taken (a distance to the clean run, in noising mode), since every score is then 0.
     """
     t0 = time.perf_counter()
     if method not in EDGE_METHODS:
@@ -222,19 +243,35 @@ def edge_attribution(
                        + (f" (did you mean {close[0]!r}?)" if close else ""))  # fmt: skip
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
-    args = (model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, metric)
+    args = (model, pairs.source, jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, metric)
     if method == "eap":
-        s, t, scores = _eap(*args)
+        s, t, scores, grad = _eap(*args)
     elif method == "eap-ig":
-        s, t, scores = _eap_ig_inputs(*args, int(steps))
+        s, t, scores, grad = _eap_ig_inputs(*args, int(steps))
     else:
-        s, t, scores = _eap_ig_activations(*args, int(steps))
+        s, t, scores, grad = _eap_ig_activations(*args, int(steps))
     graph = Graph.of(model.cfg)
-    clean, corrupt = (float(t), float(s)) if noising else (float(s), float(t))
+    if not pairs.noising:
+        clean, corrupt = float(s), float(t)
+    else:
+        clean, corrupt = float(t), float(s) if pairs.ablation == "resample" else empty_metric(model, task, pairs.ablation)
     scores = np.where(graph.mask, np.asarray(scores, np.float32), np.float32(0))
-    return EdgeScores(scores, graph, clean, corrupt, method, time.perf_counter() - t0)
+    if flat(np.abs(scores).max(), clean - corrupt, float(grad)):
+        warnings.warn(
+            f"{method}: the metric's gradient is zero at the {'clean' if pairs.noising else 'corrupt'} run where it is "
+            "taken, so every edge scores 0. A metric that measures distance to the clean run (KL to its logits, a "
+            "squared error) has zero gradient at the clean run; in noising mode (zero and mean ablation are noising) "
+            "use a metric such as a logit difference, or method='eap-ig', which averages the gradient along the path "
+            "instead of taking it at the flat end", stacklevel=3)  # fmt: skip
+    return EdgeScores(scores, graph, clean, corrupt, method, time.perf_counter() - t0, pairs.ablation, pairs.noising)
+
+
+def empty_metric(model: Transformer, task: Task, ablation: str) -> float:
+    """The metric with every edge of the graph ablated (the empty circuit; the corrupt run under resample)."""
+    graph = Graph.of(model.cfg)
+    return float(circuit_metrics(model, task, np.zeros(graph.mask.shape, bool), ablation=ablation)[0])
 
 
 # ---------------------------------------------------------------------------
@@ -243,8 +280,16 @@ def edge_attribution(
 
 
 @eqx.filter_jit
-def _output_diff(model, source_tokens, target_tokens, mask):
-    return _both_runs(model, source_tokens, target_tokens, mask)[2]
+def _output_diff(model, source: Source, target_tokens, mask):
+    return _both_runs(model, source, target_tokens, mask)[3]
+
+
+def edge_pairs(model: Transformer, task: Task, *, ablation: str, noising: bool | None, mesh) -> Pairs:
+    """`Pairs` for edge patching; under zero or mean ablation 0 is the empty circuit (every edge ablated)."""
+    pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
+    if pairs.ablation != "resample":
+        pairs.corrupt_metric = empty_metric(model, task, pairs.ablation)
+    return pairs
 
 
 @eqx.filter_jit
@@ -271,10 +316,10 @@ def _edge_chunk(model, tokens, mask, positions, resid, diff, metric, weights, st
     return jax.vmap(one)(weights)
 
 
+@takes_task
 def patch_edges(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], edge_sets, *,
-    noising: bool = False, attention_mask=None, answer_pos=None, chunk_size: int | None = None,
-    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: Pairs | None = None, mesh=None,
+    model: Transformer, task: Task, edge_sets, *, ablation: str = "resample", noising: bool | None = None,
+    chunk_size: int | None = None, memory_budget: int = 4 * 2**30, progress: bool = True, mesh=None,
 ) -> np.ndarray:  # fmt: skip
     """Raw metric of the target run with each edge set patched, `[n]` (exact, batched and chunked).
 
@@ -282,7 +327,8 @@ def patch_edges(
     Patching an edge `s -> d` adds `w * (source output of s - target output of s)` to the input of d
     only; every other path keeps its target value (the path-patching semantics of Wang et al.,
     with the senders' outputs taken from the two unpatched runs). Effects then flow downstream as
-    usual. Runs start at the lowest patched layer.
+    usual. Runs start at the lowest patched layer. `ablation` as in `edge_attribution` (zero and mean:
+    the source outputs are zeros or means, patched into the clean run).
     """
     cfg = model.cfg
     graph = Graph.of(cfg)
@@ -292,9 +338,8 @@ def patch_edges(
     if w.shape[1:] != graph.mask.shape:
         raise ValueError(f"edge sets have shape {w.shape[1:]}; the graph's [sources, destinations] is {graph.mask.shape}")
     w = w * graph.mask
-    if pairs is None:
-        pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
-    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
+    model = pairs.model  # placed on the mesh, if one is given
     active_s = np.flatnonzero(w.any(axis=(0, 2)))
     active_d = np.flatnonzero(w.any(axis=(0, 1)))
     return _patch_weights(model, pairs, active_s, active_d, w[:, active_s][:, :, active_d], chunk_size, memory_budget,
@@ -308,7 +353,7 @@ def _patch_weights(model, pairs, active_s, active_d, sub, chunk_size, memory_bud
     target_metric = pairs.clean_metric if pairs.noising else pairs.corrupt_metric
     if active_s.size == 0 or active_d.size == 0:
         return np.full(len(sub), target_metric, np.float32)
-    diff = _output_diff(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask)[active_s]
+    diff = _output_diff(model, pairs.source, jnp.asarray(pairs.target_tokens), pairs.mask)[active_s]
     groups: dict[tuple[str, int], list[tuple[int, int | None]]] = {}
     for a, j in enumerate(active_d):
         kind, layer, head = graph.dest_site(int(j))
@@ -354,13 +399,18 @@ def _single_edge_chunk(model, tokens, mask, positions, resid, diff, metric, star
     return jax.vmap(one)(rows)
 
 
+@takes_task
 def patch_single_edges(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], edges, *,
-    noising: bool = False, attention_mask=None, answer_pos=None, chunk_size: int | None = None,
-    memory_budget: int = 4 * 2**30, progress: bool = True, pairs: Pairs | None = None, mesh=None,
+    model: Transformer, task: Task, edges, *, ablation: str = "resample", noising: bool | None = None,
+    chunk_size: int | None = None, memory_budget: int = 4 * 2**30, progress: bool = True, mesh=None,
 ) -> np.ndarray:  # fmt: skip
     """Raw metric with each edge patched alone; `edges` are names (`"a0.h1->a2.h3<q>"`) or
     `(source, destination)` index pairs. One compiled program for any edges (chunked `vmap`)."""
+    pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
+    return _single_edges(model, pairs, edges, chunk_size, memory_budget, progress)
+
+
+def _single_edges(model, pairs: Pairs, edges, chunk_size, memory_budget, progress) -> np.ndarray:
     cfg = model.cfg
     graph = Graph.of(cfg)
     pairs_idx = np.asarray([graph.edge_index(e) if isinstance(e, str) else tuple(e) for e in edges], np.int64)
@@ -368,9 +418,7 @@ def patch_single_edges(
     if pairs_idx.size and not graph.mask[pairs_idx[:, 0], pairs_idx[:, 1]].all():
         bad = pairs_idx[~graph.mask[pairs_idx[:, 0], pairs_idx[:, 1]]][0]
         graph.edge_index(f"{graph.sources[bad[0]]}->{graph.destinations[bad[1]]}")  # raises, naming the nearest
-    if pairs is None:
-        pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
-    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    model = pairs.model  # placed on the mesh, if one is given
     if not len(pairs_idx):
         return np.zeros(0, np.float32)
     rows = np.zeros((len(pairs_idx), 4), np.int32)
@@ -379,7 +427,7 @@ def patch_single_edges(
         kind, layer, head = graph.dest_site(int(j))
         rows[r, 1] = 4 if j == len(graph.destinations) - 1 else _KIND_IDS.index(kind)
         rows[r, 2], rows[r, 3] = layer, -1 if head is None else head
-    diff = _output_diff(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask)
+    diff = _output_diff(model, pairs.source, jnp.asarray(pairs.target_tokens), pairs.mask)
     order = np.argsort(rows[:, 2], kind="stable")  # layer-major: each chunk starts as late as it can
     chunk = pairs.chunk(max(1, min(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget), len(rows))))
 
@@ -390,24 +438,25 @@ def patch_single_edges(
     return in_chunks(rows, chunk, score, "patching edges", progress, order=order)
 
 
-def edge_patch_all(model: Transformer, clean_tokens, corrupt_tokens, metric, *, noising: bool = False,
-                   attention_mask=None, answer_pos=None, chunk_size=None, progress: bool = True, mesh=None) -> EdgeScores:  # fmt: skip
+@takes_task
+def edge_patch_all(model: Transformer, task: Task, *, ablation: str = "resample", noising: bool | None = None,
+                   chunk_size=None, progress: bool = True, mesh=None) -> EdgeScores:  # fmt: skip
     """Exact change of the metric from patching every edge alone (one forward per edge, in one compiled
-    program): the ground truth for EAP. Affordable on small models; SmolLM2 has about 73k edges."""
+    program): the ground truth for EAP (with the same `ablation`). Affordable on small models; SmolLM2
+    has about 73k edges."""
     t0 = time.perf_counter()
     graph = Graph.of(model.cfg)
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
-    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    pairs = edge_pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
     s, d = np.nonzero(graph.mask)
-    raw = patch_single_edges(model, None, None, metric, np.stack([s, d], 1), chunk_size=chunk_size, progress=progress,
-                             pairs=pairs)  # fmt: skip
+    raw = _single_edges(pairs.model, pairs, np.stack([s, d], 1), chunk_size, 4 * 2**30, progress)
     scores = np.zeros(graph.mask.shape, np.float32)
-    scores[s, d] = raw - (pairs.clean_metric if noising else pairs.corrupt_metric)
-    return EdgeScores(scores, graph, pairs.clean_metric, pairs.corrupt_metric, "exact", time.perf_counter() - t0)
+    scores[s, d] = raw - (pairs.clean_metric if pairs.noising else pairs.corrupt_metric)
+    return EdgeScores(scores, graph, pairs.clean_metric, pairs.corrupt_metric, "exact", time.perf_counter() - t0,
+                      pairs.ablation, pairs.noising)  # fmt: skip
 
 
-@dataclasses.dataclass
-class PathPatchResult:
+@dataclasses.dataclass(frozen=True, repr=False)
+class PathPatchResult(Result):
     """Path patching of each sender (rows of `result`) into each receiver group."""
 
     result: np.ndarray  # normalised metric, [receiver groups, *sender shape] (leading axis dropped for one group)
@@ -419,16 +468,15 @@ class PathPatchResult:
     senders: list[str]
     seconds: float
 
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
+    ablation: str = "resample"
+    noising: bool = False
 
 
+@takes_task
 def path_patch(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array],
-    receivers: str | Sequence[str], senders: str | Sequence[str] = "heads", *, noising: bool = False,
-    attention_mask=None, answer_pos=None, chunk_size: int | None = None, progress: bool = True, mesh=None,
+    model: Transformer, task: Task, receivers: str | Sequence[str], senders: str | Sequence[str] = "heads", *,
+    ablation: str = "resample", noising: bool | None = None, chunk_size: int | None = None, progress: bool = True,
+    mesh=None,
 ) -> PathPatchResult:  # fmt: skip
     """Path patching (Wang et al. 2022): each sender's effect through its direct paths to the receivers only.
 
@@ -439,6 +487,8 @@ def path_patch(
     The receiver's input gets the sender's output difference (source minus target run); every other
     path holds its target value; the receivers' changed outputs then flow on to the logits.
     Normalised like patching: 1 = the clean metric, 0 = corrupt (denoising: clean into corrupt).
+    `ablation="zero" | "mean"`: the senders' outputs become zeros or means in the clean run (noising),
+    and 0 is the empty circuit (every edge ablated).
     """
     t0 = time.perf_counter()
     cfg = model.cfg
@@ -456,8 +506,8 @@ def path_patch(
     else:
         send = graph.select(senders, of="sources")
         shape, axes = (len(send),), ("sender",)
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
-    model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
+    pairs = edge_pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
+    model = pairs.model  # placed on the mesh, if one is given
     raws = []
     for dests in groups:  # row i: sender i to every receiver it reaches (no dense [n, S, D] sets)
         sub = (np.eye(len(send), dtype=np.float32)[:, :, None] * graph.mask[send][:, dests][None]).astype(np.float32)
@@ -471,4 +521,4 @@ def path_patch(
         axes = ("receiver", *axes)
     return PathPatchResult(result, raw, pairs.clean_metric, pairs.corrupt_metric, axes,
                            [[graph.destinations[j] for j in d] for d in groups],
-                           [graph.sources[i] for i in send], time.perf_counter() - t0)  # fmt: skip
+                           [graph.sources[i] for i in send], time.perf_counter() - t0, pairs.ablation, pairs.noising)  # fmt: skip

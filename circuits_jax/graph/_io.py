@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..core import Config, Graph
+from ..core import Config, Result, Graph
 from ..models import restore, save
 from ._circuit import Circuit
 
@@ -33,6 +33,8 @@ def _jsonable(x: Any) -> Any:
     """`x` as plain JSON values: numpy scalars and arrays to numbers and lists, NaN to null, tuples to lists."""
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, Result):  # a result kept in a circuit's meta (e.g. its ROC AUC): its fields
+        return _jsonable(x.to_numpy())
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.ndarray, jax.Array)):

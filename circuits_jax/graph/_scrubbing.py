@@ -48,6 +48,10 @@ import numpy as np
 from jax import Array
 
 from ..core import (
+    Pairs,
+    Result,
+    Task,
+    check_ablation,
     ALL_LAYERS,
     Config,
     Graph,
@@ -62,6 +66,7 @@ from ..core import (
     source_outputs,
     source_sites,
 )
+from ._circuit import pairs_outputs
 
 ROOT = "output"
 
@@ -311,14 +316,22 @@ def _given_inputs(model, tokens, dest):
 
 
 @eqx.filter_jit
-def _scrubbed_loss(model, tokens, rows, claims, children: tuple, loss):
-    """Per-tree loss `[B]` of the scrubbed runs: `rows [B, 1 + 2 I]` from `sample_trees`."""
+def _scrubbed_loss(model, tokens, rows, claims, children: tuple, loss, ablated=None):
+    """Per-tree loss `[B]` of the scrubbed runs: `rows [B, 1 + 2 I]` from `sample_trees`.
+
+    ablated: None (resample: unclaimed edges carry the source's output on the random row r_u), or
+    `[S, 1, 1, D]` values every unclaimed edge carries instead (zero or mean ablation)."""
     I = len(children)
     ref = tokens[rows[:, 0]]
     outs, logits = [], None
+    mask = jnp.asarray(Graph.of(model.cfg).mask, jnp.float32)
     for i in range(I):  # children first: every instance's inputs are known when it runs
         x, r = tokens[rows[:, 1 + i]], tokens[rows[:, 1 + I + i]]
         out_r, dest_r = _plain(model, r)
+        if ablated is not None:  # inputs = what every source ablated gives (biases kept): swap r's outputs out
+            a = jnp.broadcast_to(ablated, out_r.shape)
+            dest_r = dest_r + jnp.einsum("sd,sbtm->dbtm", mask, a - out_r)
+            out_r = a
         delta = jnp.zeros_like(dest_r)
         for c in children[i]:
             delta = delta + jnp.einsum("sd,sbtm->dbtm", claims[c], outs[c] - out_r)
@@ -333,21 +346,35 @@ def _model_loss(model, tokens, rows, loss):
     return loss(model(ref), ref)
 
 
+def _ablated_values(model, tokens_np: np.ndarray, ablation: str):
+    """None for resample; else the `[S, 1, 1, D]` value every unclaimed edge carries (zero, or each source's
+    mean output over the dataset's inputs and positions)."""
+    name, _ = check_ablation(ablation, Task("scrub", tokens_np[:1], tokens_np[:1]), None)
+    if name == "resample":
+        return None
+    out = pairs_outputs(Pairs(model, Task("scrub", tokens_np), ablation=name, noising=True))  # [S, N, T, D] broadcast
+    return out[:, :1, :1]
+
+
 def scrub_losses(model: Transformer, tokens, hypothesis: Hypothesis, loss: Callable = NextTokenLoss(), *,
-                 n: int = 1000, seed: int = 0, chunk_size: int = 256, progress: bool = True) -> np.ndarray:  # fmt: skip
-    """`[n]` per-tree loss of the hypothesis scrubbed over `n` trees sampled from `tokens [N, T]` (seeded)."""
+                 n: int = 1000, seed: int = 0, chunk_size: int = 256, progress: bool = True,
+                 ablation: str = "resample") -> np.ndarray:  # fmt: skip
+    """`[n]` per-tree loss of the hypothesis scrubbed over `n` trees sampled from `tokens [N, T]` (seeded).
+    `ablation`: what an unclaimed edge carries: "resample" (its source's output on a random input, causal
+    scrubbing proper), "zero", or "mean" (over the dataset)."""
     tree = build_tree(model.cfg, hypothesis)
     tokens_np = np.asarray(tokens)
     rows = sample_trees(tree, tokens_np, n, seed)
     claims = jnp.asarray(tree.claims.astype(np.float32))
     toks = jnp.asarray(tokens_np, jnp.int32)
+    ablated = _ablated_values(model, tokens_np, ablation)
     return in_chunks(rows, max(1, min(chunk_size, n)), lambda part: _scrubbed_loss(
-        model, toks, jnp.asarray(part), claims, tree.children, loss), f"scrubbing {hypothesis.name or 'hypothesis'}",
-        progress)  # fmt: skip
+        model, toks, jnp.asarray(part), claims, tree.children, loss, ablated),
+        f"scrubbing {hypothesis.name or 'hypothesis'}", progress)  # fmt: skip
 
 
-@dataclasses.dataclass
-class ScrubResult:
+@dataclasses.dataclass(frozen=True, repr=False)
+class ScrubResult(Result):
     """Loss recovered by each hypothesis, with per-tree losses (all on the same reference inputs)."""
 
     recovered: dict[str, float]
@@ -358,11 +385,7 @@ class ScrubResult:
     per_tree: dict[str, np.ndarray]  # includes "model" and "empty"
     n: int
     seconds: float
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
+    ablation: str = "resample"
 
     def table(self) -> str:
         w = max([28, *map(len, self.recovered)])
@@ -390,26 +413,30 @@ def bootstrap_ci(model_l, empty_l, hyp_l, *, reps: int = 2000, seed: int = 0, le
 
 
 def scrub(model: Transformer, tokens, hypotheses: Hypothesis | dict[str, Hypothesis], loss: Callable = NextTokenLoss(),
-          *, n: int = 1000, seed: int = 0, chunk_size: int = 256, progress: bool = True) -> ScrubResult:  # fmt: skip
+          *, n: int = 1000, seed: int = 0, chunk_size: int = 256, progress: bool = True,
+          ablation: str = "resample") -> ScrubResult:  # fmt: skip
     """Causal scrubbing of each hypothesis over `n` sampled trees of inputs from `tokens [N, T]`.
 
     loss: `loss(logits [B, T, V], tokens [B, T]) -> [B]` per example, scored against the reference
     input (default: next-token cross-entropy at the second-to-last position). Every hypothesis, the
     unscrubbed model and the empty hypothesis share the reference inputs (the same `seed`).
     Returns the fraction of loss recovered, (L_empty - L_hyp) / (L_empty - L_model), per hypothesis
-    with a 95 % bootstrap interval over trees.
+    with a 95 % bootstrap interval over trees. `ablation`: what an unclaimed edge carries, "resample"
+    (causal scrubbing proper: the source's output on a random input), "zero" or "mean" (over `tokens`).
+    `tokens` may be a `Task` (its clean inputs are the dataset).
     """
     t0 = time.perf_counter()
     if isinstance(hypotheses, Hypothesis):
         hypotheses = {hypotheses.name or "hypothesis": hypotheses}
-    tokens_np = np.asarray(tokens)
+    tokens_np = np.asarray(tokens.clean if isinstance(tokens, Task) else tokens)
     if tokens_np.ndim != 2:
         raise ValueError(f"tokens must be a [N, T] dataset of inputs, got shape {tokens_np.shape}")
     if n < 2:
         raise ValueError(f"n={n}: need at least 2 sampled trees for an interval")
     for h in hypotheses.values():
         build_tree(model.cfg, h)  # refuse bad hypotheses before any compute
-    kw = dict(n=n, seed=seed, chunk_size=chunk_size, progress=progress)
+    _ablated_values(model, tokens_np[:1], ablation)  # refuse a bad ablation before any compute
+    kw = dict(n=n, seed=seed, chunk_size=chunk_size, progress=progress, ablation=ablation)
     refs = sample_trees(build_tree(model.cfg, Hypothesis()), tokens_np, n, seed)
     model_l = in_chunks(refs, max(1, min(chunk_size, n)), lambda part: _model_loss(
         model, jnp.asarray(tokens_np, jnp.int32), jnp.asarray(part), loss), "unscrubbed", progress)  # fmt: skip
@@ -422,7 +449,8 @@ def scrub(model: Transformer, tokens, hypotheses: Hypothesis | dict[str, Hypothe
         rec[name] = _recovered(model_l, empty_l, hl)
         ci[name] = bootstrap_ci(model_l, empty_l, hl, seed=seed)
         mean[name] = float(hl.mean())
-    return ScrubResult(rec, ci, mean, float(model_l.mean()), float(empty_l.mean()), per, n, time.perf_counter() - t0)
+    return ScrubResult(rec, ci, mean, float(model_l.mean()), float(empty_l.mean()), per, n, time.perf_counter() - t0,
+                       ablation)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import equinox as eqx
 import jax
@@ -26,6 +26,12 @@ from jax import Array
 
 from ..core import (
     ALL_LAYERS,
+    Source,
+    Task,
+    flat,
+    source_metric,
+    parse_site,
+    takes_task,
     IG_BATCH,
     PATCH_SITES,
     Add,
@@ -46,8 +52,8 @@ from ._sweep import PatchResult, patch_result
 
 
 @eqx.filter_jit
-def _atp(model, source_tokens, target_tokens, mask, positions, metric, kinds: tuple[str, ...]):
-    """One source forward, one target forward + backward: `(source metric, target metric, estimates)`.
+def _atp(model, source: Source, target_tokens, mask, positions, metric, kinds: tuple[str, ...]):
+    """Source values, one target forward + backward: `(source metric, target metric, estimates)`.
 
     estimates[kind] `[L, B, ...]` = (source - target activation) * d metric / d activation (on the target).
     """
@@ -57,8 +63,7 @@ def _atp(model, source_tokens, target_tokens, mask, positions, metric, kinds: tu
     def stacks(cache):
         return {k: jnp.stack([cache[f"blocks.{l}.{k}"] for l in range(L)]) for k in kinds}
 
-    src = run(model, source_tokens, cache=names, attention_mask=mask, return_logits=False)
-    source = stacks(src.cache)
+    source, src_resid = source.stacks(model, kinds, *target_tokens.shape)
 
     def f(deltas):
         hooks = [Hook(k, ALL_LAYERS, PerLayer(Add(d))) for k, d in deltas.items()]
@@ -67,7 +72,29 @@ def _atp(model, source_tokens, target_tokens, mask, positions, metric, kinds: tu
 
     zeros = {k: jnp.zeros_like(v) for k, v in source.items()}
     (target_metric, target), grads = jax.value_and_grad(f, has_aux=True)(zeros)
-    return score_resid(model, src.resid, positions, metric), target_metric, {k: (source[k] - target[k]) * grads[k] for k in kinds}
+    estimates = {k: (source[k] - target[k]) * grads[k] for k in kinds}
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(e)) for e in estimates.values()]))
+    grad = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(grads)]))
+    return source_metric(model, src_resid, positions, metric), target_metric, estimates, (largest, grad)
+
+
+def _flat_warning(method: str, pairs: Pairs) -> None:
+    warnings.warn(
+        f"{method}: the metric's gradient is zero at the {'clean' if pairs.noising else 'corrupt'} run where it is taken, "
+        "so every estimate is 0. A metric that measures distance to the clean run (KL to its logits, a squared "
+        "error) has zero gradient at the clean run; in noising mode (zero and mean ablation are noising) use a "
+        "metric such as a logit difference, or integrated gradients (EAP-IG, integrated_gradients), which average "
+        "the gradient along the path instead of taking it at the flat end", stacklevel=3)  # fmt: skip
+
+
+def _metrics(pairs: Pairs, source_metric, target_metric, kinds) -> None:
+    """Set the pair's clean and corrupt metrics from a technique's own passes (zero / mean: corrupt is
+    every one of `kinds` ablated at once)."""
+    if pairs.noising:
+        pairs.clean_metric = float(target_metric)
+        pairs.corrupt_metric = float(source_metric) if pairs.ablation == "resample" else pairs.ablated_metric(kinds)
+    else:
+        pairs.clean_metric, pairs.corrupt_metric = float(source_metric), float(target_metric)
 
 
 def _reduce(full, axes: dict[str, int], by: Sequence[str]):
@@ -81,58 +108,64 @@ def _reduce(full, axes: dict[str, int], by: Sequence[str]):
     return summed.transpose((0, *[1 + order.index(axes[a]) for a in free]))
 
 
+@takes_task
 def attribution_patch_all(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], sites: Sequence[str] | None = None,
-    *, noising: bool = False, attention_mask=None, answer_pos=None, mesh=None,
+    model: Transformer, task: Task, sites: Sequence[str] | None = None, *, ablation: str = "resample",
+    noising: bool | None = None, mesh=None,
 ) -> tuple[dict[str, np.ndarray], Pairs]:  # fmt: skip
     """Per-element AtP estimates `[L, B, *activation]` of the metric change for each site, one backward.
 
+    `ablation` as in `patch_sweep` ("resample", or "zero" / "mean" noising without corrupt inputs).
     The estimates stay on the device (JAX arrays): copying every site's `[L, B, ...]` array to the
     host costs more than computing it on a GPU. `np.asarray` them where needed."""
     cfg = model.cfg
     sites = [s for s in PATCH_SITES if not (cfg.attn_only and PATCH_SITES[s][0].startswith("mlp."))] if sites is None else list(sites)
     for s in sites:
         check_site_axes(s, ("layer",), cfg)
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     kinds = {s: PATCH_SITES[s][0] for s in sites}
-    source_metric, target_metric, per_kind = _atp(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens),
-                                                  pairs.mask, pairs.positions, metric, tuple(sorted(set(kinds.values()))))  # fmt: skip
-    pairs.clean_metric, pairs.corrupt_metric = (
-        (float(target_metric), float(source_metric)) if noising else (float(source_metric), float(target_metric))
-    )
+    unique = tuple(sorted(set(kinds.values())))
+    source_metric, target_metric, per_kind, (largest, grad) = _atp(model, pairs.source, jnp.asarray(pairs.target_tokens),
+                                                                   pairs.mask, pairs.positions, metric, unique)  # fmt: skip
+    _metrics(pairs, source_metric, target_metric, unique)
+    if flat(float(largest), pairs.clean_metric - pairs.corrupt_metric, float(grad)):
+        _flat_warning("AtP", pairs)
     return {s: per_kind[kinds[s]] for s in sites}, pairs
 
 
+@takes_task
 def attribution_patch(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], site: str = "resid_pre",
-    by: Sequence[str] = ("layer", "pos"), *, noising: bool = False, attention_mask=None, answer_pos=None, mesh=None,
+    model: Transformer, task: Task, site: str = "resid_pre", by: Sequence[str] = ("layer", "pos"), *,
+    ablation: str = "resample", noising: bool | None = None, mesh=None,
 ) -> PatchResult:  # fmt: skip
     """AtP estimate of `patch_sweep(...)` with the same arguments, shape and normalisation."""
     t0 = time.perf_counter()
     kind, axes = check_site_axes(site, by, model.cfg)
-    est, pairs = attribution_patch_all(model, clean_tokens, corrupt_tokens, metric, [site], noising=noising,
-                                       attention_mask=attention_mask, answer_pos=answer_pos, mesh=mesh)  # fmt: skip
+    est, pairs = attribution_patch_all(model, task, [site], ablation=ablation, noising=noising, mesh=mesh)
     change = np.asarray(_reduce(est[site], axes, by))
-    base = pairs.clean_metric if noising else pairs.corrupt_metric
+    base = pairs.clean_metric if pairs.noising else pairs.corrupt_metric
     return patch_result(pairs, (base + change).astype(np.float32), by, t0, 0)
 
 
 
 
 @eqx.filter_jit
-def _ig(model, source_tokens, target_tokens, mask, positions, metric, kind: str, steps: int):
+def _ig(model, source: Source, target_tokens, mask, positions, metric, kind: str, steps: int):
     """Mean gradient of the metric w.r.t. every layer's `kind` activation along the straight path
     from the target's token embedding to the source's (midpoint rule), and both runs' activations."""
-    L = model.cfg.n_layers
+    cfg = model.cfg
+    L = cfg.n_layers
     names = [f"blocks.{l}.{kind}" for l in range(L)]
 
     def stack(cache):
         return jnp.stack([cache[n] for n in names])
 
-    src = run(model, source_tokens, cache=names + ["hook_embed"], attention_mask=mask, return_logits=False)
+    B, T = target_tokens.shape
+    shapes = {n: site_shape(parse_site(n, cfg), cfg, B, T) for n in [*names, "hook_embed"]}
+    src, _ = source.values(model, [*names, "hook_embed"], shapes)
     tgt = run(model, target_tokens, cache=names + ["hook_embed"], attention_mask=mask, return_logits=False)
-    e_src, e_tgt = src.cache["hook_embed"], tgt.cache["hook_embed"]
+    e_src, e_tgt = src["hook_embed"], tgt.cache["hook_embed"]
     zeros = jnp.zeros_like(stack(tgt.cache))
 
     def grad_at(alpha):
@@ -145,32 +178,35 @@ def _ig(model, source_tokens, target_tokens, mask, positions, metric, kind: str,
 
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
     mean_grad = jnp.mean(jax.lax.map(grad_at, alphas, batch_size=IG_BATCH), axis=0)
-    return stack(src.cache), stack(tgt.cache), mean_grad
+    return stack(src), stack(tgt.cache), mean_grad
 
 
+@takes_task
 def integrated_gradients(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], site: str = "resid_pre",
-    by: Sequence[str] = ("layer", "pos"), *, steps: int = 16, noising: bool = False, attention_mask=None,
-    answer_pos=None, mesh=None,
+    model: Transformer, task: Task, site: str = "resid_pre", by: Sequence[str] = ("layer", "pos"), *,
+    steps: int = 16, ablation: str = "resample", noising: bool | None = None, mesh=None,
 ) -> PatchResult:  # fmt: skip
     """Integrated-gradients estimate of `patch_sweep(...)` (EAP-IG's node score, inputs variant).
 
-    The token embedding moves in `steps` midpoint steps from the target prompt's to the source's;
-    each patch's score is `(source - target activation) · mean gradient along that path`. With one
-    step at alpha 0 this would be AtP; more steps average the gradient where AtP takes it at one end.
-    The steps run as one compiled `lax.map` of forward + backward passes.
+    The token embedding moves in `steps` midpoint steps from the target prompt's to the source's
+    (zero ablation: to zero, mean: to the mean embedding); each patch's score is `(source - target
+    activation) · mean gradient along that path`. With one step at alpha 0 this would be AtP; more
+    steps average the gradient where AtP takes it at one end. The steps run as one compiled
+    `lax.map` of forward + backward passes.
     """
     t0 = time.perf_counter()
     cfg = model.cfg
     kind, axes = check_site_axes(site, by, cfg)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
+    if pairs.ablation != "resample":
+        pairs.corrupt_metric = pairs.ablated_metric([kind])
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
-    source, target, grad = _ig(model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask,
-                               pairs.positions, metric, kind, int(steps))  # fmt: skip
+    source, target, grad = _ig(model, pairs.source, jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions, metric,
+                               kind, int(steps))  # fmt: skip
     change = _reduce(np.asarray((source - target) * grad), axes, by)
-    base = pairs.clean_metric if noising else pairs.corrupt_metric
+    base = pairs.clean_metric if pairs.noising else pairs.corrupt_metric
     return patch_result(pairs, (base + change).astype(np.float32), by, t0, 0)
 
 
@@ -279,7 +315,7 @@ def _key_star(cfg, src, tgt, grad, each_key: bool) -> Array:
 
 
 @eqx.filter_jit
-def _atp_star(model, source_tokens, target_tokens, mask, positions, metric, kind: str, each_key: bool,
+def _atp_star(model, source: Source, target_tokens, mask, positions, metric, kind: str, each_key: bool,
               graddrop_by: tuple | None):  # fmt: skip
     """`(source metric, target metric, estimate)`.
 
@@ -305,9 +341,8 @@ def _atp_star(model, source_tokens, target_tokens, mask, positions, metric, kind
     def stacks(cache, kinds):
         return {k: jnp.stack([cache[f"blocks.{l}.{k}"] for l in range(L)]) for k in kinds}
 
-    src_run = run(model, source_tokens, cache=names(src_kinds), attention_mask=mask, return_logits=False)
-    src = stacks(src_run.cache, src_kinds)
-    zeros = jnp.zeros((L, *site_shape(Site(grad_kind, 0), cfg, *target_tokens.shape)), src_run.resid.dtype)
+    src, src_resid = source.stacks(model, src_kinds, *target_tokens.shape)
+    zeros = jnp.zeros((L, *site_shape(Site(grad_kind, 0), cfg, *target_tokens.shape)), model.W_E.dtype)
 
     def f(delta, drop):
         hooks = [Hook(grad_kind, ALL_LAYERS, PerLayer(Add(delta)))]  # before the stops: a layer's own output drops too
@@ -323,10 +358,10 @@ def _atp_star(model, source_tokens, target_tokens, mask, positions, metric, kind
             return _key_star(cfg, src, tgt, grad, each_key)
         return (src[kind] - tgt[kind]) * grad
 
-    source_metric = score_resid(model, src_run.resid, positions, metric)
+    src_metric = source_metric(model, src_resid, positions, metric)
     if graddrop_by is None:
         (target_metric, tgt), grad = jax.value_and_grad(f, has_aux=True)(zeros, None)
-        return source_metric, target_metric, estimate(tgt, grad)
+        return src_metric, target_metric, estimate(tgt, grad)
 
     axes, by = graddrop_by
     target_metric, tgt = f(zeros, None)
@@ -335,13 +370,13 @@ def _atp_star(model, source_tokens, target_tokens, mask, positions, metric, kind
         grad = jax.grad(lambda d: f(d, jnp.arange(L) == layer)[0])(zeros)
         return jnp.abs(_reduce(estimate(tgt, grad), axes, by))
 
-    return source_metric, target_metric, jnp.sum(jax.lax.map(dropped, jnp.arange(L)), axis=0) / (L - 1)
+    return src_metric, target_metric, jnp.sum(jax.lax.map(dropped, jnp.arange(L)), axis=0) / (L - 1)
 
 
+@takes_task
 def atp_star(
-    model: Transformer, clean_tokens, corrupt_tokens, metric: Callable[[Array], Array], site: str = "z",
-    by: Sequence[str] = ("layer", "pos", "head"), *, graddrop: bool = False, noising: bool = False,
-    attention_mask=None, answer_pos=None, mesh=None,
+    model: Transformer, task: Task, site: str = "z", by: Sequence[str] = ("layer", "pos", "head"), *,
+    graddrop: bool = False, ablation: str = "resample", noising: bool | None = None, mesh=None,
 ) -> PatchResult:  # fmt: skip
     """AtP* (Kramár et al. 2024) estimate of `patch_sweep(...)` with the same arguments and shape.
 
@@ -374,19 +409,17 @@ def atp_star(
     by = tuple(by)
     if graddrop and cfg.n_layers < 2:
         raise ValueError(f"GradDrop averages over the other layers; the model has {cfg.n_layers} layer")
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
     model, metric = pairs.model, pairs.metric  # placed on the mesh, if one is given
     each_key = kind == _K and "pos" in by  # keys one position at a time: the closed form per key
     source_metric, target_metric, change = _atp_star(
-        model, jnp.asarray(pairs.source_tokens), jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions,
+        model, pairs.source, jnp.asarray(pairs.target_tokens), pairs.mask, pairs.positions,
         metric, kind, each_key, (dict(axes), by) if graddrop else None,
     )  # fmt: skip
-    pairs.clean_metric, pairs.corrupt_metric = (
-        (float(target_metric), float(source_metric)) if noising else (float(source_metric), float(target_metric))
-    )
+    _metrics(pairs, source_metric, target_metric, [kind])
     if not graddrop:  # one compiled program per site, whatever `by`: reduced here
         change = _reduce(np.asarray(change), axes, by)
-        base = pairs.clean_metric if noising else pairs.corrupt_metric
+        base = pairs.clean_metric if pairs.noising else pairs.corrupt_metric
         return patch_result(pairs, (base + change).astype(np.float32), by, t0, 0)
     change = np.asarray(change, np.float32)
     gap = abs(pairs.clean_metric - pairs.corrupt_metric)
@@ -394,4 +427,5 @@ def atp_star(
         warnings.warn(f"clean and corrupt metrics are equal ({pairs.clean_metric}); the normalised result is NaN")
     with np.errstate(divide="ignore", invalid="ignore"):
         result = (change / np.float32(gap)).astype(np.float32)
-    return PatchResult(result, change, pairs.clean_metric, pairs.corrupt_metric, by, time.perf_counter() - t0, 0)
+    return PatchResult(result, change, pairs.clean_metric, pairs.corrupt_metric, by, time.perf_counter() - t0, 0,
+                       pairs.ablation, pairs.noising)  # fmt: skip

@@ -19,9 +19,10 @@ the lowest layer any component patches (from the target's cached residual stream
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import equinox as eqx
 import jax
@@ -30,6 +31,9 @@ import numpy as np
 from jax import Array
 
 from ..core import (
+    Result,
+    Task,
+    takes_task,
     ALL_LAYERS,
     PATCH_SITES,
     Hook,
@@ -46,7 +50,8 @@ from ..core import (
 )
 
 
-class ShapleyResult(NamedTuple):
+@dataclasses.dataclass(frozen=True, repr=False)
+class ShapleyResult(Result):
     """Shapley values of the chosen components: normalised and raw means with their standard errors."""
 
     result: np.ndarray  # [n] mean marginal contribution / (clean_metric - corrupt_metric)
@@ -63,11 +68,7 @@ class ShapleyResult(NamedTuple):
     full_metric: float  # v(every component patched)
     seconds: float
     chunk_size: int
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
+    ablation: str = "resample"
 
 
 def _components(components, site: str, cfg) -> list[tuple[str, int, dict]]:
@@ -132,20 +133,18 @@ def _coalition_values(model, tokens, mask, positions, metric, start, resid, sour
     return jax.vmap(one)(coalitions)
 
 
+@takes_task
 def shapley_values(
     model: Transformer,
-    clean_tokens,
-    corrupt_tokens,
-    metric: Callable[[Array], Array],
+    task: Task,
     components: Sequence,
     *,
     site: str = "z",
     n_permutations: int = 32,
     key: Array | None = None,
     permutations=None,
-    noising: bool = False,
-    attention_mask=None,
-    answer_pos=None,
+    ablation: str = "resample",
+    noising: bool | None = None,
     chunk_size: int | None = None,
     memory_budget: int = 4 * 2**30,
     progress: bool = True,
@@ -156,7 +155,8 @@ def shapley_values(
         patched whole), mixed sites allowed; or `(layer, *indices)` tuples of `site` whose indices
         name its axes other than "pos": `[(9, 3), (10, 7)]` with site "z" are two heads.
     The value of a coalition S is the metric with S patched from the source run into the target
-    run (denoising: clean into corrupt; `noising=True`: corrupt into clean).
+    run (denoising: clean into corrupt; `noising=True`: corrupt into clean; `ablation="zero" | "mean"`:
+    zeros or means into clean, where 0 of `result` is every component ablated at once).
     n_permutations, key: how many uniformly random orders to sample, and the `jax.random` key.
     permutations: int `[P, n]`, the orders to use instead of sampling (e.g. all `n!` for an exact
         value); `n_permutations` and `key` are then ignored.
@@ -188,7 +188,8 @@ def shapley_values(
                              f"got shape {perms.shape}")  # fmt: skip
     P = perms.shape[0]
 
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos)
+    pairs = Pairs(model, task, ablation=ablation, noising=noising)
+    metric = task.metric
     masks, cols = _masks(comps, cfg, pairs.B, pairs.T)
     sources = {kind: pairs.site_stack(kind) for kind in masks}
 
@@ -214,6 +215,8 @@ def shapley_values(
     np.put_along_axis(marginals, perms, np.diff(v, axis=1), axis=1)
     raw = marginals.mean(axis=0)
     raw_stderr = marginals.std(axis=0, ddof=1) / np.sqrt(P) if P > 1 else np.full(n, np.nan)
+    if pairs.ablation != "resample":  # no corrupt run: 0 is every component ablated at once
+        pairs.corrupt_metric = float(v[0, -1])
     gap = pairs.clean_metric - pairs.corrupt_metric
     if gap == 0:
         warnings.warn(f"clean and corrupt metrics are equal ({pairs.clean_metric}); the normalised result is NaN")
@@ -223,4 +226,5 @@ def shapley_values(
     return ShapleyResult(
         f32(result), f32(raw), f32(stderr), f32(raw_stderr), f32(marginals), perms, tuple(comps), P,
         pairs.clean_metric, pairs.corrupt_metric, float(v[0, 0]), float(v[0, -1]), time.perf_counter() - t0, chunk,
+        pairs.ablation,
     )  # fmt: skip

@@ -22,28 +22,35 @@ normalised so clean = 1 and corrupt = 0.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
-from jax import Array
 
 from ..core import (
     PATCH_SITES,
     Config,
     Pairs,
+    Result,
     Site,
+    Task,
     Transformer,
     auto_chunk,
     check_site_axes,
     normalise,
     site_shape,
+    takes_task,
 )
 
 
-class PatchResult(NamedTuple):
-    """A patching sweep's result in TransformerLens's shape: normalised (clean 1, corrupt 0) and raw metric."""
+@dataclasses.dataclass(frozen=True, repr=False)
+class PatchResult(Result):
+    """A patching sweep's result in TransformerLens's shape: normalised (clean 1, corrupt 0) and raw metric.
+
+    Under zero or mean ablation there is no corrupt run: `corrupt_metric` is then the metric with
+    every patch of the sweep applied at once (the site ablated at every layer), which is what 0 means."""
 
     result: np.ndarray  # normalised metric, TransformerLens shape (axes in `axes`)
     raw: np.ndarray  # the metric itself, same shape
@@ -52,33 +59,38 @@ class PatchResult(NamedTuple):
     axes: tuple[str, ...]
     seconds: float
     chunk_size: int
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
+    ablation: str = "resample"
+    noising: bool = False
 
 
-def patch_result(pairs, raw, axes, t0, chunk) -> PatchResult:
+def patch_result(pairs: Pairs, raw, axes, t0, chunk) -> PatchResult:
     """A sweep's raw metrics as a `PatchResult`, normalised by the pair's clean and corrupt metrics."""
     if pairs.clean_metric == pairs.corrupt_metric:
         warnings.warn(f"clean and corrupt metrics are equal ({pairs.clean_metric}); the normalised result is NaN")
     with np.errstate(divide="ignore", invalid="ignore"):
         result = np.asarray(normalise(raw, pairs.clean_metric, pairs.corrupt_metric), np.float32)
-    return PatchResult(result, raw, pairs.clean_metric, pairs.corrupt_metric, tuple(axes), time.perf_counter() - t0, chunk)
+    return PatchResult(result, raw, pairs.clean_metric, pairs.corrupt_metric, tuple(axes), time.perf_counter() - t0, chunk,
+                       pairs.ablation, pairs.noising)  # fmt: skip
 
 
+def prepare(model: Transformer, task: Task, *, ablation: str, noising: bool | None, mesh, kinds: Sequence[str] = ()) -> Pairs:
+    """`Pairs` for a sweep over `kinds`; under zero or mean ablation its `corrupt_metric` is the metric
+    with those kinds ablated at every layer at once."""
+    pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
+    if pairs.ablation != "resample" and kinds:
+        pairs.corrupt_metric = pairs.ablated_metric(kinds)
+    return pairs
+
+
+@takes_task
 def patch_sweep(
     model: Transformer,
-    clean_tokens,
-    corrupt_tokens,
-    metric: Callable[[Array], Array],
+    task: Task,
     site: str = "resid_pre",
     by: Sequence[str] = ("layer", "pos"),
     *,
-    noising: bool = False,
-    attention_mask=None,
-    answer_pos=None,
+    ablation: str = "resample",
+    noising: bool | None = None,
     chunk_size: int | None = None,
     memory_budget: int = 4 * 2**30,
     progress: bool = True,
@@ -86,13 +98,17 @@ def patch_sweep(
     layers: Sequence[int] | None = None,
     mesh=None,
 ) -> PatchResult:
-    """Patch every index of `site` along `by` and score each with `metric` (normalised: clean 1, corrupt 0).
+    """Patch every index of `site` along `by` and score each with the task's metric (normalised: clean 1, corrupt 0).
 
-    clean_tokens, corrupt_tokens: int `[B, T]` of equal shape (a batch of prompt pairs; `[T]` for one).
-    metric: function of the logits at the scored position `[B, V]` to a scalar, e.g. `LogitDiff`.
+    task: a `Task` (clean and corrupt tokens `[B, T]` of equal shape, the metric, scored positions,
+        attention mask), or, the explicit way, `clean_tokens, corrupt_tokens, metric` with the
+        keywords `attention_mask` (bool `[B, T]` for padded batches, shared by both runs) and
+        `answer_pos` (the scored position; default: the last real token of each row).
     site: one of `PATCH_SITES`; by: axes, 'layer' first, e.g. `("layer", "pos", "head")`.
-    attention_mask: bool `[B, T]` for padded batches (shared by both runs).
-    answer_pos: position scored (default: the last real token of each row).
+    ablation: where patched-in values come from. "resample" (default): denoising, clean values
+        patched into the corrupt run, or with `noising=True` corrupt values into the clean run;
+        "zero" / "mean" (over `task.reference`, else the clean batch): noising the clean run with
+        zeros / means (no corrupt inputs needed; 0 is then the site ablated at every layer at once).
     chunk_size: patches per compiled call (default: from `memory_budget` bytes by a rough formula;
         "plan": `plan_sweep`, measured from the compiled program, raising `DoesNotFit` up front).
     layers: patch only these layers (the result's layer axis follows this order); default all.
@@ -110,16 +126,17 @@ def patch_sweep(
     chosen = np.arange(L) if layers is None else np.asarray(list(layers), np.int32)
     if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= L:
         raise ValueError(f"layers {list(chosen)} out of range: the model has layers 0..{L - 1}")
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    pairs = prepare(model, task, ablation=ablation, noising=noising, mesh=mesh, kinds=(kind,))
     act_shape = site_shape(Site(kind, 0), cfg, pairs.B, pairs.T)[1:]
     free = by[1:]
     sizes = [act_shape[axes[a]] for a in free]
     grid = np.indices((len(chosen), *sizes)).reshape(1 + len(sizes), -1).T.astype(np.int32)  # layer-major
     rows = np.concatenate([chosen[grid[:, :1]], grid[:, 1:]], axis=1)
     if chunk_size == "plan":  # measured: the compiled chunk program's memory, on abstract inputs
-        from ..scale import plan_sweep
+        from ._plan import plan_sweep
 
-        plan = plan_sweep(model, pairs.clean, site, by, metric=metric, attention_mask=attention_mask, budget=memory_budget)
+        plan = plan_sweep(model, pairs.clean, site, by, metric=task.metric, attention_mask=task.attention_mask,
+                          budget=memory_budget)  # fmt: skip
         if progress:
             print(f"memory plan: {plan}", flush=True)
         chunk_size = plan.size
@@ -129,16 +146,14 @@ def patch_sweep(
     return patch_result(pairs, raw.reshape(len(chosen), *sizes), by, t0, chunk)
 
 
+@takes_task
 def patch_set(
     model: Transformer,
-    clean_tokens,
-    corrupt_tokens,
-    metric: Callable[[Array], Array],
+    task: Task,
     patches: Sequence[tuple[str, int, dict]],
     *,
-    noising: bool = False,
-    attention_mask=None,
-    answer_pos=None,
+    ablation: str = "resample",
+    noising: bool | None = None,
     chunk_size: int | None = None,
     memory_budget: int = 4 * 2**30,
     progress: bool = True,
@@ -153,7 +168,8 @@ def patch_set(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
-    pairs = Pairs(model, clean_tokens, corrupt_tokens, metric, noising, attention_mask, answer_pos, mesh)
+    kinds = sorted({PATCH_SITES[s][0] for s, _, _ in patches if s in PATCH_SITES})
+    pairs = prepare(model, task, ablation=ablation, noising=noising, mesh=mesh, kinds=kinds)
     chunk = pairs.chunk(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget))
     raw = np.zeros(len(patches), np.float32)
     groups: dict[str, list[int]] = {}
@@ -181,14 +197,14 @@ def patch_set(
     return patch_result(pairs, raw, ("patch",), t0, chunk)
 
 
-def _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs):
+def _every(model, task, sweeps, **kwargs):
     t0 = time.perf_counter()
-    parts = [patch_sweep(model, clean_tokens, corrupt_tokens, metric, site, by, **kwargs) for site, by in sweeps]
+    parts = [patch_sweep(model, task, site, by, **kwargs) for site, by in sweeps]
     first = parts[0]
     result = np.stack([_to_query_heads(model.cfg, p.result) for p in parts])
     raw = np.stack([_to_query_heads(model.cfg, p.raw) for p in parts])
     return PatchResult(result, raw, first.clean_metric, first.corrupt_metric, ("site", *first.axes),
-                       time.perf_counter() - t0, first.chunk_size)  # fmt: skip
+                       time.perf_counter() - t0, first.chunk_size, first.ablation, first.noising)  # fmt: skip
 
 
 def _to_query_heads(cfg: Config, a: np.ndarray) -> np.ndarray:
@@ -198,19 +214,21 @@ def _to_query_heads(cfg: Config, a: np.ndarray) -> np.ndarray:
     return a
 
 
-def patch_every_head(model, clean_tokens, corrupt_tokens, metric, **kwargs) -> PatchResult:
+@takes_task
+def patch_every_head(model: Transformer, task: Task, **kwargs) -> PatchResult:
     """`[5, layer, head]`: z, q, k, v and pattern of each head, patched at all positions.
 
     Under grouped-query attention, k and v belong to kv heads; their rows repeat each kv head's
     result for the query heads it serves.
     """
     sweeps = [(s, ("layer", "head")) for s in ("z", "q", "k", "v", "pattern")]
-    return _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs)
+    return _every(model, task, sweeps, **kwargs)
 
 
-def patch_every_block(model, clean_tokens, corrupt_tokens, metric, **kwargs) -> PatchResult:
+@takes_task
+def patch_every_block(model: Transformer, task: Task, **kwargs) -> PatchResult:
     """`[3, layer, pos]`: resid_pre, attn_out and mlp_out patched at each (layer, position)."""
     sweeps = [(s, ("layer", "pos")) for s in ("resid_pre", "attn_out", "mlp_out")]
-    return _every(model, clean_tokens, corrupt_tokens, metric, sweeps, **kwargs)
+    return _every(model, task, sweeps, **kwargs)
 
 

@@ -29,8 +29,9 @@ Shapes: tokens `[T]`; scores `[L, T]`; L layers, T positions, D d_model.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import equinox as eqx
 import jax
@@ -38,12 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ..core import ALL_LAYERS, Add, Hook, PerLayer, Replace, Transformer, run, unembed
+from ..core import ALL_LAYERS, Add, Hook, PerLayer, Replace, Result, Transformer, run, unembed
 
 KINDS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 
 
-class CausalTrace(NamedTuple):
+@dataclasses.dataclass(frozen=True, repr=False)
+class CausalTrace(Result):
     """The result of `causal_trace`; probabilities of the answer token at the last position."""
 
     scores: np.ndarray  # [L, T]: p(answer) after restoring (layer l, token t), averaged over noise draws
@@ -58,11 +60,6 @@ class CausalTrace(NamedTuple):
     samples: int
     seconds: float  # wall time of the restoration sweep, compile included
     first_chunk_seconds: float  # wall time of its first compiled call (compiles unless cached)
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
     @property
     def indirect_effect(self) -> np.ndarray:

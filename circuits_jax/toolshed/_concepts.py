@@ -31,7 +31,8 @@ Shapes: N inputs (prompts), T positions, L layers requested, D the site's width,
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -40,7 +41,7 @@ import numpy as np
 import optax
 from jax import Array
 
-from ..core import ALL_LAYERS, Add, Hook, PerLayer, Transformer, parse_site, run
+from ..core import ALL_LAYERS, Add, Hook, PerLayer, Result, Transformer, parse_site, run
 
 try:  # tqdm is a dependency of the package, but keep the import soft
     from tqdm.auto import tqdm
@@ -240,17 +241,13 @@ def _split(acts, y, train_idx, test_idx):
     return acts[:, tr], yf[tr], acts[:, te], yf[te]
 
 
-class LayerProbes(NamedTuple):
+@dataclasses.dataclass(frozen=True, repr=False)
+class LayerProbes(Result):
     """Per-layer logistic probes: held-out and train accuracy, and the probes stacked on a layer axis."""
 
     accuracy: np.ndarray  # [L] held-out accuracy
     train_accuracy: np.ndarray  # [L]
     probes: Probe  # stacked: w [L, D], b [L], ...
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
 
 def probe_layers(acts, y, train_idx, test_idx, *, l2: float = 1e-3, steps: int = 300, lr: float = 0.05,
@@ -394,7 +391,8 @@ def significance(concept_scores, random_scores) -> tuple[float, float]:
     return float(r.statistic), float(r.pvalue)
 
 
-class TCAVResult(NamedTuple):
+@dataclasses.dataclass(frozen=True, repr=False)
+class TCAVResult(Result):
     """TCAV score of a concept with the random-CAV scores it is tested against and the t-test's p-value."""
 
     score: float  # mean TCAV score of the concept's CAVs
@@ -405,11 +403,6 @@ class TCAVResult(NamedTuple):
     cav_accuracy: np.ndarray  # [R] train accuracy of the concept CAV probes
     cavs: np.ndarray  # [R, D] unit concept CAVs
     derivatives: np.ndarray  # [R, N] directional derivatives of the class inputs along each concept CAV
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
 
 def cav_pairs(pairs: Sequence[tuple], *, l2: float = 1e-3, steps: int = 300, lr: float = 0.05,
@@ -546,18 +539,14 @@ def _neuron_attr(model, tokens, pos, layer: int, neuron: Array, heads: bool, neu
     return act, head_attr, neuron_attr
 
 
-class NeuronAttribution(NamedTuple):
+@dataclasses.dataclass(frozen=True, repr=False)
+class NeuronAttribution(Result):
     """PURE's gradient x activation attributions of a neuron onto earlier heads and neurons, per input."""
 
     activation: np.ndarray  # [N] the neuron's activation at its max position
     position: np.ndarray  # [N] that position
     attributions: np.ndarray  # [N, C] gradient x activation per upstream component
     components: list[str]  # [C] names: "L{j}H{h}" heads, then "L{l-1}N{m}" neurons
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
 
 def neuron_attributions(model: Transformer, tokens, layer: int, neuron: int, *, heads: bool = True,
@@ -648,7 +637,8 @@ def silhouette_cosine(x, labels) -> float:
     return float(s.mean())
 
 
-class PureSplit(NamedTuple):
+@dataclasses.dataclass(frozen=True, repr=False)
+class PureSplit(Result):
     """A neuron split into virtual neurons: cluster labels, per-cluster activations, each cluster's upstream circuit, silhouette, centroids."""
 
     labels: np.ndarray  # [N] the virtual neuron (cluster) of each input
@@ -657,11 +647,6 @@ class PureSplit(NamedTuple):
     circuit_fraction: np.ndarray  # [k, k]: inputs of cluster a, share of |attribution| on circuit b's components
     silhouette: float  # cosine silhouette of the clustering
     centroids: np.ndarray  # [k, C] mean attribution vector per cluster
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
 
 def pure_split(attributions, activation, components: Sequence[str], *, k: int = 2, top: int = 8,

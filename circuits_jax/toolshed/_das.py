@@ -51,7 +51,7 @@ from jax import Array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..core import Hook, Intervention, Transformer, layer_kinds, parse_site, run, unembed
+from ..core import Hook, Intervention, Result, Transformer, layer_kinds, parse_site, run, unembed
 from ..scale import check_divides, round_to, shard_model
 
 METHODS = ("das", "low_rank", "boundless")
@@ -185,8 +185,8 @@ def intervened_logits(model: Transformer, tokens: Array, source: Array, pos: Arr
 # Training and the layer search
 
 
-@dataclasses.dataclass
-class DASResult:
+@dataclasses.dataclass(frozen=True, repr=False)
+class DASResult(Result):
     """Per searched layer: IIA of the trained interchange, a random rotation (same k) and the full
     vector (k = D, ordinary activation patching), on held-out pairs; training curves and bases."""
 
@@ -207,11 +207,6 @@ class DASResult:
     weights: np.ndarray  # [L, n] interchange weights at the end (soft for boundless)
     n_train: int
     n_test: int
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
     def to_json(self) -> dict:
         return dict(kind=self.kind, layers=self.layers, k=self.k, method=self.method, n_train=self.n_train,
@@ -405,8 +400,8 @@ def das_search(model: Transformer, base_tokens, source_tokens, labels, candidate
                      n_test=N - n_train)  # fmt: skip
 
 
-@dataclasses.dataclass
-class PositionSearch:
+@dataclasses.dataclass(frozen=True, repr=False)
+class PositionSearch(Result):
     """DAS over named positions x layers: `iia [P, L]` (held-out) and each position's `DASResult`."""
 
     names: list[str]
@@ -415,11 +410,6 @@ class PositionSearch:
     iia_random: np.ndarray  # [P, L]
     iia_full: np.ndarray  # [P, L]
     results: dict[str, DASResult]
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
     def best(self) -> tuple[str, int, float]:
         """`(position name, layer, IIA)` of the highest held-out IIA."""

@@ -9,24 +9,20 @@ the constant terms (final-norm bias, unembedding bias) sum to the logit.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import Transformer, run, unembed
+from ..core import Result, Transformer, run, unembed
 
 
-class Decomposition(NamedTuple):
+@dataclasses.dataclass(frozen=True, repr=False)
+class Decomposition(Result):
     """The residual stream at one position split into its writers (embeddings, heads, attention biases, MLPs)."""
 
     components: np.ndarray  # [C, B, D]: writers to the residual stream at the position
     labels: list[str]  # C names: "embed", "pos_embed", "L{l}H{h}", "L{l}.attn_bias", "L{l}.mlp"
-
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
-
-        return summary(self)
 
 
 def _at(a, pos):

@@ -28,8 +28,9 @@ jitted optax step through `run` with a `cj.Add(delta, mask)` hook at `blocks.{l}
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import equinox as eqx
 import jax
@@ -38,7 +39,7 @@ import numpy as np
 import optax
 from jax import Array
 
-from ..core import Add, Hook, Transformer, run
+from ..core import Add, Hook, Result, Transformer, run
 from ..dictionaries import pack_contexts, read_corpus
 
 # Short neutral texts put before the fact prompt (Meng et al. sample them from the model; fixed texts
@@ -54,7 +55,8 @@ DEFAULT_PREFIXES = (
 ESSENCE_PROMPT = "{} is a"
 
 
-class RomeInfo(NamedTuple):
+@dataclasses.dataclass(frozen=True, repr=False)
+class RomeInfo(Result):
     """What `rome_edit` did. Arrays are float32 numpy."""
 
     layer: int
@@ -68,10 +70,22 @@ class RomeInfo(NamedTuple):
     kl: np.ndarray  # [steps] KL(edited || original) at the essence prompt
     seconds: float  # wall time of the whole edit
 
-    def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
-        from ..core import summary
 
-        return summary(self)
+@dataclasses.dataclass(frozen=True, repr=False)
+class EditScores(Result):
+    """`evaluate_edit`'s CounterFact-style scores of one edit; reads like the dict it was (`s["efficacy"]`).
+
+    pre / post: the scores before and after the edit, dicts of `p_new`, `p_true`, `efficacy`,
+    `paraphrase_p_new`, `paraphrase_p_true`, `paraphrase`, `neighborhood_p_true`,
+    `neighborhood_p_new`, `neighborhood` (Python floats and lists)."""
+
+    pre: dict[str, Any]
+    post: dict[str, Any]
+    neighborhood_dp_true: float  # mean change of the neighbours' p(true answer)
+    essence_kl: float  # KL(after || before) of the next token after "{subject} is a"
+    efficacy: float  # post["efficacy"]
+    paraphrase: float  # post["paraphrase"]
+    neighborhood: float  # post["neighborhood"]
 
 
 # --------------------------------------------------------------------------- checks and token positions
@@ -429,8 +443,8 @@ def _next_logprobs(model, tok, text, prepend_bos):
 
 
 def evaluate_edit(model_before: Transformer, model_after: Transformer, tok, case: Mapping[str, Any], *,
-                  prepend_bos: bool | None = None) -> dict:  # fmt: skip
-    """CounterFact-style scores of one edit, before and after.
+                  prepend_bos: bool | None = None) -> EditScores:  # fmt: skip
+    """CounterFact-style scores of one edit, before and after (an `EditScores`, read as `s["efficacy"]`).
 
     case: `prompt` (with "{}"), `subject`, `target_new`, `target_true`, `paraphrase_prompts` (texts,
     "{}" is filled with the subject), `neighborhood_prompts` (`(text, its true answer)` pairs: other
@@ -472,4 +486,4 @@ def evaluate_edit(model_before: Transformer, model_after: Transformer, tok, case
     out["essence_kl"] = float(np.sum(np.exp(b) * (b - a)))
     out["efficacy"], out["paraphrase"], out["neighborhood"] = (
         out["post"]["efficacy"], out["post"]["paraphrase"], out["post"]["neighborhood"])
-    return out
+    return EditScores(**out)

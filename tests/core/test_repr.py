@@ -12,9 +12,12 @@ import pytest
 import circuits_jax as cj
 from circuits_jax.dictionaries import _activations
 from circuits_jax.attribution_graphs import _graph as _attribution_graph
+from circuits_jax.attribution_graphs import _replacement
 from circuits_jax.core import _repr
+from circuits_jax.dictionaries import _dashboard
 from circuits_jax.dictionaries import _train as _sae_train
 from circuits_jax.graph._edges import Graph
+from circuits_jax.toolshed import _rome
 
 from conftest import tiny_configs
 
@@ -70,7 +73,8 @@ RESULTS = [cj.RunOutput, cj.PatchResult, cj.PathPatchResult, cj.EdgeScores, cj.C
            cj.PositionSearch, cj.Generation, cj.Decomposition, cj.ShapleyResult, cj.AttributionGraph,
            _attribution_graph.Pruned, cj.ScrubResult, cj.Evaluation, cj.RomeInfo, cj.Trace, cj.LayerProbes,
            cj.TCAVResult, cj.NeuronAttribution, cj.PureSplit, _activations.ActivationStore, _sae_train.TrainResult,
-           cj.Task]  # fmt: skip
+           cj.Task, _rome.EditScores, _dashboard.FeatureStats, _attribution_graph.GraphScores,
+           _replacement.TranscoderEvaluation]  # fmt: skip
 
 
 @pytest.mark.parametrize("cls", RESULTS, ids=lambda c: c.__name__)
@@ -121,7 +125,7 @@ def test_circuit_graph_and_edge_scores_count_edges_instead_of_listing_nodes():
     assert f"edges={c.n_edges} of {g.n_edges} kept" in repr(c) and "a0.h0" not in repr(c)
     e = cj.EdgeScores(np.zeros(g.mask.shape, np.float32), g, 1.5, -0.25, "eap-ig", 2.0)
     assert repr(e) == (f"EdgeScores(scores=f32[{len(g.sources)},{len(g.destinations)}], clean_metric=1.5, corrupt_metric=-0.25, "
-                       f"method='eap-ig', seconds=2, graph={g!r})")  # fmt: skip
+                       f"method='eap-ig', seconds=2, ablation='resample', noising=False, graph={g!r})")  # fmt: skip
 
 
 def test_model_repr_and_treescope_show_shapes(model):

@@ -85,7 +85,7 @@ def test_unknown_edge_names_the_nearest(tmp_path):
 
 def test_meta_is_made_json_safe(tmp_path):
     c = _circuit(CONFIGS["mha"])
-    c.meta = {"arr": np.arange(3), "x": np.float32(0.5), "t": (1, 2), "nan": float("nan"), 3: "int key"}
+    c = c.replace(meta={"arr": np.arange(3), "x": np.float32(0.5), "t": (1, 2), "nan": float("nan"), 3: "int key"})
     back = load_circuit(save_circuit(c, tmp_path / "c.json"))
     assert back.meta == {"arr": [0, 1, 2], "x": 0.5, "t": [1, 2], "nan": None, "3": "int key"}
 

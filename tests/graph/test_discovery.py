@@ -50,7 +50,8 @@ def test_roc_auc_perfect_reversed_and_sweep():
     truth[0, -1] = truth[3, 20] = truth[5, -1] = True
     truth &= g.mask
     perfect = np.where(truth, 10.0, np.abs(s))
-    assert cj.roc_auc(perfect, truth, graph=g) == {"edge": 1.0, "node": 1.0}
+    auc = cj.roc_auc(perfect, truth, graph=g)
+    assert (auc.edge, auc.node, auc["edge"], auc["node"]) == (1.0, 1.0, 1.0, 1.0) and auc.edge_points is None
     assert cj.roc_auc(-perfect, truth, graph=g, absolute=False)["edge"] == 0.0
     exact = cj.Circuit(g, truth)
     sweep = cj.roc_sweep([exact, cj.Circuit(g, g.mask), cj.Circuit(g, np.zeros_like(truth))], truth)
