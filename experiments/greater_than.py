@@ -35,9 +35,9 @@ import numpy as np
 
 import circuits_jax as cj
 from circuits_jax import plot
-from circuits_jax.app.cli import _count
-from circuits_jax.app._report import Report, Stages, top_heads
-from circuits_jax.tasks._tasks import YEAR_NOUNS
+from circuits_jax.app.options import count
+from circuits_jax.app import Report, Stages, top_heads
+from circuits_jax.tasks import YEAR_NOUNS
 
 EPILOG = """example:
   circuits-jax experiment greater-than                      # SmolLM2, 16 prompts -> runs/greater-than
@@ -50,12 +50,12 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="circuits-jax experiment greater-than", description=__doc__.split("\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path or an HF-format directory")
-    ap.add_argument("--n", type=_count(1), default=16, help="prompt pairs for the patching stages (default 16)")
+    ap.add_argument("--n", type=count(1), default=16, help="prompt pairs for the patching stages (default 16)")
     ap.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     ap.add_argument("--noun", default="war", help="the noun of the signature plot's prompt (default 'war')")
-    ap.add_argument("--year-step", type=_count(1), default=4,
+    ap.add_argument("--year-step", type=count(1), default=4,
                     help="signature plot: start years 02, 02+k, ... up to 98 (default 4: 25 years; 1 for all 97)")
-    ap.add_argument("--top", type=_count(1), default=8, help="heads listed in the tables (default 8)")
+    ap.add_argument("--top", type=count(1), default=8, help="heads listed in the tables (default 8)")
     ap.add_argument("--out", default="runs/greater-than", help="output directory (default runs/greater-than)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap

@@ -41,10 +41,10 @@ import numpy as np
 
 import circuits_jax as cj
 from circuits_jax import plot
-from circuits_jax.graph._edges import Graph
+from circuits_jax.core import Graph
 from circuits_jax.tasks.known import BOS, repeated_tokens
-from circuits_jax.app.cli import _count
-from circuits_jax.app._report import Report, Stages
+from circuits_jax.app.options import count
+from circuits_jax.app import Report, Stages
 
 EPILOG = """example:
   circuits-jax experiment induction                          # seed 0, 2000 training steps -> runs/induction
@@ -57,10 +57,10 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="circuits-jax experiment induction", description=__doc__.split("\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="training and data seed (default 0)")
-    ap.add_argument("--steps", type=_count(1), default=2000, help="training steps (default 2000, as known.induction_model)")
+    ap.add_argument("--steps", type=count(1), default=2000, help="training steps (default 2000, as known.induction_model)")
     ap.add_argument("--n", type=int, default=10, choices=range(3, 13), metavar="{3..12}",
                     help="length of the repeated segment (default 10; the model was trained on 4..12)")  # fmt: skip
-    ap.add_argument("--batch", type=_count(1), default=32, help="prompt pairs and repeated sequences (default 32)")
+    ap.add_argument("--batch", type=count(1), default=32, help="prompt pairs and repeated sequences (default 32)")
     ap.add_argument("--threshold", type=float, default=0.1,
                     help="share of the clean-corrupt difference a path must carry for its head to count as found (default 0.1)")  # fmt: skip
     ap.add_argument("--out", default="runs/induction", help="output directory (default runs/induction)")

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .. import plot
-from ..core import run
+from ..core import parse_site, run
 from ..graph import circuit_from_scores, circuit_metrics, edge_attribution, faithfulness, path_patch, save_circuit
 from ..patching import attribution_patch, patch_sweep
 from ..tasks import IOI_TEMPLATES, ioi_task
@@ -114,8 +114,9 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
     with stage("attention patterns of the heads found"):
         chosen = [h for h, _ in movers[:3]] + [h for h, _ in negative[:1]]
         layers = sorted({int(h[1:].split("H")[0]) for h in chosen})
-        cache = run(model, task.clean, cache=[f"blocks.{l}.attn.hook_pattern" for l in layers], attention_mask=task.attention_mask).cache
-        pats = np.stack([np.asarray(cache[f"blocks.{int(h[1:].split('H')[0])}.attn.hook_pattern"])[:, int(h.split("H")[1])].mean(0)
+        names = {l: parse_site(("pattern", l), model.cfg).name for l in layers}  # blocks.{l}.attn.hook_pattern
+        cache = run(model, task.clean, cache=list(names.values()), attention_mask=task.attention_mask).cache
+        pats = np.stack([np.asarray(cache[names[int(h[1:].split("H")[0])]])[:, int(h.split("H")[1])].mean(0)
                          for h in chosen])  # fmt: skip
         plot.attention_patterns(pats, chosen, out / "attention_patterns.png", tokens=str_tokens, query=len(str_tokens) - 1,
                                 title="where the final token attends (mean over prompts)")  # fmt: skip

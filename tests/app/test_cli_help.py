@@ -180,3 +180,20 @@ def test_each_experiment_has_help_with_an_example_and_refuses_unknown_options(na
         main(["experiment", name, "--no-such-option"])
     assert e.value.code == 2
     assert "--no-such-option" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_site_options_read_cores_site_table():
+    """One site vocabulary: `--site` choices, `--kind` and train-sae's site names all come from core's table."""
+    from circuits_jax.app.options import check_site_name, site_kind
+    from circuits_jax.core import LAYER_KINDS, PATCH_SITES, SITE_KINDS
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for name in ("patch", "attribute"):
+        (site,) = [a for a in sub[name]._actions if a.dest == "site"]
+        assert list(site.choices) == list(PATCH_SITES)
+    for k in SITE_KINDS:  # every row of the table, per-layer at any layer, global as is
+        check_site_name(f"blocks.123.{k.kind}" if k.per_layer else k.kind, "--site")
+    assert [site_kind(k) for k in LAYER_KINDS] == list(LAYER_KINDS)
+    with pytest.raises(ValueError, match=r"^--target: unknown activation site 'blocks.7.hook_mlp_outt'; closest valid names: "
+                                         r"blocks.7.hook_mlp_out"):  # fmt: skip
+        check_site_name("blocks.7.hook_mlp_outt", "--target")

@@ -1,0 +1,71 @@
+"""`circuits-jax graph`: the attribution graph of a prompt through per-layer transcoders (circuit tracing)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import count
+
+
+def add_graph(sub) -> None:
+    gr = sub.add_parser(
+        "graph", help="attribution graph of a prompt through per-layer transcoders (circuit tracing)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+        "  circuits-jax graph --model smollm2 --transcoders runs/transcoders --prompt 'The capital of France is' --out runs/graph_france\n"
+        "writes OUT/graph.json (circuit-tracer / Neuronpedia schema), graph.html (open it in a browser), scores.json, graph.npz.\n"
+        "Train the transcoders with experiments/train_transcoders.py.",
+    )  # fmt: skip
+    gr.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    gr.add_argument("--transcoders", required=True, help="directory of per-layer transcoders (layer_XX/dictionary)")
+    gr.add_argument("--prompt", required=True, help="the prompt (BOS is prepended)")
+    gr.add_argument("--out", required=True, help="output directory")
+    gr.add_argument("--max-feature-nodes", type=count(1), default=None, help="feature rows to compute (default: every active feature)")
+    gr.add_argument("--batch-size", type=count(1), default=64, help="target rows per compiled backward pass")
+    gr.add_argument("--node-threshold", type=float, default=0.8, help="share of influence the kept nodes hold")
+    gr.add_argument("--edge-threshold", type=float, default=0.98, help="share of influence the kept edges hold")
+    gr.add_argument("--examples", type=count(0), default=64, help="corpus contexts scanned for each kept feature's top examples (0: none)")
+    gr.add_argument("--corpus", default="pydoc-topics", help="corpus for the feature examples")
+    gr.add_argument("--slug", help="graph name in the JSON")
+    gr.add_argument("--quiet", action="store_true", help="no progress bars")
+    gr.set_defaults(func=run_graph)
+
+
+def run_graph(args) -> int:
+    import time
+    from pathlib import Path
+
+    from ..attribution_graphs import attribute, feature_examples, load_transcoders, prune, write_graph
+    from ..dictionaries import pack_contexts, read_corpus
+    from ..models import load
+
+    for name in ("node_threshold", "edge_threshold"):
+        v = getattr(args, name)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    if not Path(args.transcoders).is_dir():
+        raise FileNotFoundError(f"--transcoders {args.transcoders} is not a directory (train them with experiments/train_transcoders.py)")
+    t0 = time.perf_counter()
+    model, tok = load(args.model)
+    ts = load_transcoders(args.transcoders, model=model, model_name=str(args.model))
+    ids = tok.encode(args.prompt, prepend_bos=True)
+    g = attribute(model, ts, ids, prompt=args.prompt, token_strs=tok.to_str_tokens(ids), decode=lambda i: tok.decode([i]),
+                    max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
+    features = None
+    pruned = prune(g, args.node_threshold, args.edge_threshold)
+    if args.examples > 0:
+        keep = [(l, f) for i, (l, _, f) in enumerate(g.features.tolist()) if pruned.node_mask[i]]
+        n_ctx = 64 if model.cfg.positional != "learned" else min(64, model.cfg.n_ctx)
+        ctx = pack_contexts(tok, read_corpus(args.corpus), n_ctx, max_contexts=args.examples)
+        features = feature_examples(model, ts, keep, ctx, decode=lambda i: tok.decode([i]), progress=not args.quiet)
+    s = write_graph(args.out, g, slug=args.slug or "graph", pruned=pruned, features=features, title=args.prompt)
+    print(f"prompt ({len(ids)} tokens): {args.prompt!r}")
+    print("top logits: " + ", ".join(f"{k!r} {v:.3f}" for k, v in s["logits"].items()))
+    print(f"{s['active_features']} active features, {s['visited_features']} attributed in {s['backward_passes']} compiled backward "
+          f"passes of {s['batch_size']} rows; {s['seconds']:.1f} s")  # fmt: skip
+    print(f"pruned graph: {s['nodes']} nodes, {s['links']} links; replacement score {s['replacement']:.3f}, "
+          f"completeness {s['completeness']:.3f}")  # fmt: skip
+    print(f"wrote {args.out}/graph.json, graph.html, scores.json, graph.npz ({time.perf_counter() - t0:.0f} s in all)")
+    return 0

@@ -1,0 +1,94 @@
+"""`circuits-jax train-sae`: train a sparse dictionary (SAE, transcoder or cross-layer transcoder) and evaluate it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import check_site_name, count, layer_list, mesh_argument, mesh_of, positive
+
+
+def add_train_sae(sub) -> None:
+    ts = sub.add_parser(
+        "train-sae", help="train a sparse dictionary (SAE, transcoder or cross-layer transcoder) and evaluate it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  circuits-jax train-sae --site blocks.6.hook_resid_post --arch topk --k 32 --width 4608 --tokens 1000000 --out runs/sae6\n"
+        "  circuits-jax train-sae --transcoder 6 --arch topk --k 32 --width 4608 --tokens 1000000 --out runs/tc6\n"
+        "  circuits-jax train-sae --clt-layers 0-3 --arch topk --k 16 --width 1024 --tokens 300000 --out runs/clt\n"
+        "Run the same command again to resume an interrupted run.",
+    )  # fmt: skip
+    ts.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    ts.add_argument("--site", help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
+    ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
+    ts.add_argument("--transcoder", type=count(0), metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
+    ts.add_argument("--clt-layers", metavar="A-B", help="a cross-layer transcoder over layers A..B")
+    ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
+    ts.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
+    ts.add_argument("--width", type=count(1), default=4608, help="number of latents")
+    ts.add_argument("--tokens", type=count(1), default=1_000_000, help="training tokens (activations stored on disk)")
+    ts.add_argument("--epochs", type=count(1), default=1, help="passes over the stored tokens (each reshuffled)")
+    ts.add_argument("--out", required=True, help="output directory (store, checkpoints, dictionary, eval)")
+    ts.add_argument("--corpus", default="python-docs",
+                    help="python-docs (default: the Python 3.11 documentation of Debian's python3.11-doc, 2.86M SmolLM2 "
+                         "tokens, which scripts/setup.sh installs where it can), pydoc-topics (ships with Python, 113k "
+                         "tokens: use --epochs for more passes), a .txt/.jsonl file or a directory")  # fmt: skip
+    ts.add_argument("--store", help="activation store directory to reuse or build (default OUT/store)")
+    ts.add_argument("--ctx-len", type=count(2), default=128)
+    ts.add_argument("--batch-size", type=count(1), default=1024)
+    ts.add_argument("--lr", type=positive, default=4e-4)
+    ts.add_argument("--lr-schedule", default="linear", choices=["linear", "cosine", "constant"],
+                    help="after a 100-step warm-up: constant then linear decay over the last 20%% (default), cosine, constant")  # fmt: skip
+    ts.add_argument("--l1-coeff", type=float, default=5.0, help="relu: L1 coefficient")
+    ts.add_argument("--l0-coeff", type=float, default=1e-3, help="jumprelu: L0 coefficient")
+    ts.add_argument("--dead-after", type=count(1), default=200_000, help="tokens without firing before a latent counts as dead")
+    ts.add_argument("--eval-contexts", type=count(1), default=64, help="held-out contexts for evaluation")
+    ts.add_argument("--seed", type=int, default=0)
+    mesh_argument(ts)
+    ts.add_argument("--quiet", action="store_true", help="no progress bars")
+    ts.set_defaults(func=run_train_sae)
+
+
+def run_train_sae(args) -> int:
+    from ..dictionaries import LossConfig, train_dictionary, transcoder_sites
+    from ..models import load
+
+    site, target, layers = args.site, args.target, None
+    if args.transcoder is not None:
+        site, target = transcoder_sites(args.transcoder)
+    if args.clt_layers is not None:
+        layers = layer_list(args.clt_layers)
+    if site is None and layers is None:
+        raise ValueError("give --site (an SAE), --site with --target or --transcoder L (a transcoder), or --clt-layers")
+    if args.arch in ("topk", "batchtopk") and not (args.k or 0) >= 1:
+        raise ValueError(f"--arch {args.arch} needs --k >= 1, got {args.k}")
+    for flag, name in (("--site", args.site), ("--target", args.target)):
+        if name is not None:
+            check_site_name(name, flag)  # the layer is checked once the model has loaded
+    mesh = mesh_of(args)
+    model, tok = load(args.model)
+    train_cfg = dict(batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, dead_after=args.dead_after)
+    train_cfg["loss"] = LossConfig(l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff)
+    summary = train_dictionary(
+        model, tok, args.out, site=site, target=target, clt_layers=layers, arch=args.arch, k=args.k, width=args.width,
+        n_tokens=args.tokens, epochs=args.epochs, corpus=args.corpus, ctx_len=args.ctx_len, n_eval_contexts=args.eval_contexts,
+        store_dir=args.store, train_cfg=train_cfg, seed=args.seed, progress=not args.quiet, model_name=str(args.model),
+        mesh=mesh,
+    )  # fmt: skip
+    keys = ("l0", "fve", "ce_clean", "ce_splice", "ce_zero", "ce_recovered", "kl_recovered", "dead", "dense")
+    print(" ".join(f"{k}={summary[k]:.4g}" for k in keys))
+    if summary.get("layer_fvu"):
+        print("per-layer FVU:", " ".join(f"{v:.3f}" for v in summary["layer_fvu"]))
+    print(f"tokens/s (train step) {summary['tokens_per_second']:.0f}; seconds {summary['seconds']}")
+    try:
+        import numpy as np
+
+        from ..plot import feature_density
+
+        out = Path(args.out)
+        title = f"{args.arch} {(summary.get('sites') or [''])[-1]} ({args.width} latents)"
+        feature_density(np.load(out / "density.npy"), path=out / "density.png", title=title)
+    except Exception as e:  # a plot must never lose a finished run
+        print(f"(density plot skipped: {e})")
+    print(f"saved to {args.out}/dictionary (eval.json, history.json, density.png beside it)")
+    return 0
