@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jaxtyping import Float, Int
 
 
 def _rows(logits: Array, ids: Array) -> Array:
@@ -25,8 +26,8 @@ def _rows(logits: Array, ids: Array) -> Array:
 class LogitDiff(eqx.Module):
     """Mean over the batch of `logit[answer] - logit[wrong]`."""
 
-    answer: Array  # [B]
-    wrong: Array  # [B]
+    answer: Int[Array, "B *n"]
+    wrong: Int[Array, "B *n"]
 
     def __call__(self, logits):
         return jnp.mean(_rows(logits, self.answer) - _rows(logits, self.wrong))
@@ -35,7 +36,7 @@ class LogitDiff(eqx.Module):
 class AnswerProb(eqx.Module):
     """Mean probability of the answer token."""
 
-    answer: Array
+    answer: Int[Array, "B *n"]
 
     def __call__(self, logits):
         return jnp.mean(_rows(jax.nn.softmax(logits, axis=-1), self.answer))
@@ -44,7 +45,7 @@ class AnswerProb(eqx.Module):
 class CrossEntropy(eqx.Module):
     """Mean `-log p(answer)`."""
 
-    answer: Array
+    answer: Int[Array, "B *n"]
 
     def __call__(self, logits):
         return -jnp.mean(_rows(jax.nn.log_softmax(logits, axis=-1), self.answer))
@@ -53,7 +54,7 @@ class CrossEntropy(eqx.Module):
 class KLFrom(eqx.Module):
     """Mean KL(reference || patched) over the batch; `reference` is e.g. the clean run's logits."""
 
-    reference: Array  # [B, V]
+    reference: Float[Array, "B *n V"]
 
     def __call__(self, logits):
         ref = jax.nn.log_softmax(self.reference, axis=-1)

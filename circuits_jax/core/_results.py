@@ -132,6 +132,14 @@ class Result:
         """Field names (with `__getitem__`, a result reads like the dict it replaced: `dict(r)`, `{**r}`)."""
         return [f.name for f in dataclasses.fields(self)]
 
+    def values(self) -> list[Any]:
+        """Field values, in field order."""
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        """`(field, value)` pairs, in field order (as the dict it replaced had them)."""
+        return [(k, getattr(self, k)) for k in self.keys()]
+
     def replace(self, **changes) -> "Result":
         """A copy with `changes` applied (results are frozen)."""
         return dataclasses.replace(self, **changes)
