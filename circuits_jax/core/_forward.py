@@ -38,6 +38,7 @@ import numpy as np
 from jax import Array, lax
 from jaxtyping import Bool, Float, Int
 
+from ._checks import check_tokens, layer_index
 from ._config import Config
 from ._interventions import ALL_LAYERS, Hook, Intervention, PerLayer
 from ._sites import SPLIT_INPUTS, Site, global_kinds, layer_kinds, parse_site, site_shape
@@ -417,6 +418,9 @@ def normalize_hooks(hooks: HookSpec | Iterable[HookSpec] | None, cfg: Config) ->
         if isinstance(h, Hook):
             if isinstance(h.layer, str) and h.layer != ALL_LAYERS:
                 raise ValueError(f"hook layer {h.layer!r}: give an int, a traced int, None or ALL_LAYERS")
+            if h.layer is not None and not isinstance(h.layer, str):
+                layer = layer_index(h.layer, cfg.n_layers, f"the layer of the hook at {h.kind!r}")
+                h = h if layer is h.layer else Hook(h.kind, layer, h.fn)
             valid = layer_kinds(cfg) if h.layer is not None else global_kinds(cfg)
             if h.kind not in valid:
                 parse_site(h.name if h.layer is not None else h.kind, cfg)  # raises with suggestions
@@ -441,7 +445,6 @@ class RunOutput(NamedTuple):
         return summary(self, items=8)
 
 
-@eqx.filter_jit
 def run(
     model,
     tokens: Int[Array, "B T"] | Int[Array, " T"],
@@ -471,7 +474,23 @@ def run(
     layer indices) are traced, everything else (site names, Python-int layers,
     intervention functions) is static, so repeated calls of the same shapes reuse
     one program. Inside an outer `jit`/`vmap`/`grad` it simply inlines.
+
+    Checked before anything is traced: token ids against the vocabulary, layers against the model
+    (a negative Python-int layer counts from the end, in hooks and in `start_layer` / `stop_layer`).
     """
+    L = model.cfg.n_layers
+    check_tokens(tokens, model.cfg.d_vocab)
+    start_layer = layer_index(start_layer, L, "start_layer", allow_end=True)
+    if stop_layer is not None:
+        stop_layer = layer_index(stop_layer, L, "stop_layer", allow_end=True)
+    if isinstance(start_layer, int) and isinstance(stop_layer, int) and start_layer > stop_layer:
+        raise ValueError(f"start_layer={start_layer} is after stop_layer={stop_layer}: no layer would run")
+    return _run(model, tokens, hooks=hooks, cache=cache, attention_mask=attention_mask, start_layer=start_layer,
+                stop_layer=stop_layer, resid=resid, return_logits=return_logits)  # fmt: skip
+
+
+@eqx.filter_jit
+def _run(model, tokens, *, hooks, cache, attention_mask, start_layer, stop_layer, resid, return_logits) -> RunOutput:
     cfg = model.cfg
     tokens = jnp.asarray(tokens)
     if tokens.ndim == 1:

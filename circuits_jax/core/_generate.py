@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from ._checks import check_tokens
 from ._forward import HookTap, Tap, Taps, final, forward, normalize_hooks, positions_from_mask
 from ._model import Transformer
 
@@ -138,6 +139,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got {temperature}, {top_p}, {top_k}")
+    check_tokens(tokens, model.cfg.d_vocab, "prompt tokens")
     tokens = jnp.atleast_2d(jnp.asarray(tokens, jnp.int32))
     B, T = tokens.shape
     cfg = model.cfg

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import warnings
 from typing import Callable, Sequence
 
 import equinox as eqx
@@ -21,6 +22,7 @@ import numpy as np
 from jax import Array
 
 from ..scale import replicate, round_to, shard_batch, shard_model, shard_rows, to_host
+from ._checks import check_metric, check_tokens
 from ._config import Config
 from ._forward import run, unembed
 from ._interventions import ALL_LAYERS, Hook, PerLayer, Replace
@@ -97,6 +99,29 @@ def flat(largest_estimate: float, gap: float, largest_gradient: float) -> bool:
     if largest_gradient == 0:
         return True
     return bool(np.isfinite(gap) and gap != 0 and largest_estimate <= 1e-4 * abs(gap))
+
+
+def degenerate(clean_metric: float, corrupt_metric: float, what: str) -> bool:
+    """Warn (and say so) when clean and corrupt give the same metric (equal up to the rounding of two
+    float32 programs computing it: 1e-6 relative): nothing separates them, so no patch can move the
+    metric between them and every normalised number is 0/0 (or noise). Returns whether so."""
+    if abs(clean_metric - corrupt_metric) <= 1e-6 * max(1.0, abs(clean_metric), abs(corrupt_metric)):
+        warnings.warn(f"{what}: the clean and corrupt runs give the same metric ({clean_metric:.6g}): nothing to patch "
+                      "between them (identical prompts, or answer = wrong?). The normalised result is NaN and the "
+                      "result is marked degenerate", stacklevel=3)  # fmt: skip
+        return True
+    return False
+
+
+def report_nonfinite(values, axes: Sequence[str], what: str) -> None:
+    """Warn when a result holds NaN or Inf, naming how many and the first index where one appears."""
+    values = np.asarray(values)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        at = ", ".join(f"{a}={i}" for a, i in zip(axes, first)) if len(axes) == len(first) else str(list(first))
+        warnings.warn(f"{what}: {int(bad.sum())} of {values.size} values are NaN or Inf, the first at {at} "
+                      f"({values[first]}); check the metric's token ids and the model's weights", stacklevel=3)  # fmt: skip
 
 
 def hit_mask(act_shape, axis_of, index):
@@ -266,8 +291,24 @@ class Pairs:
         clean = np.atleast_2d(np.asarray(task.clean, np.int32))
         corrupt = None if task.corrupt is None else np.atleast_2d(np.asarray(task.corrupt, np.int32))
         self.B, self.T = clean.shape
+        V = model.cfg.d_vocab
+        for what, toks in (("clean tokens", clean), ("corrupt tokens", corrupt), ("reference tokens", task.reference)):
+            if toks is not None:
+                check_tokens(toks, V, f"task {task.name!r}: {what}")
+        if task.attention_mask is not None and np.shape(np.atleast_2d(task.attention_mask)) != clean.shape:
+            raise ValueError(f"task {task.name!r}: attention_mask has shape {np.shape(task.attention_mask)}; the tokens "
+                             f"have shape {clean.shape}")  # fmt: skip
         self.mask = None if task.attention_mask is None else jnp.asarray(np.atleast_2d(task.attention_mask), bool)
+        if task.answer_pos is not None:
+            pos = np.asarray(task.answer_pos)
+            if pos.ndim > 2 or (pos.ndim >= 1 and pos.shape[0] not in (1, self.B)) or pos.size == 0:
+                raise ValueError(f"task {task.name!r}: answer_pos has shape {pos.shape}; give one position per row "
+                                 f"([{self.B}]), several ([{self.B}, n]) or one for all")  # fmt: skip
+            if ((pos < -self.T) | (pos >= self.T)).any():
+                raise ValueError(f"task {task.name!r}: answer_pos holds {int(pos[(pos < -self.T) | (pos >= self.T)][0])}, "
+                                 f"outside the {self.T} positions 0..{self.T - 1}")  # fmt: skip
         self.positions = answer_positions(self.B, self.T, self.mask, task.answer_pos)
+        check_metric(task.metric, self.B, V, tuple(self.positions.shape))
         self.clean, self.corrupt = clean, corrupt
         reference = task.reference if task.reference is not None else clean
         ref_mask = task.reference_mask if task.reference is not None else task.attention_mask

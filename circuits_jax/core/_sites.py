@@ -137,6 +137,10 @@ def parse_site(name, cfg: Config) -> Site:
             layer = rest[0] if rest else None
             ln = rest[1] if len(rest) > 1 else ("ln_final" if layer is None else "ln1")
             kind = f"{ln}.hook_{short}"
+        if rest and rest[0] is not None:  # a shorthand's layer may count from the end, like every int layer
+            from ._checks import layer_index
+
+            rest[0] = layer_index(rest[0], cfg.n_layers, f"the layer of site {name!r}")
         name = kind if not rest or rest[0] is None else f"blocks.{int(rest[0])}.{kind}"
     if not isinstance(name, str):
         raise TypeError(f"site must be a name, a Site or a shorthand tuple, got {name!r}")

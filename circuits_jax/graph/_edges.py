@@ -55,6 +55,9 @@ from ..core import (
     Replace,
     Transformer,
     auto_chunk,
+    check_chunking,
+    degenerate,
+    report_nonfinite,
     dest_kinds,
     dest_stack,
     hooked_metric,
@@ -105,6 +108,7 @@ class EdgeScores(Result):
     seconds: float
     ablation: str = "resample"
     noising: bool = False
+    degenerate: bool = False  # clean and corrupt give the same metric: nothing was measured
 
     def __repr__(self) -> str:  # shapes and names, not array contents (see _repr.py)
         from ..core import summary
@@ -117,7 +121,9 @@ class EdgeScores(Result):
 
     @property
     def normalised(self) -> np.ndarray:
-        """The change in units of `clean - corrupt` (the scale of the normalised patching results)."""
+        """The change in units of `clean - corrupt` (the scale of the normalised patching results); NaN when degenerate."""
+        if self.degenerate:
+            return np.full_like(self.scores, np.nan)
         return self.scores / (self.clean_metric - self.corrupt_metric)
 
     def top(self, k: int = 10, absolute: bool = True) -> list[tuple[str, float]]:
@@ -258,14 +264,16 @@ def edge_attribution(
     else:
         clean, corrupt = float(t), float(s) if pairs.ablation == "resample" else empty_metric(model, task, pairs.ablation)
     scores = np.where(graph.mask, np.asarray(scores, np.float32), np.float32(0))
-    if flat(np.abs(scores).max(), clean - corrupt, float(grad)):
+    flag = degenerate(clean, corrupt, method)
+    report_nonfinite(scores, ("source", "destination"), method)
+    if not flag and flat(np.abs(scores).max(), clean - corrupt, float(grad)):
         warnings.warn(
             f"{method}: the metric's gradient is zero at the {'clean' if pairs.noising else 'corrupt'} run where it is "
             "taken, so every edge scores 0. A metric that measures distance to the clean run (KL to its logits, a "
             "squared error) has zero gradient at the clean run; in noising mode (zero and mean ablation are noising) "
             "use a metric such as a logit difference, or method='eap-ig', which averages the gradient along the path "
             "instead of taking it at the flat end", stacklevel=3)  # fmt: skip
-    return EdgeScores(scores, graph, clean, corrupt, method, time.perf_counter() - t0, pairs.ablation, pairs.noising)
+    return EdgeScores(scores, graph, clean, corrupt, method, time.perf_counter() - t0, pairs.ablation, pairs.noising, flag)
 
 
 def empty_metric(model: Transformer, task: Task, ablation: str) -> float:
@@ -331,6 +339,7 @@ def patch_edges(
     the source outputs are zeros or means, patched into the clean run).
     """
     cfg = model.cfg
+    check_chunking(chunk_size, memory_budget)
     graph = Graph.of(cfg)
     w = np.asarray(edge_sets, np.float32)
     if w.ndim == 2:
@@ -406,6 +415,7 @@ def patch_single_edges(
 ) -> np.ndarray:  # fmt: skip
     """Raw metric with each edge patched alone; `edges` are names (`"a0.h1->a2.h3<q>"`) or
     `(source, destination)` index pairs. One compiled program for any edges (chunked `vmap`)."""
+    check_chunking(chunk_size, memory_budget)
     pairs = Pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
     return _single_edges(model, pairs, edges, chunk_size, memory_budget, progress)
 
@@ -445,14 +455,17 @@ def edge_patch_all(model: Transformer, task: Task, *, ablation: str = "resample"
     program): the ground truth for EAP (with the same `ablation`). Affordable on small models; SmolLM2
     has about 73k edges."""
     t0 = time.perf_counter()
+    check_chunking(chunk_size, 4 * 2**30)
     graph = Graph.of(model.cfg)
     pairs = edge_pairs(model, task, ablation=ablation, noising=noising, mesh=mesh)
     s, d = np.nonzero(graph.mask)
     raw = _single_edges(pairs.model, pairs, np.stack([s, d], 1), chunk_size, 4 * 2**30, progress)
     scores = np.zeros(graph.mask.shape, np.float32)
     scores[s, d] = raw - (pairs.clean_metric if pairs.noising else pairs.corrupt_metric)
+    flag = degenerate(pairs.clean_metric, pairs.corrupt_metric, "exact edge patching")
+    report_nonfinite(scores, ("source", "destination"), "exact edge patching")
     return EdgeScores(scores, graph, pairs.clean_metric, pairs.corrupt_metric, "exact", time.perf_counter() - t0,
-                      pairs.ablation, pairs.noising)  # fmt: skip
+                      pairs.ablation, pairs.noising, flag)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -470,6 +483,7 @@ class PathPatchResult(Result):
 
     ablation: str = "resample"
     noising: bool = False
+    degenerate: bool = False  # clean and corrupt give the same metric: `result` is NaN
 
 
 @takes_task
@@ -492,6 +506,7 @@ def path_patch(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
+    check_chunking(chunk_size, 4 * 2**30)
     graph = Graph.of(cfg)
     specs = [receivers] if isinstance(receivers, str) else list(receivers)
     groups = [graph.select(sp) for sp in specs]
@@ -513,12 +528,17 @@ def path_patch(
         sub = (np.eye(len(send), dtype=np.float32)[:, :, None] * graph.mask[send][:, dests][None]).astype(np.float32)
         raws.append(_patch_weights(model, pairs, send, dests, sub, chunk_size, 4 * 2**30, progress).reshape(shape))
     raw = np.stack(raws)
+    flag = degenerate(pairs.clean_metric, pairs.corrupt_metric, "path patching")
+    report_nonfinite(raw, ("receiver", *axes), "path patching")
     with np.errstate(divide="ignore", invalid="ignore"):
         result = ((raw - pairs.corrupt_metric) / (pairs.clean_metric - pairs.corrupt_metric)).astype(np.float32)
+    if flag:
+        result = np.full_like(result, np.nan)
     if isinstance(receivers, str):
         raw, result = raw[0], result[0]
     else:
         axes = ("receiver", *axes)
     return PathPatchResult(result, raw, pairs.clean_metric, pairs.corrupt_metric, axes,
                            [[graph.destinations[j] for j in d] for d in groups],
-                           [graph.sources[i] for i in send], time.perf_counter() - t0, pairs.ablation, pairs.noising)  # fmt: skip
+                           [graph.sources[i] for i in send], time.perf_counter() - t0, pairs.ablation, pairs.noising,
+                           flag)  # fmt: skip

@@ -43,6 +43,8 @@ from ..core import (
     Site,
     Transformer,
     check_site_axes,
+    degenerate,
+    report_nonfinite,
     hooked_metric,
     run,
     score_resid,
@@ -423,9 +425,9 @@ def atp_star(
         return patch_result(pairs, (base + change).astype(np.float32), by, t0, 0)
     change = np.asarray(change, np.float32)
     gap = abs(pairs.clean_metric - pairs.corrupt_metric)
-    if gap == 0:
-        warnings.warn(f"clean and corrupt metrics are equal ({pairs.clean_metric}); the normalised result is NaN")
+    flag = degenerate(pairs.clean_metric, pairs.corrupt_metric, "AtP* with GradDrop")
+    report_nonfinite(change, by, "AtP* with GradDrop")
     with np.errstate(divide="ignore", invalid="ignore"):
-        result = (change / np.float32(gap)).astype(np.float32)
+        result = np.full_like(change, np.nan) if flag else (change / np.float32(gap)).astype(np.float32)
     return PatchResult(result, change, pairs.clean_metric, pairs.corrupt_metric, by, time.perf_counter() - t0, 0,
-                       pairs.ablation, pairs.noising)  # fmt: skip
+                       pairs.ablation, pairs.noising, flag)  # fmt: skip

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from typing import Sequence
 
 import equinox as eqx
@@ -43,6 +42,8 @@ from ..core import (
     Site,
     Transformer,
     auto_chunk,
+    check_chunking,
+    degenerate,
     check_site_axes,
     hooked_metric,
     in_chunks,
@@ -69,6 +70,7 @@ class ShapleyResult(Result):
     seconds: float
     chunk_size: int
     ablation: str = "resample"
+    degenerate: bool = False  # clean and corrupt give the same metric: `result` is NaN
 
 
 def _components(components, site: str, cfg) -> list[tuple[str, int, dict]]:
@@ -170,6 +172,7 @@ def shapley_values(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
+    check_chunking(chunk_size, memory_budget)
     comps = _components(components, site, cfg)
     n = len(comps)
     if n == 0:
@@ -218,13 +221,14 @@ def shapley_values(
     if pairs.ablation != "resample":  # no corrupt run: 0 is every component ablated at once
         pairs.corrupt_metric = float(v[0, -1])
     gap = pairs.clean_metric - pairs.corrupt_metric
-    if gap == 0:
-        warnings.warn(f"clean and corrupt metrics are equal ({pairs.clean_metric}); the normalised result is NaN")
+    flag = degenerate(pairs.clean_metric, pairs.corrupt_metric, "Shapley values")
     with np.errstate(divide="ignore", invalid="ignore"):
         result, stderr = raw / gap, raw_stderr / abs(gap)
+    if flag:
+        result, stderr = np.full_like(raw, np.nan), np.full_like(raw, np.nan)
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     return ShapleyResult(
         f32(result), f32(raw), f32(stderr), f32(raw_stderr), f32(marginals), perms, tuple(comps), P,
         pairs.clean_metric, pairs.corrupt_metric, float(v[0, 0]), float(v[0, -1]), time.perf_counter() - t0, chunk,
-        pairs.ablation,
+        pairs.ablation, flag,
     )  # fmt: skip

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -38,7 +37,10 @@ from ..core import (
     Task,
     Transformer,
     auto_chunk,
+    check_chunking,
     check_site_axes,
+    degenerate,
+    report_nonfinite,
     normalise,
     site_shape,
     takes_task,
@@ -61,16 +63,20 @@ class PatchResult(Result):
     chunk_size: int
     ablation: str = "resample"
     noising: bool = False
+    degenerate: bool = False  # clean and corrupt give the same metric: `result` is NaN, nothing was measured
 
 
 def patch_result(pairs: Pairs, raw, axes, t0, chunk) -> PatchResult:
-    """A sweep's raw metrics as a `PatchResult`, normalised by the pair's clean and corrupt metrics."""
-    if pairs.clean_metric == pairs.corrupt_metric:
-        warnings.warn(f"clean and corrupt metrics are equal ({pairs.clean_metric}); the normalised result is NaN")
+    """A sweep's raw metrics as a `PatchResult`, normalised by the pair's clean and corrupt metrics;
+    warns about (and marks) a degenerate task and NaN / Inf values."""
+    flag = degenerate(pairs.clean_metric, pairs.corrupt_metric, "patching")
+    report_nonfinite(raw, axes, "patching")
     with np.errstate(divide="ignore", invalid="ignore"):
         result = np.asarray(normalise(raw, pairs.clean_metric, pairs.corrupt_metric), np.float32)
+    if flag:  # 0/0, or rounding noise over a vanishing gap: not a measurement
+        result = np.full_like(result, np.nan)
     return PatchResult(result, raw, pairs.clean_metric, pairs.corrupt_metric, tuple(axes), time.perf_counter() - t0, chunk,
-                       pairs.ablation, pairs.noising)  # fmt: skip
+                       pairs.ablation, pairs.noising, flag)  # fmt: skip
 
 
 def prepare(model: Transformer, task: Task, *, ablation: str, noising: bool | None, mesh, kinds: Sequence[str] = ()) -> Pairs:
@@ -121,6 +127,7 @@ def patch_sweep(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
+    check_chunking(chunk_size, memory_budget)
     kind, axes = check_site_axes(site, by, cfg)
     L = cfg.n_layers
     chosen = np.arange(L) if layers is None else np.asarray(list(layers), np.int32)
@@ -168,6 +175,7 @@ def patch_set(
     """
     t0 = time.perf_counter()
     cfg = model.cfg
+    check_chunking(chunk_size, memory_budget)
     kinds = sorted({PATCH_SITES[s][0] for s, _, _ in patches if s in PATCH_SITES})
     pairs = prepare(model, task, ablation=ablation, noising=noising, mesh=mesh, kinds=kinds)
     chunk = pairs.chunk(chunk_size or auto_chunk(cfg, pairs.B, pairs.T, memory_budget))
@@ -204,7 +212,7 @@ def _every(model, task, sweeps, **kwargs):
     result = np.stack([_to_query_heads(model.cfg, p.result) for p in parts])
     raw = np.stack([_to_query_heads(model.cfg, p.raw) for p in parts])
     return PatchResult(result, raw, first.clean_metric, first.corrupt_metric, ("site", *first.axes),
-                       time.perf_counter() - t0, first.chunk_size, first.ablation, first.noising)  # fmt: skip
+                       time.perf_counter() - t0, first.chunk_size, first.ablation, first.noising, first.degenerate)  # fmt: skip
 
 
 def _to_query_heads(cfg: Config, a: np.ndarray) -> np.ndarray:

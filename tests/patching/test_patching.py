@@ -82,9 +82,10 @@ def test_chunked_unchunked_and_unskipped_sweeps_agree(model, site, by):
 
 def test_patching_a_run_into_itself_changes_nothing(model):
     for site, by in SWEEPS:
-        with pytest.warns(UserWarning, match="metrics are equal"):
+        with pytest.warns(UserWarning, match="give the same metric.*marked degenerate"):
             r = cj.patch_sweep(model, CLEAN, CLEAN, METRIC, site, by, progress=False, skip_unchanged=False)
         np.testing.assert_allclose(r.raw, r.clean_metric, atol=1e-5, err_msg=site)
+        assert r.degenerate and np.isnan(r.result).all()
 
 
 def test_patching_the_whole_residual_stream_restores_the_clean_metric(model):
