@@ -45,13 +45,14 @@ def _masked(mask, new, x):
 
 
 class Replace(Intervention):
-    """Replace the activation (where `mask` is true) by `value`."""
+    """Replace the activation (where `mask` is true) by `value`, broadcast to the site's shape
+    (a `[D]` vector replaces every position's `[D]`)."""
 
     value: Array
     mask: Array | None = None
 
     def __call__(self, x):
-        return _masked(self.mask, jnp.asarray(self.value, x.dtype), x)
+        return _masked(self.mask, jnp.broadcast_to(jnp.asarray(self.value, x.dtype), x.shape), x)
 
     def check(self, x, site):
         _check_broadcast("patch value", self.value, x, site)

@@ -123,3 +123,13 @@ def test_answer_positions_outside_the_prompt_are_refused(setup):
     model, clean, corrupt, metric = setup
     with pytest.raises(ValueError, match="answer_pos holds 9, outside the 5 positions"):
         cj.patch_sweep(model, cj.Task("t", clean, corrupt, metric, answer_pos=np.array([2, 9])), progress=False)
+
+
+def test_replace_broadcasts_a_vector_to_the_site_as_the_docs_say(setup):
+    model, clean, _, _ = setup  # docs/core_concepts.md: "patch in `value` (broadcast to the site's shape)"
+    v = np.linspace(-1, 1, CFG.d_model).astype(np.float32)
+    a = cj.run(model, clean, hooks={"blocks.1.hook_resid_pre": cj.Replace(v)}).logits  # was: a shape error
+    full = np.broadcast_to(v, (2, 5, CFG.d_model))
+    np.testing.assert_array_equal(a, cj.run(model, clean, hooks={"blocks.1.hook_resid_pre": cj.Replace(full)}).logits)
+    with pytest.raises(ValueError, match=r"patch value for site 'blocks.1.attn.hook_z' has shape \(16,\)"):
+        cj.run(model, clean, hooks={"blocks.1.attn.hook_z": cj.Replace(v)})  # [D] does not fit [B, T, H, E]
