@@ -28,7 +28,7 @@ SWEEPS = [("resid_pre", ("layer", "pos")), ("attn_out", ("layer", "pos")), ("mlp
           ("mlp_post", ("layer", "neuron"))]  # fmt: skip
 
 
-def _median_time(fn, repeats):
+def median_time(fn, repeats):
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -37,7 +37,7 @@ def _median_time(fn, repeats):
     return float(np.median(times))
 
 
-def _spearman(a, b):
+def spearman(a, b):
     """Rank correlation with tied values sharing their average rank (many entries are exactly 0)."""
     from scipy.stats import rankdata
 
@@ -54,11 +54,11 @@ def main():
     metric = cj.LogitDiff(np.array([tok.to_single_token(" Mary")]), np.array([tok.to_single_token(" John")]))
     forward = jax.jit(lambda m, t: m(t))
     forward(model, corrupt).block_until_ready()
-    fwd = _median_time(lambda: forward(model, corrupt), args.repeats)
+    fwd = median_time(lambda: forward(model, corrupt), args.repeats)
     t = time.perf_counter()
     cj.attribution_patch_all(model, clean, corrupt, metric)
     first = time.perf_counter() - t
-    atp = _median_time(lambda: cj.attribution_patch_all(model, clean, corrupt, metric)[0]["z"], args.repeats)
+    atp = median_time(lambda: cj.attribution_patch_all(model, clean, corrupt, metric)[0]["z"], args.repeats)
     print(f"SmolLM2, {clean.shape[1]} tokens, {jax.devices()[0]}")
     print(f"forward (jitted, all-position logits): {fwd * 1e3:.0f} ms")
     print(f"AtP, all {len(cj.PATCH_SITES)} sites x {model.cfg.n_layers} layers: {atp * 1e3:.0f} ms "
@@ -75,9 +75,9 @@ def main():
         ig = cj.integrated_gradients(model, clean, corrupt, metric, site, by, steps=16)
         a, b, s, c = exact.result.ravel(), est.result[pick].ravel(), star.result[pick].ravel(), ig.result[pick].ravel()
         name = f"{site} [{', '.join(by)}]" + (f" (layers {args.neuron_layers})" if layers else "")
-        print(f"| {name} | {a.size} | {np.corrcoef(a, b)[0, 1]:.3f} | {_spearman(a, b):.3f} | "
-              f"{np.corrcoef(a, s)[0, 1]:.3f} | {_spearman(a, s):.3f} | "
-              f"{np.corrcoef(a, c)[0, 1]:.3f} | {_spearman(a, c):.3f} | {exact.seconds:.1f} | {est.seconds:.1f} | {ig.seconds:.1f} |",
+        print(f"| {name} | {a.size} | {np.corrcoef(a, b)[0, 1]:.3f} | {spearman(a, b):.3f} | "
+              f"{np.corrcoef(a, s)[0, 1]:.3f} | {spearman(a, s):.3f} | "
+              f"{np.corrcoef(a, c)[0, 1]:.3f} | {spearman(a, c):.3f} | {exact.seconds:.1f} | {est.seconds:.1f} | {ig.seconds:.1f} |",
               flush=True)  # fmt: skip
 
     tiny_section()
@@ -108,7 +108,7 @@ def tiny_section():
             est = cj.attribution_patch(model, clean, corrupt, metric, site, by).result.ravel()
             star = cj.atp_star(model, clean, corrupt, metric, site, by).result.ravel()
             print(f"| {name} | {site} [{', '.join(by)}] | {exact.size} | {np.corrcoef(exact, est)[0, 1]:.3f} | "
-                  f"{_spearman(exact, est):.3f} | {np.corrcoef(exact, star)[0, 1]:.3f} | {_spearman(exact, star):.3f} |",
+                  f"{spearman(exact, est):.3f} | {np.corrcoef(exact, star)[0, 1]:.3f} | {spearman(exact, star):.3f} |",
                   flush=True)  # fmt: skip
 
 

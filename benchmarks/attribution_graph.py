@@ -61,9 +61,7 @@ def main() -> None:
     args = p.parse_args()
     model, tok = cj.load("smollm2")
     if args.random:
-        from circuits_jax.dictionaries._sae import init_sae
-
-        ds = [init_sae(576, 2304, key=jax.random.key(l), arch="topk", k=16, in_site=f"blocks.{l}.ln2.hook_normalized",
+        ds = [cj.init_sae(576, 2304, key=jax.random.key(l), arch="topk", k=16, in_site=f"blocks.{l}.ln2.hook_normalized",
                        out_site=f"blocks.{l}.hook_mlp_out") for l in range(model.cfg.n_layers)]  # fmt: skip
         ts = cj.stack_transcoders(ds, model_name="smollm2")
         label = "random TopK transcoders (width 2304, k 16)"

@@ -7,7 +7,7 @@ booted from there as a TransformerLens 4.x `TransformerBridge` in compatibility 
 
 The trace is the one of `experiments/causal_tracing.py`: "The Eiffel Tower is located in the city of"
 -> " Paris", subject "Eiffel Tower" (`cj.subject_positions`), noise `cj.default_noise(model)`, seed 0.
-Both libraries use the SAME noise draws: ours (`_causal_tracing._noise_delta(jax.random.key(seed), ...)`,
+Both libraries use the SAME noise draws: ours (`noise_delta(jax.random.key(seed), ...)`, as `causal_trace` draws them,
 [samples, T, D], zero outside the subject) converted to a torch tensor and added to TransformerLens's
 `hook_embed` output. The score of (layer l, token t) is p(answer) at the last position, averaged over
 the samples, after restoring the clean value at token t of
@@ -43,16 +43,17 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
 import circuits_jax as cj
-from circuits_jax.toolshed._causal_tracing import KINDS, _noise_delta, window_layers
+from circuits_jax.toolshed import KINDS, noise_delta, window_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import OtherLoad, cpu_model, idle_check  # noqa: E402  (the sibling benchmarks)
-from patching import _git_state, _version, boot_bridge, layer_flop, matmul_flops, table, tl_subset, unembed_flop, wait_quiet  # noqa: E402
+from patching import git_state, dist_version, boot_bridge, layer_flop, matmul_flops, table, tl_subset, unembed_flop, wait_quiet  # noqa: E402
 
 PROMPT, SUBJECT, ANSWER = "The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris"
 
@@ -234,8 +235,8 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     env = dict(cpu=cpu_model(), jax=jax.__version__, jax_devices=[str(d) for d in jax.devices()],
                torch=torch.__version__, torch_threads=torch.get_num_threads(),
-               transformer_lens=_version("transformer-lens"), transformers=transformers.__version__,
-               other_cpu_before=idle_check(2.0), argv=sys.argv, git=_git_state())  # fmt: skip
+               transformer_lens=dist_version("transformer-lens"), transformers=transformers.__version__,
+               other_cpu_before=idle_check(2.0), argv=sys.argv, git=git_state())  # fmt: skip
     print(f"CPU: {env['cpu']}; jax {env['jax']} on {', '.join(env['jax_devices'])}; torch {env['torch']} "
           f"({env['torch_threads']} threads); transformer-lens {env['transformer_lens']}; circuits_jax at {env['git']}")  # fmt: skip
     print(f"CPU used by other processes before the start: {env['other_cpu_before']:.0%}")
@@ -250,7 +251,7 @@ def main(argv=None) -> dict:
     answer_id = tok.to_single_token(ANSWER)
     cfg, T = model.cfg, len(ids)
     args.noise = cj.default_noise(model) if args.noise is None else args.noise
-    delta = np.asarray(_noise_delta(jax.random.key(args.seed), args.samples, T, cfg.d_model, span, args.noise))
+    delta = np.asarray(noise_delta(jax.random.key(args.seed), args.samples, T, cfg.d_model, span, args.noise))
     print(f"prompt {PROMPT!r} -> {ANSWER!r}: {tok.to_str_tokens(ids)}; subject {SUBJECT!r} at {span}; "
           f"noise {args.noise:.4f}, {args.samples} samples, seed {args.seed}; L={cfg.n_layers} (setup {setup_s:.0f} s)")  # fmt: skip
 

@@ -213,9 +213,8 @@ def _tl_loop(model, tok, task, circuit, n) -> dict:
         losses.append(float(kl))
     secs = time.perf_counter() - t0
     # ours: the same chain in one compiled call
-    from circuits_jax.graph import _acdc
-    ours = _acdc.node_chain_losses(model, task.clean, task.corrupt, order, attention_mask=task.attention_mask,
-                                   answer_pos=task.answer_pos)
+    ours = cj.node_chain_losses(model, task.clean, task.corrupt, order, attention_mask=task.attention_mask,
+                                answer_pos=task.answer_pos)
     diff = float(np.max(np.abs(np.asarray(losses) - ours)))
     print(f"| TransformerLens 4.x, one hooked forward per candidate (first {n}) | 1 | {n} | {n} | {n} | {secs:.1f} | "
           f"{n / secs:.2f} | losses agree to {diff:.1e} |")  # fmt: skip

@@ -31,7 +31,7 @@ import numpy as np
 
 import circuits_jax as cj
 
-from attribution import _median_time, _spearman  # the sibling benchmark's helpers
+from attribution import median_time, spearman  # the sibling benchmark's helpers
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -39,11 +39,11 @@ REFERENCE = Path(os.environ.get("CIRCUITS_JAX_SHARED", Path(__file__).resolve().
 
 
 def _median(fn, repeats):
-    return _median_time(fn, repeats)
+    return median_time(fn, repeats)
 
 
 def _corr(exact, est):
-    return dict(pearson=float(np.corrcoef(exact, est)[0, 1]), spearman=_spearman(exact, est))
+    return dict(pearson=float(np.corrcoef(exact, est)[0, 1]), spearman=spearman(exact, est))
 
 
 def _estimates(model, clean, corrupt, metric, steps):

@@ -246,7 +246,7 @@ def tl_sweep(bridge, task: Task, fn_name: str, by, shape, flat: np.ndarray, clea
     def call(rows):
         return fn(bridge, task.corrupt_t, clean_cache, task.torch_metric, index_axis_names=None, index_df=rows)
 
-    with torch.inference_mode(), _quiet_tqdm(patching):
+    with torch.inference_mode(), quiet_tqdm(patching):
         call(df.iloc[:1])  # warm-up: hook registration, first-call allocations
         wait_quiet(quiet_wait)
         with OtherLoad() as load:
@@ -256,7 +256,7 @@ def tl_sweep(bridge, task: Task, fn_name: str, by, shape, flat: np.ndarray, clea
     return dict(raw=raw, seconds=seconds, n=len(flat), other_cpu=load.fraction)
 
 
-class _quiet_tqdm:
+class quiet_tqdm:
     """Turn off the per-patch progress bar TransformerLens's patching loop draws (it only clutters the output)."""
 
     def __init__(self, module):
@@ -464,8 +464,8 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     env = dict(cpu=cpu_model(), jax=jax.__version__, jax_devices=[str(d) for d in jax.devices()],
                torch=torch.__version__, torch_threads=torch.get_num_threads(),
-               transformer_lens=_version("transformer-lens"), transformers=transformers.__version__,
-               other_cpu_before=idle_check(2.0), argv=sys.argv, git=_git_state())  # fmt: skip
+               transformer_lens=dist_version("transformer-lens"), transformers=transformers.__version__,
+               other_cpu_before=idle_check(2.0), argv=sys.argv, git=git_state())  # fmt: skip
     print(f"CPU: {env['cpu']}; jax {env['jax']} on {', '.join(env['jax_devices'])}; torch {env['torch']} "
           f"({env['torch_threads']} threads); transformer-lens {env['transformer_lens']}; circuits_jax at {env['git']}")  # fmt: skip
     print(f"CPU used by other processes before the start: {env['other_cpu_before']:.0%}")
@@ -532,7 +532,7 @@ def main(argv=None) -> dict:
     return results
 
 
-def _git_state() -> str | None:
+def git_state() -> str | None:
     """`<commit>` of the checkout, with `+dirty` when circuits_jax/ has uncommitted changes."""
     import subprocess
 
@@ -545,7 +545,7 @@ def _git_state() -> str | None:
     return head + ("+dirty" if dirty.strip() else "") if head else None
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)

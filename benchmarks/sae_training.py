@@ -2,7 +2,7 @@
 
 Everything runs in one process on the same CPU, from the same weights and batches:
 
-  * ours: `circuits_jax.dictionaries._train.make_step(cfg)`, the jitted step the trainer runs (loss
+  * ours: `circuits_jax.dictionaries.make_step(cfg)`, the jitted step the trainer runs (loss
     `SAE.loss`, gradients, optax `clip_by_global_norm(1.0)` + Adam, the architecture's
     projection, the dead-latent counter, the per-batch statistics);
   * torch: plain tensors and `torch.autograd` implementing the same math for that architecture
@@ -40,8 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from circuits_jax.dictionaries._sae import ARCHS, LossConfig, init_sae
-from circuits_jax.dictionaries._train import TrainConfig, init_state, make_step, schedule
+from circuits_jax.dictionaries import ARCHS, LossConfig, TrainConfig, init_sae, init_state, make_step, schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import OtherLoad, cpu_model, idle_check, table  # noqa: E402  (the sibling benchmark)

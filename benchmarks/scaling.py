@@ -29,7 +29,7 @@ Three parts, each optional (`--parts`):
    learning rates, with its ratio and parameter agreement.
 3. **compile** — compile seconds against depth for a fixed-width Llama-style config (d_model 256,
    4 heads, d_mlp 1024, vocab 4096) at 2 ... 64 layers: the forward
-   (`jax.jit(lambda m, t: run(m, t).logits)`) and one patching chunk program (`_score_chunk`, the
+   (`jax.jit(lambda m, t: run(m, t).logits)`) and one patching chunk program (`core.score_chunk`, the
    program `patch_sweep` compiles), on `jax.eval_shape` models (nothing is materialised), with the
    size of the lowered StableHLO. `run` scans over the stacked layers, so both stay flat. The
    contrast: the same forward written as a Python loop of one-layer `run(start_layer=l,
@@ -73,11 +73,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import circuits_jax as cj  # noqa: E402
-from circuits_jax.patching._sweep import _score_chunk  # noqa: E402  (the chunk program patch_sweep compiles)
+from circuits_jax.core import score_chunk  # noqa: E402  (the chunk program patch_sweep compiles)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import OtherLoad, cpu_model, idle_check, table  # noqa: E402  (the sibling benchmarks)
-from patching import _git_state, _quiet_tqdm, _version, layer_flop, wait_quiet, matmul_flops, ours_flop, tl_flop, tl_subset  # noqa: E402
+from patching import git_state, quiet_tqdm, dist_version, layer_flop, wait_quiet, matmul_flops, ours_flop, tl_flop, tl_subset  # noqa: E402
 
 SWEEP_LAYERS = range(24, 30)
 SAE_SITE = "blocks.6.hook_resid_post"
@@ -179,7 +179,7 @@ def bench_tl(model, tok, task, n_patches: int, quiet_wait: float, seed: int = 0)
     df = pd.DataFrame(np.stack([layer + L0, pos], axis=1), columns=["layer", "pos"])
     with tempfile.TemporaryDirectory() as tmp:
         bridge = boot_bridge(model, tok, tmp)
-    with torch.inference_mode(), _quiet_tqdm(patching):
+    with torch.inference_mode(), quiet_tqdm(patching):
         clean_logits, clean_cache = bridge.run_with_cache(t.clean_t)
         corrupt_logits = bridge(t.corrupt_t)
 
@@ -201,7 +201,7 @@ def chunk_cost(model, task, sizes, chunk: int) -> dict:
     """XLA's own count for the sweep's first chunk program as partitioned for `sizes` (None: unsharded):
     FLOP and bytes per device (`cost_analysis`, a `while` body counted once, so compare across meshes, not
     with `ours_flop`) and the collectives in it. Placed like `patch_sweep` places its inputs; compile only."""
-    from circuits_jax.scale import _sharding as sh
+    from circuits_jax import scale as sh
     B, T = task.clean.shape
     L, D = model.cfg.n_layers, model.cfg.d_model
     rows = np.stack([np.repeat(np.asarray(SWEEP_LAYERS), T), np.tile(np.arange(T), len(SWEEP_LAYERS))], 1)[:chunk]
@@ -215,7 +215,7 @@ def chunk_cost(model, task, sizes, chunk: int) -> dict:
         tokens, pos, rows_in = sh.shard_batch(task.corrupt, mesh), sh.shard_batch(pos, mesh), sh.shard_rows(rows, mesh)
 
     def prog(m, tokens, positions, resid, source, metric, start, rows):
-        return _score_chunk(m, tokens, None, positions, resid, source, metric, start, rows, "hook_resid_pre", (0,), (T, D))
+        return score_chunk(m, tokens, None, positions, resid, source, metric, start, rows, "hook_resid_pre", (0,), (T, D))
 
     compiled = jax.jit(prog).lower(m, tokens, pos, stack, stack, metric, jnp.int32(rows[0, 0]), rows_in).compile()
     cost = compiled.cost_analysis()
@@ -363,7 +363,7 @@ def bench_sae_torch(store, args) -> dict:
     import torch
     from sae_training import TorchSAE
 
-    from circuits_jax.dictionaries._train import schedule
+    from circuits_jax.dictionaries import schedule
 
     cfg = sae_cfg(args)
     sched = schedule(cfg)
@@ -478,7 +478,7 @@ def _unrolled_forward(m, t):
 
 def _chunk_program(metric, act_shape):
     def chunk(m, tokens, positions, resid, source, start, rows):
-        return _score_chunk(m, tokens, None, positions, resid, source, metric, start, rows, "hook_resid_pre", (0,), act_shape)
+        return score_chunk(m, tokens, None, positions, resid, source, metric, start, rows, "hook_resid_pre", (0,), act_shape)
 
     return chunk
 
@@ -594,7 +594,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
     env = dict(cpu=cpu_model(), jax=jax.__version__, backend=jax.default_backend(), n_devices=len(jax.devices()),
-               devices=[str(d) for d in jax.devices()], cores=len(os.sched_getaffinity(0)), git=_git_state(), argv=sys.argv,
+               devices=[str(d) for d in jax.devices()], cores=len(os.sched_getaffinity(0)), git=git_state(), argv=sys.argv,
                load_average_start=os.getloadavg(), other_cpu_before=idle_check(2.0))  # fmt: skip
     print(f"CPU: {env['cpu']}, {env['cores']} usable cores; jax {env['jax']} ({env['backend']}) with {env['n_devices']} devices; "
           f"circuits_jax at {env['git']}")  # fmt: skip
@@ -616,7 +616,7 @@ def main(argv=None) -> dict:
             import torch
 
             env["torch"], env["torch_threads"] = torch.__version__, torch.get_num_threads()
-            env["transformer_lens"] = _version("transformer-lens")
+            env["transformer_lens"] = dist_version("transformer-lens")
         except Exception as e:  # noqa: BLE001
             env["torch"] = f"unavailable: {e}"
     if "sweep" in args.parts:

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import circuits_jax as cj
-from circuits_jax.dictionaries import _activations as A
+from circuits_jax import dictionaries as A
 from circuits_jax import plot
-from circuits_jax.app._report import Report
+from circuits_jax.app import Report
 
 GRAPHS = {
     "dallas_capital": "The capital of the state containing Dallas is",  # the seed's two-hop prompt

@@ -2,7 +2,7 @@
 
 The must-show: "The Eiffel Tower is located in the city of" -> " Paris", traced for hidden
 states, MLP outputs and attention outputs (figure docs/img/causal_trace_eiffel.png). Then a few
-landmark facts from `_tasks.FACTS` ("{subject} is in the city of"), averaged: the indirect effect
+landmark facts from `circuits_jax.tasks.FACTS` ("{subject} is in the city of"), averaged: the indirect effect
 (p restored - p corrupted) by layer at the last subject token, at the subject token where it is
 largest, and at the last token (docs/img/causal_trace_average.png). Shapes: each trace is
 `scores [L, T]` (30 layers x the prompt's tokens) per kind.
@@ -29,9 +29,9 @@ import numpy as np
 
 import circuits_jax as cj
 from circuits_jax import plot
-from circuits_jax.toolshed._causal_tracing import causal_trace, subject_positions
-from circuits_jax.app._report import Report
-from circuits_jax.tasks._tasks import FACTS
+from circuits_jax.toolshed import causal_trace, subject_positions
+from circuits_jax.app import Report
+from circuits_jax.tasks import FACTS
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("resid", "mlp", "attn")
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     ap.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra-samples", type=int, default=None, help="noise draws for the extra facts (default 5; --quick 3)")
-    ap.add_argument("--extra", type=int, default=None, help="landmark facts from _tasks.FACTS traced for the average (default 3; --quick 1)")
+    ap.add_argument("--extra", type=int, default=None, help="landmark facts from tasks.FACTS traced for the average (default 3; --quick 1)")
     ap.add_argument("--quick", action="store_true", help="fewer draws and facts (a few minutes); JSON and figures go under OUT")
     ap.add_argument("--out", default="runs/factual-recall", help="report directory (report.html, summary.json, arrays)")
     ap.add_argument("--json", default=None, help="results JSON (default benchmarks/results/causal_tracing_smollm2.json; --quick: OUT/causal_tracing.json)")
@@ -288,8 +288,18 @@ def averages(eiffel, facts):
     return average
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_average(average, n_facts, window, path):
-    plt = plot._pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     for ax, k in zip(axes, KINDS):
         for name, v in average[k].items():
@@ -298,7 +308,9 @@ def plot_average(average, n_facts, window, path):
         ax.set_xlabel("layer" if k == "resid" else f"layer (centre of a {window}-layer window)")
         ax.set_ylabel("p(restored) - p(corrupt)")
         ax.legend(fontsize=7)
-    plot._saved(fig, path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

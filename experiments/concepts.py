@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import circuits_jax as cj
-from circuits_jax.toolshed import _concepts as C
+from circuits_jax import toolshed as C
 from circuits_jax import plot
 
 POSITIVE = [

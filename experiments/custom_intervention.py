@@ -159,9 +159,11 @@ def _problem(name: str, n: int, seed: int):
 
 def _heatmap(effect: np.ndarray, path: Path, title: str):
     """`[layer, head]` change of the logit difference, diverging colours around 0, labelled axes."""
-    from circuits_jax import plot
+    import matplotlib
 
-    plt = plot._pyplot()
+    matplotlib.use("Agg", force=False)  # no display needed
+    import matplotlib.pyplot as plt
+
     L, H = effect.shape
     fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.45 * H), max(3.5, 1.5 + 0.22 * L)))
     lim = float(np.abs(effect).max()) or 1.0
@@ -172,7 +174,10 @@ def _heatmap(effect: np.ndarray, path: Path, title: str):
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="(edited - clean) / clean logit diff")
-    return plot._saved(fig, path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
 
 
 def study(model, tokens, io, s, out: Path, *, factor: float, chunk: int | None, loop_n: int, seed: int,
@@ -251,7 +256,7 @@ def study(model, tokens, io, s, out: Path, *, factor: float, chunk: int | None, 
 
 
 def cj_report(model_name, cfg, out, summary):
-    from circuits_jax.app._report import Report
+    from circuits_jax.app import Report
 
     return Report(f"A user-defined intervention swept over every head ({model_name})", out,
                   subtitle=f"{cfg.n_layers} layers x {cfg.n_heads} heads; {summary['n_prompts']} prompts; factor {summary['factor']:g}")  # fmt: skip

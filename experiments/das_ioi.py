@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import circuits_jax as cj
-from circuits_jax.toolshed import _das as das
+from circuits_jax import toolshed as das
 ROOT = Path(__file__).resolve().parents[1]
 
 

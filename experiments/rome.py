@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import circuits_jax as cj
-from circuits_jax.toolshed import _rome as R
-from circuits_jax.tasks._tasks import FACTS
+from circuits_jax import toolshed as R
+from circuits_jax.tasks import FACTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CITY, CAPITAL, LANG = "{} is in the city of", "The capital of {} is", "The official language of {} is"

@@ -6,7 +6,7 @@ previous-token and induction heads from attention patterns (`head_scores`), and 
 (loss: cross-entropy of r_n predicted at the second-to-last position):
 
 - `identity`: every path claimed with exact inputs (sanity: recovers 1);
-- `induction`: the induction hypothesis (`cj._scrubbing.induction_hypothesis`);
+- `induction`: the induction hypothesis (`cj.induction_hypothesis`);
 - `wrong prev-token head`: the same with the layer-0 head of lowest previous-token score as the
   previous-token head;
 - `wrong value rule`: the induction heads' values claimed to carry the *current* token;
@@ -30,8 +30,8 @@ import jax
 import numpy as np
 
 import circuits_jax as cj
-from circuits_jax.graph._scrubbing import (NextTokenLoss, current_token, identity_hypothesis, induction_hypothesis,
-                                     repeated_dataset, scrub)  # fmt: skip
+from circuits_jax import (NextTokenLoss, current_token, identity_hypothesis, induction_hypothesis, repeated_dataset,
+                          scrub)  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,9 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 import circuits_jax as cj
-from circuits_jax.dictionaries import _activations as A
-from circuits_jax.toolshed import _steering as S
-from circuits_jax.app._report import Report
+from circuits_jax import dictionaries as A
+from circuits_jax import toolshed as S
+from circuits_jax.app import Report
 from circuits_jax.plot import steering_curves
 
 POS_WORDS = [" good", " great", " happy", " wonderful", " excellent", " amazing", " love", " best", " nice", " beautiful",

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import circuits_jax as cj
-from circuits_jax.dictionaries import _activations as A
-from circuits_jax.dictionaries._pipeline import split_contexts, train_dictionary
+from circuits_jax import dictionaries as A
+from circuits_jax.dictionaries import split_contexts, train_dictionary
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import circuits_jax as cj
-from circuits_jax.dictionaries._pipeline import split_contexts, train_transcoders
+from circuits_jax.dictionaries import split_contexts, train_transcoders
 
 
 def main() -> None:

@@ -114,7 +114,7 @@ def default_noise(model: Transformer) -> float:
     return 3.0 * float(jnp.std(model.W_E.astype(jnp.float32)))
 
 
-def _noise_delta(key, samples: int, T: int, D: int, span: tuple[int, int], noise: float) -> Array:
+def noise_delta(key, samples: int, T: int, D: int, span: tuple[int, int], noise: float) -> Array:
     """`[samples, T, D]` Gaussian noise (std `noise`) at the subject's positions, zero elsewhere."""
     eps = jax.random.normal(key, (samples, T, D), jnp.float32) * jnp.float32(noise)
     at = (jnp.arange(T) >= span[0]) & (jnp.arange(T) < span[1])
@@ -208,7 +208,7 @@ def causal_trace(
     clean_stack = jnp.stack([clean_out.cache[f"blocks.{l}.{site}"] for l in range(L)])  # [L, 1, T, D]
 
     batch = jnp.broadcast_to(jnp.asarray(tokens, jnp.int32)[None], (samples, T))
-    delta = _noise_delta(jax.random.key(seed), samples, T, D, (start, stop), noise)
+    delta = noise_delta(jax.random.key(seed), samples, T, D, (start, stop), noise)
     corrupt_out = run(model, batch, hooks=[Hook("hook_embed", None, Add(delta))], cache=[f"blocks.{l}.hook_resid_pre" for l in range(L)],
                       return_logits=False)  # fmt: skip
     corrupt_prob = float(_answer_prob(model, corrupt_out.resid, answer))

@@ -11,7 +11,7 @@ from conftest import tiny_configs
 import circuits_jax as cj
 from circuits_jax.toolshed._causal_tracing import (
     KINDS,
-    _noise_delta,
+    noise_delta,
     causal_trace,
     default_noise,
     subject_positions,
@@ -41,7 +41,7 @@ def test_vmapped_trace_equals_a_loop_of_single_restorations(model, kind, window)
     site = KINDS[kind]
     clean = cj.run(model, TOKENS[None], cache=[f"blocks.{l}.{site}" for l in range(L)]).cache
     batch = np.broadcast_to(TOKENS, (samples, T))
-    embed = {"hook_embed": cj.Add(_noise_delta(jax.random.key(1), samples, T, model.cfg.d_model, SPAN, noise))}
+    embed = {"hook_embed": cj.Add(noise_delta(jax.random.key(1), samples, T, model.cfg.d_model, SPAN, noise))}
     # the windows written out by hand (Meng et al.: [l - w//2, l + ceil(w/2)) clipped to [0, 3))
     expected_windows = {1: [[0], [1], [2]], 2: [[0], [0, 1], [1, 2]], 3: [[0, 1], [0, 1, 2], [1, 2]]}[window]
     loop = np.zeros((L, T))
