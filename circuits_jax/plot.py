@@ -78,14 +78,12 @@ def heatmap(result, axes, *, tokens=None, title: str = "", path=None, layers=Non
 
 def _finish(fig, ax, im, title: str, label: str, path):
     """Title, colour bar, layout; saved (and closed) when `path` is given."""
-    import matplotlib.pyplot as plt
 
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label=label)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _write_figure(fig, path)
     return fig
 
 
@@ -246,8 +244,7 @@ def circuit_graph(circuit, path=None, *, max_edges: int | None = None, title: st
     ax.set_title(title or f"{circuit.method or 'circuit'}: {note}", fontsize=10)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _write_figure(fig, path)
     return fig
 
 
@@ -391,10 +388,11 @@ Destination input: {legend}; dashed: negative score.</p>
 <script>{_HTML_SCRIPT}</script>
 </body></html>
 """
+    from .models import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_text(path, page)
 
 
 def _pyplot():
@@ -407,12 +405,20 @@ def _pyplot():
     return plt
 
 
+def _write_figure(fig, path, **kwargs) -> None:
+    """Save `fig` to `path` whole (a temporary name with the same suffix, then renamed) and close it."""
+    from .models import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, **kwargs)
+    _pyplot().close(fig)
+
+
 def _saved(fig, path):
     """Lay out `fig`, write it to `path` (then close it) if given, and return it."""
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
-        _pyplot().close(fig)
+        _write_figure(fig, path)
     return fig
 
 
@@ -631,8 +637,7 @@ def attention_patterns(patterns, heads, path=None, *, tokens=None, title: str = 
     fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02, label="attention probability")
     fig.suptitle(title, fontsize=10)
     if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        _write_figure(fig, path, bbox_inches="tight")
     return fig
 
 

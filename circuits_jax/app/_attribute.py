@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ._patch import run_patch
-from .options import EDGE_METHODS, count, make_parents, mesh_of, prepare_pair, sweep_arguments
+from .options import EDGE_METHODS, check_pair_outputs, count, mesh_of, place, prepare_pair, sweep_arguments
 
 
 def add_attribute(sub) -> None:
@@ -33,23 +33,22 @@ def run_attribute(args) -> int:
     import numpy as np
 
     from ..graph import edge_attribution
+    from ..models import atomic_path, write_npz
     from ..plot import edge_heatmap
 
     mesh = mesh_of(args)
-    prepared = prepare_pair(args)
-    if isinstance(prepared, int):
-        return prepared
-    model, tok, clean, corrupt, metric = prepared
+    check_pair_outputs(args)  # the prompts, --out (.npz added when missing) and --png, before the model loads
+    model, tok, clean, corrupt, metric = prepare_pair(args)
     r = edge_attribution(model, clean, corrupt, metric, args.method, steps=args.steps, noising=args.noising, mesh=mesh)
     g = r.graph
-    make_parents(args.out, args.png)
-    np.savez(
-        args.out, scores=r.scores, sources=np.array(g.sources), destinations=np.array(g.destinations), mask=g.mask,
+    write_npz(
+        place(args.out), scores=r.scores, sources=np.array(g.sources), destinations=np.array(g.destinations), mask=g.mask,
         clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric, method=args.method, seconds=r.seconds,
         str_tokens=np.array(tok.to_str_tokens(clean)), noising=args.noising, steps=args.steps,
     )  # fmt: skip
     if args.png:
-        edge_heatmap(r, title=f"{args.method} edge scores; logit diff {args.answer!r} - {args.wrong!r}", path=args.png)
+        with atomic_path(place(args.png)) as tmp:
+            edge_heatmap(r, title=f"{args.method} edge scores; logit diff {args.answer!r} - {args.wrong!r}", path=tmp)
     print(f"{args.method}: {g.n_edges} edges scored in {r.seconds:.1f}s "
           f"(scores [{len(g.sources)} sources, {len(g.destinations)} destinations])")  # fmt: skip
     print(f"clean logit diff {r.clean_metric:.4f}, corrupt {r.corrupt_metric:.4f}; top edges (normalised change):")

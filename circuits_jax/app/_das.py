@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import count, layer_list, positive, site_kind
+from .options import count, layer_list, load_with_tokenizer, out_file, place, positive, site_kind
 
 
 def add_das(sub) -> None:
@@ -33,34 +33,36 @@ def add_das(sub) -> None:
 
 def run_das(args) -> int:
     """DAS on IOI's "position of the indirect object" variable: IIA per layer, JSON and a plot."""
-    from pathlib import Path
-
-    from ..models import load
+    from ..models import atomic_path, write_text
     from ..plot import das_layers
     from ..toolshed import das_search, ioi_position_pairs
 
     layers = layer_list(args.layers, "--layers") if args.layers else None
     if not args.n_train < args.pairs:
         raise ValueError(f"--n-train {args.n_train} must be below --pairs {args.pairs}: the rest are held out for IIA")
-    model, tok = load(args.model)
-    if tok is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)")
+    out = png = None
+    if args.out:  # the JSON and the plot beside it, checked writable before the model loads
+        out = out_file(args.out, like="das.json")
+        png = out_file(out.with_suffix(".png"), "--out (its .png)")
+        if png == out:
+            raise ValueError(f"--out {args.out}: the plot goes beside the JSON as {png.name}; give a .json name")
+    model, tok = load_with_tokenizer(args.model)
     pairs = ioi_position_pairs(model, tok, args.pairs, args.seed)
     layers = layers or list(range(0, model.cfg.n_layers, args.layer_step))
     res = das_search(model, pairs["base"], pairs["source"], pairs["labels"], pairs["candidates"], kind=args.kind,
                      layers=layers, k=args.k, method=args.method, n_train=args.n_train, steps=args.steps,
                      batch_size=args.batch, lr=args.lr, seed=args.seed, progress=not args.quiet)  # fmt: skip
     changed = pairs["changed"][res.n_train :]
-    out = dict(res.to_json(), model_ioi_accuracy=pairs["model_accuracy"],
-               iia_changed=res.correct[:, changed].mean(-1).tolist(),
-               iia_random_changed=res.correct_random[:, changed].mean(-1).tolist(),
-               iia_full_changed=res.correct_full[:, changed].mean(-1).tolist())  # fmt: skip
+    result = dict(res.to_json(), model_ioi_accuracy=pairs["model_accuracy"],
+                  iia_changed=res.correct[:, changed].mean(-1).tolist(),
+                  iia_random_changed=res.correct_random[:, changed].mean(-1).tolist(),
+                  iia_full_changed=res.correct_full[:, changed].mean(-1).tolist())  # fmt: skip
     for i, l in enumerate(res.layers):
-        print(f"layer {l:3d}: IIA {res.iia[i]:.3f} (changed {out['iia_changed'][i]:.3f}), random {res.iia_random[i]:.3f}, "
+        print(f"layer {l:3d}: IIA {res.iia[i]:.3f} (changed {result['iia_changed'][i]:.3f}), random {res.iia_random[i]:.3f}, "
               f"full vector {res.iia_full[i]:.3f}")  # fmt: skip
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
-        das_layers(out, Path(args.out).with_suffix(".png"), title=f"DAS {args.method} k={args.k} on IOI ({args.kind})")
-        print(f"wrote {args.out} and its .png")
+    if out is not None:  # each file written whole: a temporary name, then renamed
+        write_text(place(out), json.dumps(result, indent=1))
+        with atomic_path(png) as tmp:
+            das_layers(result, tmp, title=f"DAS {args.method} k={args.k} on IOI ({args.kind})")
+        print(f"wrote {out} and {png}")
     return 0

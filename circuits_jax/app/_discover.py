@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import count, share
+from .options import count, finite, out_dir, share
 
 
 def add_discover(sub) -> None:
@@ -20,7 +20,7 @@ def add_discover(sub) -> None:
     dc.add_argument("--model", default="smollm2")
     dc.add_argument("--method", choices=["acdc", "eap", "eap-ig"], default="eap-ig")
     dc.add_argument("--level", choices=["edge", "node"], default="edge", help="acdc: edges, or heads and MLPs whole")
-    dc.add_argument("--threshold", type=float, default=None,
+    dc.add_argument("--threshold", type=finite, default=None,
                     help="acdc: τ on the loss change (default 0.01); eap*: keep edges with |score| >= T")
     dc.add_argument("--fraction", type=share, default=0.01, help="eap*: fraction of edges kept (default 1%%)")
     dc.add_argument("--construct", choices=["topn", "greedy"], default="greedy", help="eap*: how scores become a circuit")
@@ -38,11 +38,11 @@ def add_discover(sub) -> None:
 def run_discover(args) -> int:
     """`discover`: a circuit for a task by ACDC, EAP or EAP-IG, with its faithfulness curve and drawings."""
     import time
-    from pathlib import Path
 
     import numpy as np
 
     from ..graph import acdc, circuit_from_scores, edge_attribution, faithfulness, node_ranking, roc_auc, save_circuit
+    from ..models import atomic_path, write_text
     from ..plot import circuit_graph, circuit_html, faithfulness_curves
     from ..tasks import load_task
 
@@ -51,9 +51,8 @@ def run_discover(args) -> int:
     if args.method != "acdc" and args.ablation != "patching":
         raise ValueError(f"{args.method} scores each edge by its corrupt-minus-clean output difference, which is "
                          f"patching ablation; --ablation {args.ablation} is for ACDC")  # fmt: skip
+    out = out_dir(args.out)  # a folder we can write, before the task and its model load
     model, task = load_task(args.task, args.model, n=args.n, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     kw = dict(attention_mask=task.attention_mask, answer_pos=task.answer_pos)
     t = time.perf_counter()
     if args.method == "acdc":
@@ -90,16 +89,20 @@ def run_discover(args) -> int:
                         cpr=curve["cpr"], cmd=curve["cmd"])  # fmt: skip
     if task.truth is not None:
         circuit.meta["roc_auc"] = roc_auc(ranking, task.truth, graph=g)
+    out.mkdir(parents=True, exist_ok=True)  # every file below is written whole (a temporary name, then renamed)
     save_circuit(circuit, out / "circuit")
     save_circuit(circuit, out / "circuit.json")
-    (out / "faithfulness.json").write_text(json.dumps(
+    write_text(out / "faithfulness.json", json.dumps(
         {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in dict(curve).items()}, indent=1))  # fmt: skip
-    faithfulness_curves({args.method: curve}, out / "faithfulness.png", points={label: point},
-                        title=f"{task.name}: faithfulness ({args.ablation} ablation)")  # fmt: skip
+    with atomic_path(out / "faithfulness.png") as tmp:
+        faithfulness_curves({args.method: curve}, tmp, points={label: point},
+                            title=f"{task.name}: faithfulness ({args.ablation} ablation)")  # fmt: skip
     # a node-level circuit is drawn whole: its edges share their nodes' scores (input's are untested)
     drawn = None if circuit.level == "node" else args.draw_edges
-    circuit_graph(circuit, out / "circuit.png", max_edges=drawn, title=f"{task.name}: {label}")
-    circuit_html(circuit, out / "circuit.html", title=f"{task.name}: {label}")
+    with atomic_path(out / "circuit.png") as tmp:
+        circuit_graph(circuit, tmp, max_edges=drawn, title=f"{task.name}: {label}")
+    with atomic_path(out / "circuit.html") as tmp:
+        circuit_html(circuit, tmp, title=f"{task.name}: {label}")
     print(f"{task.name}: {label}: {circuit.n_edges} of {g.n_edges} edges, {len(circuit.nodes)} nodes, "
           f"f = {point[1]:.3f}; found in {found_s:.1f}s, curve in {eval_s:.1f}s")  # fmt: skip
     print(f"faithfulness curve (ranking by {'ACDC loss change' if args.method == 'acdc' else args.method} score): "

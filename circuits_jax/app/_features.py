@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import count
+from .options import count, load_with_tokenizer, out_file
 
 
 def add_features(sub) -> None:
@@ -39,7 +39,7 @@ def run_features(args) -> int:
         select_features,
         write_dashboards,
     )
-    from ..models import load
+    from ..models import atomic_path
 
     root = Path(args.dir)
     ddir = root / "dictionary" if (root / "dictionary" / "dictionary.json").exists() else root
@@ -48,17 +48,21 @@ def run_features(args) -> int:
         raise ValueError("dashboards are per SAE or transcoder; a cross-layer transcoder has none yet")
     if not args.html:
         raise ValueError("nothing to do: pass --html to write the dashboards page")
+    # the page: --out, else DIR/features.html; checked writable before the dictionary and the model load
+    out = out_file(args.out or root / "features.html", "--out" if args.out else "the page in DIR,",
+                   like="features.html")
     d = load_dictionary(ddir)
     meta = info.get("info", {})
     model_name = args.model or meta.get("model") or "smollm2"
-    model, tok = load(model_name)
+    model, tok = load_with_tokenizer(model_name)
     corpus = args.corpus or meta.get("corpus") or "python-docs"
     ctx = pack_contexts(tok, read_corpus(corpus), args.ctx_len, max_contexts=args.contexts)
     stats = feature_stats(model, d, ctx)
     feats = select_features(stats, args.how, n=args.n, seed=args.seed, width=d.width)
     data = dashboard_data(model, tok, d, ctx, feats)
-    out = Path(args.out) if args.out else root / "features.html"
-    write_dashboards(out, data, title=f"{info['arch']} {d.out_site} ({d.width} latents) on {corpus}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:  # written whole: an interrupted run leaves no half page
+        write_dashboards(tmp, data, title=f"{info['arch']} {d.out_site} ({d.width} latents) on {corpus}")
     dead = float((stats["density"] == 0).mean())
     print(f"{len(feats)} features ({args.how}) over {stats['n_tokens']} tokens; {dead:.1%} of latents never fired there")
     print(f"wrote {out}")

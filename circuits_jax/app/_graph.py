@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import count
+from .options import count, finite, load_with_tokenizer, out_dir
 
 
 def add_graph(sub) -> None:
@@ -22,8 +22,8 @@ def add_graph(sub) -> None:
     gr.add_argument("--out", required=True, help="output directory")
     gr.add_argument("--max-feature-nodes", type=count(1), default=None, help="feature rows to compute (default: every active feature)")
     gr.add_argument("--batch-size", type=count(1), default=64, help="target rows per compiled backward pass")
-    gr.add_argument("--node-threshold", type=float, default=0.8, help="share of influence the kept nodes hold")
-    gr.add_argument("--edge-threshold", type=float, default=0.98, help="share of influence the kept edges hold")
+    gr.add_argument("--node-threshold", type=finite, default=0.8, help="share of influence the kept nodes hold")
+    gr.add_argument("--edge-threshold", type=finite, default=0.98, help="share of influence the kept edges hold")
     gr.add_argument("--examples", type=count(0), default=64, help="corpus contexts scanned for each kept feature's top examples (0: none)")
     gr.add_argument("--corpus", default="pydoc-topics", help="corpus for the feature examples")
     gr.add_argument("--slug", help="graph name in the JSON")
@@ -37,7 +37,6 @@ def run_graph(args) -> int:
 
     from ..attribution_graphs import attribute, feature_examples, load_transcoders, prune, write_graph
     from ..dictionaries import pack_contexts, read_corpus
-    from ..models import load
 
     for name in ("node_threshold", "edge_threshold"):
         v = getattr(args, name)
@@ -47,8 +46,9 @@ def run_graph(args) -> int:
         raise ValueError("--prompt is empty")
     if not Path(args.transcoders).is_dir():
         raise FileNotFoundError(f"--transcoders {args.transcoders} is not a directory (train them with experiments/train_transcoders.py)")
+    out = out_dir(args.out)  # a folder we can write, before the model loads
     t0 = time.perf_counter()
-    model, tok = load(args.model)
+    model, tok = load_with_tokenizer(args.model)
     ts = load_transcoders(args.transcoders, model=model, model_name=str(args.model))
     ids = tok.encode(args.prompt, prepend_bos=True)
     g = attribute(model, ts, ids, prompt=args.prompt, token_strs=tok.to_str_tokens(ids), decode=lambda i: tok.decode([i]),
@@ -60,12 +60,12 @@ def run_graph(args) -> int:
         n_ctx = 64 if model.cfg.positional != "learned" else min(64, model.cfg.n_ctx)
         ctx = pack_contexts(tok, read_corpus(args.corpus), n_ctx, max_contexts=args.examples)
         features = feature_examples(model, ts, keep, ctx, decode=lambda i: tok.decode([i]), progress=not args.quiet)
-    s = write_graph(args.out, g, slug=args.slug or "graph", pruned=pruned, features=features, title=args.prompt)
+    s = write_graph(out, g, slug=args.slug or "graph", pruned=pruned, features=features, title=args.prompt)
     print(f"prompt ({len(ids)} tokens): {args.prompt!r}")
     print("top logits: " + ", ".join(f"{k!r} {v:.3f}" for k, v in s["logits"].items()))
     print(f"{s['active_features']} active features, {s['visited_features']} attributed in {s['backward_passes']} compiled backward "
           f"passes of {s['batch_size']} rows; {s['seconds']:.1f} s")  # fmt: skip
     print(f"pruned graph: {s['nodes']} nodes, {s['links']} links; replacement score {s['replacement']:.3f}, "
           f"completeness {s['completeness']:.3f}")  # fmt: skip
-    print(f"wrote {args.out}/graph.json, graph.html, scores.json, graph.npz ({time.perf_counter() - t0:.0f} s in all)")
+    print(f"wrote {out}/graph.json, graph.html, scores.json, graph.npz ({time.perf_counter() - t0:.0f} s in all)")
     return 0

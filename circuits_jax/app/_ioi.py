@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .options import count
+from .options import count, finite, load_with_tokenizer, out_dir
 
 
 def add_ioi(sub) -> None:
@@ -20,7 +20,7 @@ def add_ioi(sub) -> None:
     io.add_argument("--seed", type=int, default=0)
     io.add_argument("--template", type=int, default=0, choices=range(5), help="which IOI template (all rows share it)")
     io.add_argument("--steps", type=count(1), default=5, help="EAP-IG integration steps")
-    io.add_argument("--fraction", type=float, default=0.01, help="share of edges in the reported circuit")
+    io.add_argument("--fraction", type=finite, default=0.01, help="share of edges in the reported circuit")
     io.add_argument("--out", default="runs/ioi", help="output directory (report.html, arrays, plots)")
     io.add_argument("--quiet", action="store_true", help="no progress bars")
     io.set_defaults(func=run_ioi)
@@ -28,18 +28,18 @@ def add_ioi(sub) -> None:
 
 def run_ioi(args) -> int:
     """`ioi`: the main job, an IOI circuit study with a report."""
-    from ..models import load
     from ._ioi_job import ioi_job
 
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 prompt pairs, got {args.n}")
     if not 0 < args.fraction < 1:
         raise ValueError(f"--fraction is the share of edges kept, between 0 and 1; got {args.fraction}")
+    out = out_dir(args.out)  # a folder we can write, before the model loads
     t = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
-    model, tok = load(args.model)
+    model, tok = load_with_tokenizer(args.model)
     print(f"    loaded in {time.perf_counter() - t:.1f} s", flush=True)
-    s = ioi_job(model, tok, args.out, n=args.n, seed=args.seed, template=args.template, eap_steps=args.steps,
+    s = ioi_job(model, tok, out, n=args.n, seed=args.seed, template=args.template, eap_steps=args.steps,
                 circuit_fraction=args.fraction, progress=not args.quiet, model_name=str(args.model),
                 log=lambda m: print(m, flush=True))  # fmt: skip
     print()

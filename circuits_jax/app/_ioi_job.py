@@ -19,6 +19,7 @@ import numpy as np
 from .. import plot
 from ..core import parse_site, run
 from ..graph import circuit_from_scores, circuit_metrics, edge_attribution, faithfulness, path_patch, save_circuit
+from ..models import atomic_path
 from ..patching import attribution_patch, patch_sweep
 from ..tasks import IOI_TEMPLATES, ioi_task
 from ._report import Report, Stages, top_heads
@@ -28,6 +29,14 @@ def _per_row_logit_diff(model, task, tokens) -> np.ndarray:
     logits = np.asarray(run(model, tokens, attention_mask=task.attention_mask).logits[:, -1])
     rows = np.arange(len(tokens))
     return logits[rows, task.answers.ravel()] - logits[rows, task.wrong.ravel()]
+
+
+def _whole(draw: Callable, path: Path, *args, **kwargs) -> Path:
+    """`draw(*args, path=..., **kwargs)` (one of `plot`'s functions) into `path`, written whole: a temporary
+    name, then renamed, so an interrupted job leaves no half figure."""
+    with atomic_path(path) as tmp:
+        draw(*args, path=tmp, **kwargs)
+    return path
 
 
 # Fractions of edges at which the faithfulness curve is measured (a subset of MIB's: each costs a circuit run).
@@ -69,8 +78,8 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
     kw = dict(attention_mask=task.attention_mask, answer_pos=task.answer_pos)
     with stage("residual-stream patching (layer x position)"):
         resid = patch_sweep(model, task.clean, task.corrupt, task.metric, "resid_pre", ("layer", "pos"), progress=progress, **kw)
-        plot.heatmap(resid.result, resid.axes, tokens=str_tokens, path=out / "resid_patching.png",
-                     title="denoising the residual stream: resid_pre by layer and position")  # fmt: skip
+        _whole(plot.heatmap, out / "resid_patching.png", resid.result, resid.axes, tokens=str_tokens,
+               title="denoising the residual stream: resid_pre by layer and position")  # fmt: skip
     rep.heading("Where the information sits: residual-stream patching")
     rep.text("Each cell patches the clean residual stream entering one layer at one position into the corrupt run. "
              "The answer is carried at the second subject token (S2) in early layers and at the final token late: the "
@@ -80,13 +89,13 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
 
     with stage("head patching (every head, all positions)"):
         heads = patch_sweep(model, task.clean, task.corrupt, task.metric, "z", ("layer", "head"), progress=progress, **kw)
-        plot.heatmap(heads.result, heads.axes, path=out / "head_patching.png", title="denoising each head's output (z), all positions")
+        _whole(plot.heatmap, out / "head_patching.png", heads.result, heads.axes, title="denoising each head's output (z), all positions")
     with stage("attribution patching beside the exact sweep"):
         atp = attribution_patch(model, task.clean, task.corrupt, task.metric, "z", ("layer", "head"), **kw)
-        plot.heatmap(atp.result, atp.axes, path=out / "head_atp.png", title="attribution patching (AtP) of each head's z")
+        _whole(plot.heatmap, out / "head_atp.png", atp.result, atp.axes, title="attribution patching (AtP) of each head's z")
         labels = np.array([[f"L{l}H{h}" for h in range(cfg.n_heads)] for l in range(cfg.n_layers)])
-        plot.agreement(heads.result, atp.result, out / "atp_vs_exact.png", labels=labels, xlabel="activation patching (exact)",
-                       ylabel="attribution patching (AtP)", title="per-head z: AtP vs exact")  # fmt: skip
+        _whole(plot.agreement, out / "atp_vs_exact.png", heads.result, atp.result, labels=labels,
+               xlabel="activation patching (exact)", ylabel="attribution patching (AtP)", title="per-head z: AtP vs exact")  # fmt: skip
     r_atp = float(np.corrcoef(heads.result.ravel(), atp.result.ravel())[0, 1])
     rep.heading("Which heads matter: activation patching and its gradient estimate")
     rep.figure(out / "head_patching.png", "exact: one patched forward pass per head (all in one compiled program)")
@@ -98,8 +107,8 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
 
     with stage("path patching: each head -> logits"):
         pp = path_patch(model, task.clean, task.corrupt, task.metric, receivers="logits", senders="heads", progress=progress, **kw)
-        plot.heatmap(pp.result, ("layer", "head"), path=out / "path_patching.png",
-                     title="path patching: each head's direct path to the logits")  # fmt: skip
+        _whole(plot.heatmap, out / "path_patching.png", pp.result, ("layer", "head"),
+               title="path patching: each head's direct path to the logits")  # fmt: skip
     movers = top_heads(pp.result, top_k, sign=1)
     negative = top_heads(pp.result, 3, sign=-1)
     rep.heading("Heads that write the answer: path patching into the logits")
@@ -118,8 +127,8 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
         cache = run(model, task.clean, cache=list(names.values()), attention_mask=task.attention_mask).cache
         pats = np.stack([np.asarray(cache[names[int(h[1:].split("H")[0])]])[:, int(h.split("H")[1])].mean(0)
                          for h in chosen])  # fmt: skip
-        plot.attention_patterns(pats, chosen, out / "attention_patterns.png", tokens=str_tokens, query=len(str_tokens) - 1,
-                                title="where the final token attends (mean over prompts)")  # fmt: skip
+        _whole(plot.attention_patterns, out / "attention_patterns.png", pats, chosen, tokens=str_tokens,
+               query=len(str_tokens) - 1, title="where the final token attends (mean over prompts)")  # fmt: skip
     rep.heading("What the name movers look at")
     rep.figure(out / "attention_patterns.png", "attention from the final position, for the top 3 positive heads and the "
                "most negative head of path patching; the x labels are the first prompt's tokens")  # fmt: skip
@@ -134,10 +143,10 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
         f = (m - curve["empty"]) / (curve["full"] - curve["empty"])
         circuit.meta.update(task="ioi", faithfulness=f, cpr=curve["cpr"], cmd=curve["cmd"])
         save_circuit(circuit, out / "circuit.json")
-        plot.faithfulness_curves({"EAP-IG": curve}, out / "faithfulness.png", title="IOI circuits by EAP-IG score",
-                                 points={f"{n_edges} edges": (n_edges / g.n_edges, f)})  # fmt: skip
-        plot.circuit_graph(circuit, out / "circuit.png", max_edges=60)
-        plot.circuit_html(circuit, out / "circuit.html", title=f"IOI circuit in {model_name} (EAP-IG, {n_edges} edges)")
+        _whole(plot.faithfulness_curves, out / "faithfulness.png", {"EAP-IG": curve}, title="IOI circuits by EAP-IG score",
+               points={f"{n_edges} edges": (n_edges / g.n_edges, f)})  # fmt: skip
+        _whole(plot.circuit_graph, out / "circuit.png", circuit, max_edges=60)
+        _whole(plot.circuit_html, out / "circuit.html", circuit, title=f"IOI circuit in {model_name} (EAP-IG, {n_edges} edges)")
     rep.heading("A circuit: EAP-IG edges and their faithfulness")
     rep.text(f"EAP-IG ({eap_steps} steps) scores all {g.n_edges} edges of the model's graph in one compiled program. "
              f"The circuit keeps the top {n_edges} ({circuit_fraction:.1%}); every other edge is patched with its corrupt "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..core import PATCH_SITES
-from .options import chunk, layer_list, make_parents, mesh_of, positive, prepare_pair, sweep_arguments
+from .options import check_pair_outputs, chunk, layer_list, mesh_of, place, positive, prepare_pair, sweep_arguments
 
 
 def add_patch(sub) -> None:
@@ -32,6 +32,7 @@ def run_patch(args) -> int:
     """The exact sweep (`patch`) or its AtP / AtP* estimate (`attribute --method atp|atp-star`)."""
     import numpy as np
 
+    from ..models import atomic_path, write_npz
     from ..patching import patch_sweep
     from ..plot import heatmap
 
@@ -43,10 +44,8 @@ def run_patch(args) -> int:
         raise ValueError(f"invalid axes {args.by!r} for --by with --site {args.site}: give 'layer' first, then any of "
                          f"{', '.join(axes)}")  # fmt: skip
     layers = layer_list(args.layers, "--layers") if getattr(args, "layers", None) else None
-    prepared = prepare_pair(args)
-    if isinstance(prepared, int):
-        return prepared
-    model, tok, clean, corrupt, metric = prepared
+    check_pair_outputs(args)  # the prompts, --out (.npz added when missing) and --png, before the model loads
+    model, tok, clean, corrupt, metric = prepare_pair(args)
     if method == "atp":
         from ..patching import attribution_patch
 
@@ -61,9 +60,8 @@ def run_patch(args) -> int:
                         memory_budget=int(args.memory_gb * 2**30), layers=layers, progress=not args.quiet,
                         mesh=mesh)  # fmt: skip
     str_tokens = tok.to_str_tokens(clean)
-    make_parents(args.out, args.png)
-    np.savez(
-        args.out, result=r.result, clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric,
+    write_npz(
+        place(args.out), result=r.result, clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric,
         str_tokens=np.array(str_tokens), corrupt_str_tokens=np.array(tok.to_str_tokens(corrupt)),
         seconds=r.seconds, axes=np.array(r.axes), site=args.site, layers=np.array(layers or range(model.cfg.n_layers)),
         noising=args.noising, chunk_size=r.chunk_size, method=method,
@@ -71,7 +69,8 @@ def run_patch(args) -> int:
     if args.png:
         mode = "noising" if args.noising else "denoising"
         title = f"{args.site} by {','.join(by)} ({mode}, {method}); logit diff {args.answer!r} - {args.wrong!r}"
-        heatmap(r.result, r.axes, tokens=str_tokens, title=title, path=args.png, layers=layers)
+        with atomic_path(place(args.png)) as tmp:
+            heatmap(r.result, r.axes, tokens=str_tokens, title=title, path=tmp, layers=layers)
     n = r.result.size
     verb = "patched" if method == "exact" else f"estimated ({method})"
     print(f"{args.site} by {','.join(by)}: result {r.result.shape}, {n} patches {verb} in {r.seconds:.1f}s")
@@ -82,3 +81,4 @@ def run_patch(args) -> int:
         print(f"  {where}: {flat[j]:+.3f}")
     print(f"wrote {args.out}" + (f" and {args.png}" if args.png else ""))
     return 0
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import make_parents, pair_arguments, prepare_pair
+from .options import check_pair_outputs, out_file, pair_arguments, place, prepare_pair
 
 
 def add_path_patch(sub) -> None:
@@ -24,21 +24,27 @@ def add_path_patch(sub) -> None:
 
 
 def run_path_patch(args) -> int:
+    from pathlib import Path
+
     import numpy as np
 
     from ..graph import path_patch
+    from ..models import atomic_path, write_npz
     from ..plot import heatmap
 
-    prepared = prepare_pair(args)
-    if isinstance(prepared, int):
-        return prepared
-    model, tok, clean, corrupt, metric = prepared
+    check_pair_outputs(args)  # the prompts, --out (.npz added when missing) and --png, before the model loads
+    pngs = []  # one heatmap per receiver group: --png itself, or PNG.0.png, PNG.1.png, ...
+    if args.png:
+        n = len(args.receivers)
+        pngs = [args.png] if n == 1 else [str(Path(args.png).with_suffix(f".{i}.png")) for i in range(n)]
+    for png in pngs:
+        out_file(png, "--png")
+    model, tok, clean, corrupt, metric = prepare_pair(args)
     senders = args.senders if args.senders in ("heads", "mlps") else args.senders.split(",")
     r = path_patch(model, clean, corrupt, metric, list(args.receivers), senders, noising=args.noising,
                    progress=not args.quiet)  # fmt: skip
-    make_parents(args.out, args.png)
-    np.savez(
-        args.out, result=r.result, raw=r.raw, axes=np.array(r.axes), receivers=np.array(args.receivers),
+    write_npz(
+        place(args.out), result=r.result, raw=r.raw, axes=np.array(r.axes), receivers=np.array(args.receivers),
         senders=np.array(r.senders), clean_metric=r.clean_metric, corrupt_metric=r.corrupt_metric,
         seconds=r.seconds, noising=args.noising, str_tokens=np.array(tok.to_str_tokens(clean)),
     )  # fmt: skip
@@ -48,17 +54,12 @@ def run_path_patch(args) -> int:
         flat = np.nan_to_num(res).reshape(-1)
         top = np.argsort(-np.abs(flat))[:5]
         print(f"  -> {spec}: " + ", ".join(f"{r.senders[j]} {flat[j]:+.3f}" for j in top))
-    if args.png:
-        from pathlib import Path
-
-        for i, (spec, res) in enumerate(zip(args.receivers, r.result)):
-            path = args.png if len(args.receivers) == 1 else str(Path(args.png).with_suffix(f".{i}.png"))
-            if r.axes[1] == "sender":  # named senders have no layer axis: the npz and the printout carry them
-                print("--png: named senders are not drawn; use --senders heads or mlps for a heatmap")
-                break
-            heatmap(res, r.axes[1:], title=f"path patching into {spec} ({'noising' if args.noising else 'denoising'}, direct paths)", path=path)
-            print(f"wrote {path}")
-        print(f"wrote {args.out}")
-    else:
-        print(f"wrote {args.out}")
+    for path, spec, res in zip(pngs, args.receivers, r.result):
+        if r.axes[1] == "sender":  # named senders have no layer axis: the npz and the printout carry them
+            print("--png: named senders are not drawn; use --senders heads or mlps for a heatmap")
+            break
+        with atomic_path(place(path)) as tmp:
+            heatmap(res, r.axes[1:], title=f"path patching into {spec} ({'noising' if args.noising else 'denoising'}, direct paths)", path=tmp)
+        print(f"wrote {path}")
+    print(f"wrote {args.out}")
     return 0

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from .options import count
+from .options import count, load_with_tokenizer
 
 
 def add_predict(sub) -> None:
@@ -29,16 +28,10 @@ def run_predict(args) -> int:
     import jax
     import numpy as np
 
-    from ..models import load
-
-    model, tok = load(args.model)
-    if tok is None:
-        print(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)", file=sys.stderr)
-        return 2
+    model, tok = load_with_tokenizer(args.model)
     ids = tok.encode(args.prompt, prepend_bos=args.bos)
     if not ids:
-        print("the prompt tokenizes to nothing; give some text or --bos", file=sys.stderr)
-        return 2
+        raise ValueError("--prompt tokenizes to nothing; give some text or --bos")
     logits = np.asarray(jax.jit(lambda m, t: m(t))(model, np.asarray([ids], np.int32))[0, -1])
     k = max(1, min(args.top_k, logits.shape[-1]))
     top = np.argsort(-logits, kind="stable")[:k]

@@ -4,7 +4,8 @@ A `Report` collects headings, paragraphs, tables, figures and key numbers in ord
 one `report.html` whose images are embedded (base64 PNG), so the file opens from disk, mails
 and archives whole. Raw arrays go beside it (`save_arrays`, an `.npz` the page links to), and
 `summary` (a dict of the numbers) goes to `summary.json`, so every number on the page can be
-checked against its data.
+checked against its data. Every file is written whole (a temporary name, then renamed), so an
+interrupted job leaves no half file; `figure` takes PNGs a job drew the same way (`models.atomic_path`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from ..models import write_npz, write_text
 
 _STYLE = """
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 1040px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -87,9 +90,9 @@ class Report:
         return self
 
     def save_arrays(self, name: str, **arrays) -> Path:
-        """Write `name.npz` beside the report and link it from the page."""
+        """Write `name.npz` beside the report (whole: a temporary name, then renamed) and link it from the page."""
         path = self.out / f"{name}.npz"
-        np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+        write_npz(path, **{k: np.asarray(v) for k, v in arrays.items()})
         self.parts.append(f'<p class="meta">raw arrays: <a href="{html.escape(path.name)}">{html.escape(path.name)}</a> '
                           f"({html.escape(', '.join(arrays))})</p>")  # fmt: skip
         return path
@@ -102,15 +105,15 @@ class Report:
         return self.write()
 
     def write(self, name: str = "report.html") -> Path:
-        """Write the page and `summary.json`; returns the page's path."""
+        """Write the page and `summary.json`, each whole (a temporary name, then renamed); returns the page's path."""
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         sub = f'<p class="meta">{html.escape(self.subtitle)} · written {stamp}</p>'
         page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>{sub}"
                 + "\n".join(self.parts) + "</body></html>")  # fmt: skip
         path = self.out / name
-        path.write_text(page)
-        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1, default=_json_default))
+        write_text(path, page)
+        write_text(self.out / "summary.json", json.dumps(self.summary, indent=1, default=_json_default))
         return path
 
 

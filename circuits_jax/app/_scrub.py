@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import count
+from .options import count, out_file, place
 
 
 def add_scrub(sub) -> None:
@@ -47,6 +47,7 @@ def run_scrub(args) -> int:
             if not hs or any(not 0 <= h < H for h in hs):
                 raise ValueError(f"{what} {text!r}: need comma-separated head indices in [0, {H})")
             given[what] = hs
+    out = out_file(args.out, like="scrub.json") if args.out else None  # a file we can write, before the model trains
     model, info = induction_model(args.seed, progress=not args.quiet)
     P = given.get("--prev-heads", info["prev_token_heads"])
     I = given.get("--induction-heads", info["induction_heads"])
@@ -58,11 +59,11 @@ def run_scrub(args) -> int:
     print(f"previous-token scores {np.round(info['prev_token_scores'], 3)}, induction scores "
           f"{np.round(info['induction_scores'], 3)}")  # fmt: skip
     print(res.table())
-    if args.out:
-        from pathlib import Path
+    if out is not None:
+        from ..models import write_text
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(model_loss=res.model_loss, empty_loss=res.empty_loss, trees=res.n,
+        write_text(place(out), json.dumps(dict(model_loss=res.model_loss, empty_loss=res.empty_loss, trees=res.n,
             hypotheses={k: dict(recovered=res.recovered[k], ci95=list(res.ci[k]), loss=res.loss[k]) for k in hyps}),
             indent=1))  # fmt: skip
+        print(f"wrote {out}")
     return 0

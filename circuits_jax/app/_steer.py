@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from .options import count
+from .options import count, load_with_tokenizer, nonempty, number_list, out_dir
 
 
 def add_steer(sub) -> None:
@@ -38,29 +37,21 @@ def add_steer(sub) -> None:
 
 def run_steer(args) -> int:
     """ActAdd steering of one prompt: the greedy generation per coefficient, next-token sweep and plot."""
-    from pathlib import Path
-
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from ..core import generate
-    from ..models import load
+    from ..models import atomic_path, write_text
     from ..plot import steering_curves
     from ..toolshed import actadd, perplexity_sweep, steering_hook, steering_sweep
 
-    try:
-        coeffs = [float(c) for c in args.coeffs.split(",") if c.strip()]
-    except ValueError:
-        coeffs = []
-    if not coeffs:
-        raise ValueError(f"--coeffs needs comma-separated numbers, got {args.coeffs!r}")
+    coeffs = number_list(args.coeffs, "--coeffs")  # finite numbers: nan or inf would steer into garbage
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    model, tok = load(args.model)
-    if tok is None:
-        print(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)", file=sys.stderr)
-        return 2
+    nonempty(positive=args.positive, negative=args.negative, prompt=args.prompt)
+    out = out_dir(args.out)  # a folder we can write, before the model loads
+    model, tok = load_with_tokenizer(args.model)
     v = actadd(model, tok, args.positive, args.negative, args.layer, align=args.align, prepend_bos=args.bos)
     ids = tok.encode(args.prompt, prepend_bos=args.bos)
     if len(ids) < v.shape[0]:
@@ -82,11 +73,11 @@ def run_steer(args) -> int:
     base = generate(model, prompt, args.max_new_tokens).tokens
     text = np.concatenate([prompt, np.asarray(base)], 1)
     ppl = np.asarray(perplexity_sweep(model, text, v, args.layer, jnp.asarray(coeffs, jnp.float32))).tolist()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    steering_curves(coeffs, curves, ppl, out / "steer.png", title=f"ActAdd {args.positive!r} - {args.negative!r}, layer {args.layer}",
-                    ylabel="next-token probability", ppl_label="perplexity of the unsteered continuation")  # fmt: skip
-    (out / "steer.json").write_text(json.dumps(dict(
+    out.mkdir(parents=True, exist_ok=True)  # each file written whole: a temporary name, then renamed
+    with atomic_path(out / "steer.png") as tmp:
+        steering_curves(coeffs, curves, ppl, tmp, title=f"ActAdd {args.positive!r} - {args.negative!r}, layer {args.layer}",
+                        ylabel="next-token probability", ppl_label="perplexity of the unsteered continuation")  # fmt: skip
+    write_text(out / "steer.json", json.dumps(dict(
         positive=args.positive, negative=args.negative, layer=args.layer, prompt=args.prompt, coeffs=coeffs,
         generations={str(c): t for c, t in gens.items()}, next_token_probs=curves, perplexity=ppl), indent=1))  # fmt: skip
     print(f"wrote {out}/steer.png, steer.json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import count, positive
+from .options import count, load_with_tokenizer, nonempty, out_dir, positive
 
 
 def add_trace_fact(sub) -> None:
@@ -31,11 +31,9 @@ def add_trace_fact(sub) -> None:
 
 def run_trace_fact(args) -> int:
     """Causal tracing of one fact: clean/corrupt p(answer), the peak per kind, heatmaps and arrays in OUT."""
-    from pathlib import Path
-
     import numpy as np
 
-    from ..models import load
+    from ..models import atomic_path, write_npz, write_text
     from ..plot import causal_traces
     from ..toolshed import KINDS, trace_fact
 
@@ -43,9 +41,9 @@ def run_trace_fact(args) -> int:
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"--kinds {args.kinds!r}: each must be one of {', '.join(KINDS)}")
-    model, tok = load(args.model)
-    if tok is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)")
+    nonempty(prompt=args.prompt, subject=args.subject, answer=args.answer)
+    out = out_dir(args.out)  # a folder we can write, before the model loads
+    model, tok = load_with_tokenizer(args.model)
     res = trace_fact(model, tok, args.prompt, args.subject, args.answer, kinds=kinds, prepend_bos=args.bos, noise=args.noise,
                      samples=args.samples, window=args.window, seed=args.seed, progress=not args.quiet)  # fmt: skip
     r0 = next(iter(res.values()))
@@ -60,15 +58,15 @@ def run_trace_fact(args) -> int:
         l, t, s = r.peak()
         print(f"  {k:5s} peak p={s:.4f} at layer {l}, token {t} {strs[t]!r} (window {r.window}; {r.seconds:.1f} s)")
         summary[k] = dict(peak_layer=l, peak_token=t, peak_prob=s, window=r.window, seconds=r.seconds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "trace.npz", tokens=r0.tokens, str_tokens=np.array(strs), subject_span=np.array(r0.subject_span),
-             answer_id=r0.answer_id, clean=r0.clean, corrupt=r0.corrupt, noise=r0.noise, samples=r0.samples,
-             **{f"scores_{k}": r.scores for k, r in res.items()})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)  # each file written whole: a temporary name, then renamed
+    write_npz(out / "trace.npz", tokens=r0.tokens, str_tokens=np.array(strs), subject_span=np.array(r0.subject_span),
+              answer_id=r0.answer_id, clean=r0.clean, corrupt=r0.corrupt, noise=r0.noise, samples=r0.samples,
+              **{f"scores_{k}": r.scores for k, r in res.items()})  # fmt: skip
     meta = dict(prompt=args.prompt, subject=args.subject, answer=answer, answer_id=r0.answer_id, str_tokens=strs,
                 subject_span=list(r0.subject_span), clean=r0.clean, corrupt=r0.corrupt, noise=r0.noise, samples=r0.samples,
                 kinds=summary, scores={k: r.scores.tolist() for k, r in res.items()})  # fmt: skip
-    (out / "trace.json").write_text(json.dumps(meta, indent=1))
-    causal_traces(res, out / "trace.png", tokens=strs, title=f"{args.prompt!r} -> {answer!r}")
+    write_text(out / "trace.json", json.dumps(meta, indent=1))
+    with atomic_path(out / "trace.png") as tmp:
+        causal_traces(res, tmp, tokens=strs, title=f"{args.prompt!r} -> {answer!r}")
     print(f"wrote {out}/trace.png, trace.json, trace.npz")
     return 0

@@ -1,15 +1,22 @@
-"""What the `circuits-jax` commands share: argument types and checks, the prompt-pair and mesh options.
+"""What the `circuits-jax` commands share: argument types and checks, outputs, the prompt-pair and mesh options.
 
-Argument types (`count`, `positive`, `share`, `chunk`, `site_kind`) fail inside argparse, so a bad
-value exits 2 with `argument --flag: ...`; the checks (`layer_list`, `check_site_name`, `mesh_of`)
-raise ValueError, which `main` prints as one `circuits-jax: error: ...` line. Everything here runs
-before any model loads. Site names and kinds come from core's site table (`circuits_jax.core`).
+Argument types (`count`, `positive`, `finite`, `share`, `chunk`, `site_kind`) fail inside argparse, so
+a bad value exits 2 with `circuits-jax: error: argument --flag: ...`; the checks (`layer_list`,
+`number_list`, `nonempty`, `check_site_name`, `mesh_of`, `out_file`, `out_dir`) raise ValueError, which
+`main` prints as one `circuits-jax: error: ...` line. Everything here runs before any model loads:
+a command checks its `--out` (`out_file` / `out_dir`: a file or a folder as it expects, writable, its
+parent creatable) after its other arguments and before its model, and writes every file whole through
+`circuits_jax.models.atomic_path` (`write_text`, `write_npz`), so a refused or interrupted run leaves
+nothing behind. Numbers are finite: `nan` and `inf` are refused wherever a number is read. Site names
+and kinds come from core's site table (`circuits_jax.core`).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import math
+import os
+from pathlib import Path
 
 from ..core import PATCH_SITES
 
@@ -37,14 +44,46 @@ def chunk(text: str):
 
 
 def positive(text: str) -> float:
-    """argparse `type`: a number > 0."""
+    """argparse `type`: a finite number > 0 (nan and inf refused)."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"need a number > 0, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"need a number > 0, got {text}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"need a finite number > 0, got {text}")
     return v
+
+
+def finite(text: str) -> float:
+    """argparse `type`: any finite number (nan and inf refused)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"need a finite number, got {text}")
+    return v
+
+
+def number_list(text: str, flag: str) -> list[float]:
+    """'-5,0,5' -> [-5.0, 0.0, 5.0]: comma-separated finite numbers; errors name `flag`."""
+    try:
+        values = [float(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"{flag} needs comma-separated numbers, got {text!r}")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{flag} {text!r}: {bad[0]} is not a finite number; give finite numbers")
+    return values
+
+
+def nonempty(**texts: str) -> None:
+    """Refuse an empty text option: `nonempty(prompt=args.prompt)` names `--prompt`."""
+    for name, text in texts.items():
+        if text is not None and not text.strip():
+            raise ValueError(f"--{name.replace('_', '-')} is empty ({text!r}); give some text")
 
 
 def share(text: str) -> float:
@@ -117,6 +156,66 @@ def check_site_name(name: str, flag: str) -> None:
     raise ValueError(f"{flag}: {errors[0]}")
 
 
+def _writable_place(p: Path, given, flag: str) -> None:
+    """Refuse a path that cannot be created: its nearest existing ancestor must be a writable folder."""
+    up = p.parent
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        raise ValueError(f"{flag} {given}: cannot be created, {up} is a file, not a folder")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {given}: cannot write there, the folder {up} is not writable")
+
+
+def out_file(path, flag: str = "--out", *, suffix: str | None = None, like: str = "result") -> Path:
+    """The file a command writes for `flag`, checked before any model loads, and returned as it will be written.
+
+    `suffix` (e.g. ".npz") is appended when the name lacks it, so the path printed is the path written.
+    Refused: a folder (give a file name), a read-only file, a place that cannot be created (an ancestor
+    is a file, or the nearest existing folder is not writable). An existing file is replaced, whole,
+    once the run has finished. `like`: the file name the message suggests inside a folder given by mistake."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        example = p / (like + (suffix or ""))
+        raise ValueError(f"{flag} {path}: is a folder; give a file name, e.g. {example}")
+    if suffix and p.suffix != suffix:
+        p = p.with_name(p.name + suffix)
+        if p.is_dir():
+            raise ValueError(f"{flag} {path}: {p} (with {suffix} added) is a folder; give another file name")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{flag} {path}: {p} exists and is read-only")
+        if not os.access(p.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path}: cannot write there, the folder {p.parent} is not writable")
+        return p
+    _writable_place(p, path, flag)
+    return p
+
+
+def out_dir(path, flag: str = "--out") -> Path:
+    """The folder a command writes its files into for `flag`, checked before any model loads.
+
+    Refused: an existing file, a folder that is not writable, a place that cannot be created. Nothing is
+    created here: the folder is made when the first file is written."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ValueError(f"{flag} {path}: is an existing file; this command writes a folder of files, give a "
+                             "folder name")  # fmt: skip
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path}: the folder is not writable")
+        return p
+    _writable_place(p, path, flag)
+    return p
+
+
+def place(path) -> Path:
+    """`path` (a file about to be written) with its folder created; checked writable before the run."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def make_parents(*paths) -> None:
     """Create the folders that output files will be written into (`--out runs/x.npz` on a fresh checkout)."""
     from pathlib import Path
@@ -147,25 +246,41 @@ def sweep_arguments(pa) -> None:
     pa.add_argument("--by", default="layer,pos", help="comma list of axes, 'layer' first, e.g. layer,pos,head")
 
 
+def load_with_tokenizer(name):
+    """`models.load(name)`, refusing a model without a tokenizer (every command that reads text needs one)."""
+    from ..models import load
+
+    model, tok = load(name)
+    if tok is None:
+        raise ValueError(f"model {str(name)!r} has no tokenizer (no tokenizer.json beside it)")
+    return model, tok
+
+
+def check_pair_outputs(args) -> None:
+    """`--out` (an .npz, the suffix added when missing) and `--png` of the prompt-pair commands, and the prompts
+    themselves, before any model loads; `args.out` becomes the path that will be written."""
+    args.out = str(out_file(args.out, suffix=".npz"))
+    if args.png:
+        out_file(args.png, "--png")
+        if Path(args.png).expanduser().resolve() == Path(args.out).resolve():
+            raise ValueError(f"--png {args.png} is the --out file; give them different names")
+    nonempty(clean=args.clean, corrupt=args.corrupt, answer=args.answer, wrong=args.wrong)
+
+
 def prepare_pair(args):
-    """Model, tokenizer, token arrays and the logit-difference metric of a clean/corrupt pair (or an exit code)."""
+    """Model, tokenizer, token arrays and the logit-difference metric of a clean/corrupt pair."""
     import numpy as np
 
     from ..core import LogitDiff
-    from ..models import load
 
-    model, tok = load(args.model)
-    if tok is None:
-        print(f"model {args.model!r} has no tokenizer (no tokenizer.json beside it)", file=sys.stderr)
-        return 2
+    model, tok = load_with_tokenizer(args.model)
     clean, corrupt = tok.to_tokens(args.clean, args.bos), tok.to_tokens(args.corrupt, args.bos)
+    for flag, t in (("--clean", clean), ("--corrupt", corrupt)):
+        if t.shape[1] == 0:
+            raise ValueError(f"{flag} tokenizes to nothing; give some text or --bos")
     if clean.shape != corrupt.shape:
-        print(
-            f"circuits-jax: error: clean prompt has {clean.shape[1]} tokens {tok.to_str_tokens(clean)} and corrupt has "
-            f"{corrupt.shape[1]} {tok.to_str_tokens(corrupt)}; patching needs prompts of equal token length",
-            file=sys.stderr,
-        )
-        return 2
+        raise ValueError(f"clean prompt has {clean.shape[1]} tokens {tok.to_str_tokens(clean)} and corrupt has "
+                         f"{corrupt.shape[1]} {tok.to_str_tokens(corrupt)}; patching needs prompts of equal token length")  # fmt: skip
     metric = LogitDiff(np.array([tok.to_single_token(args.answer)]), np.array([tok.to_single_token(args.wrong)]))
     return model, tok, clean, corrupt, metric
 
@@ -184,13 +299,20 @@ def mesh_of(args):
         return None
     from ..scale import AXES, make_mesh
 
-    if spec.strip().isdigit():
-        return make_mesh(int(spec), 1, 1)
     sizes = {}
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in AXES or not value.strip().isdigit():
-            raise ValueError(f"--mesh {spec!r}: give axis=size pairs with axes {', '.join(AXES)}, e.g. sweep=4,data=2")
-        sizes[name] = int(value)
-    return make_mesh(sizes.get("sweep", 1), sizes.get("data", 1), sizes.get("model", 1))
+    if spec.strip().isdigit():
+        sizes["sweep"] = int(spec)
+    else:
+        for part in spec.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in AXES or not value.strip().isdigit():
+                raise ValueError(f"--mesh {spec!r}: give axis=size pairs with axes {', '.join(AXES)}, e.g. sweep=4,data=2")
+            sizes[name] = int(value)
+    for name, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"--mesh {spec!r}: the {name} axis needs at least 1 device, got {size}")
+    try:
+        return make_mesh(sizes.get("sweep", 1), sizes.get("data", 1), sizes.get("model", 1))
+    except ValueError as e:  # more devices asked for than there are
+        raise ValueError(f"--mesh {spec!r}: {e}") from None

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import Result, Transformer
+from ..models import write_text
 from ._replacement import Trace, Transcoders, token_embeddings, linear_forward, trace
 
 
@@ -516,7 +517,8 @@ def write_graph(out: str | os.PathLike, g: AttributionGraph, *, slug: str = "gra
                 edge_threshold: float = 0.98, pruned: Pruned | None = None, features: dict | None = None, supernodes=(),
                 title: str = "") -> dict:  # fmt: skip
     """Write `graph.json` (circuit-tracer / Neuronpedia schema, pruned), `graph.html` (the
-    standalone viewer), `scores.json` and `graph.npz` (the full graph) into directory `out`.
+    standalone viewer), `scores.json` and `graph.npz` (the full graph) into directory `out`, each file
+    whole (a temporary name, then renamed).
     `pruned`: a `prune` result already computed for `g` (its thresholds win); else pruned here."""
     from ._html import graph_html
 
@@ -527,11 +529,12 @@ def write_graph(out: str | os.PathLike, g: AttributionGraph, *, slug: str = "gra
     node_threshold, edge_threshold = pruned.node_threshold, pruned.edge_threshold
     js = graph_json(g, pruned, slug=slug, supernodes=supernodes, scores=scores,
                     labels={k: v.get("label", "") for k, v in (features or {}).items()})  # fmt: skip
-    (out / "graph.json").write_text(json.dumps(js))
-    (out / "graph.html").write_text(graph_html(js, features, title=title or g.prompt))
+    # each file is written whole (a temporary name, then renamed): an interruption leaves no half file
+    write_text(out / "graph.json", json.dumps(js))
+    write_text(out / "graph.html", graph_html(js, features, title=title or g.prompt))
     g.save(out / "graph.npz")
     summary = dict(scores, prompt=g.prompt, nodes=len(js["nodes"]), links=len(js["links"]), **g.info,
                    logits={s: float(p) for s, p in zip(g.logit_strs, g.logit_probs)}, node_threshold=node_threshold,
                    edge_threshold=edge_threshold)  # fmt: skip
-    (out / "scores.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "scores.json", json.dumps(summary, indent=1))
     return summary

@@ -15,7 +15,8 @@ dictionary should not spend latents on, and evaluation splices at non-BOS positi
 
 Store: a directory of `chunk_{c:05d}.{s}.npy` files (site s, `[chunk_tokens, D_s]`) and a
 `store.json` written after every chunk, so an interrupted build resumes at the next chunk and
-a training run reads chunks lazily (memory-mapped) through a seeded shuffle buffer.
+a training run reads chunks lazily (memory-mapped) through a seeded shuffle buffer. Every file is
+written whole (a temporary name, then a rename), so an interruption never leaves a torn chunk.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 
 from ..core import Transformer, parse_site, run
 from ..scale import available_memory
+from ._run import save_array, write_json
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 CORPORA = ("python-docs", "pydoc-topics")
@@ -283,9 +285,9 @@ def build_store(
             meta["scales"] = [float(np.sqrt(a.shape[1] / np.mean(np.sum(a * a, 1)))) if normalize else 1.0 for a in x]
             meta["means"] = [a.mean(0).tolist() for a in x]
         for s, a in enumerate(arrays):
-            np.save(path / f"chunk_{c:05d}.{s}.npy", a)
+            save_array(path / f"chunk_{c:05d}.{s}.npy", a)
         meta["n_chunks"] = c + 1
-        meta_file.write_text(json.dumps(meta))
+        write_json(meta_file, meta)
     bar.close()
     store = open_store(path)
     if store.n_chunks > n_chunks:

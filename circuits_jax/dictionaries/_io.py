@@ -18,15 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import restore, save
+from ._run import write_json
 from ._sae import ARCHS, SAE, CrossLayerTranscoder, init_clt, init_sae
 
 _GEMMA_SCOPE = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def save_dictionary(path: str | os.PathLike, d, info: dict | None = None) -> Path:
-    """Write `d` (an `SAE` or `CrossLayerTranscoder`) to directory `path`; `info` is kept verbatim."""
+    """Write `d` (an `SAE` or `CrossLayerTranscoder`) to directory `path`; `info` is kept verbatim.
+
+    `dictionary.json` is what makes the directory a saved dictionary: it is removed first and
+    written (whole) last, so an interrupted save never leaves a dictionary that loads half-written."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / "dictionary.json").unlink(missing_ok=True)
     if isinstance(d, CrossLayerTranscoder):
         spec = dict(kind="clt", arch=d.arch, k=d.k, layers=list(d.layers), in_kind=d.in_kind, out_kind=d.out_kind,
                     d_model=int(d.W_enc.shape[1]), width=d.width)  # fmt: skip
@@ -34,7 +39,7 @@ def save_dictionary(path: str | os.PathLike, d, info: dict | None = None) -> Pat
         spec = dict(kind="sae", arch=d.arch, k=d.k, in_site=d.in_site, out_site=d.out_site, d_in=int(d.W_enc.shape[0]),
                     d_out=int(d.W_dec.shape[1]), width=d.width)  # fmt: skip
     save(path / "params", d)
-    (path / "dictionary.json").write_text(json.dumps(dict(spec, info=info or {}), indent=1))
+    write_json(path / "dictionary.json", dict(spec, info=info or {}), indent=1)
     return path
 
 

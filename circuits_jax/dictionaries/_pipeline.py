@@ -3,11 +3,17 @@
     corpus -> contexts (train | held out) -> activation store -> init from the store's mean
     and scale -> train (checkpointed) -> evaluate on held-out contexts -> save
 
-Every check that can fail (site names, corpus, memory for the width) runs before any
-forward pass. The output directory holds `store/` (unless another store is given),
+Every check that can fail (site names, corpus, memory for the width, the run folder) runs before
+any forward pass. The output directory is a run folder (`_run.py`): `run.json` records the run's
+settings and the identities of its model, tokenizer and corpus before the first output;
+`run.lock` keeps a second process out. Beside them: `store/` (unless another store is given),
 `checkpoints/`, `dictionary/`, `eval.json`, `history.json` and `density.npy` (`train-sae` draws it
-as `density.png`); running the
-same command again resumes whatever was interrupted.
+as `density.png`), each written whole (temporary name, then rename).
+
+Running the same call again resumes whatever was interrupted, and says where it resumes; a call
+with other settings on the same folder raises `RunMismatch` naming the differing keys, before
+anything is computed or written, unless `overwrite=True` (delete that run, start afresh).
+`resume=True` insists on continuing (it refuses a folder with no run to continue).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax
 import numpy as np
 
 from ..scale import gather
+from ._run import corpus_identity, model_identity, open_run, plain, save_array, tokenizer_identity, write_json
 from ._activations import (
     site_dim,
     build_store,
@@ -86,11 +93,19 @@ def train_dictionary(
     model_name: str = "",
     log=print,
     mesh=None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Train one dictionary end to end and return its summary (also written to `out/eval.json`).
 
     `n_tokens` activations are stored; training sees them `epochs` times (reshuffled each time).
-    `mesh`: train on a device mesh (`_sae_train.train`'s `mesh`)."""
+    `mesh`: train on a device mesh (`_sae_train.train`'s `mesh`); not part of the run's settings
+    (a run may resume on another mesh).
+
+    `out` is a run folder (see the module docstring): if it holds a run with the same settings, that
+    run resumes (announced through `log`); with other settings, `RunMismatch` is raised naming them.
+    `overwrite=True` deletes the old run's outputs first (an outside `store_dir` is never deleted);
+    `resume=True` requires a run to continue. Another process using `out` raises `RunLocked`."""
     out = Path(out)
     ins, outs = dictionary_spec(model, site=site, target=target, clt_layers=clt_layers)
     check_arch(arch, k)
@@ -104,38 +119,48 @@ def train_dictionary(
     L = None if clt_layers is None else len(ins)
     memory_check(n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1), width,
                    what="cross-layer transcoder" if L else "dictionary")  # fmt: skip
-    train_ctx, held_out = split_contexts(tok, corpus, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
+    docs = read_corpus(corpus)
     if model.cfg.positional == "learned" and ctx_len > model.cfg.n_ctx:
         raise ValueError(f"ctx_len={ctx_len} exceeds the model's context of {model.cfg.n_ctx}")
-    per_ctx = ctx_len - 1
     sites = list(dict.fromkeys(ins + outs))
     store_path = Path(store_dir) if store_dir is not None else out / "store"
-    t0 = time.perf_counter()
-    store = _reuse_store(store_path, sites, n_tokens)
-    if store is None:
-        # chunks of at most 65,536 rows, and at least 4 of them for the shuffle buffer of a small run
-        chunk = max(per_ctx, min(1 << 16, n_tokens // 4))
-        store = build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress, chunk_tokens=chunk,
-                              info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len))  # fmt: skip
-    t_store = time.perf_counter() - t0
-    d = _new_dictionary(store, ins, outs, D, width=width, arch=arch, k=k, seed=seed, clt_layers=clt_layers)
-    log(f"training {arch} {'CLT' if L else ('transcoder' if ins != outs else 'SAE')} of width {width} on {store.n_tokens:,} "
-        f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
-    res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress, mesh=mesh)
-    if mesh is not None:  # evaluation splices it into the single-device model
-        res = res.replace(dictionary=gather(res.dictionary))
-    t_train = res.seconds
-    t0 = time.perf_counter()
-    ev = evaluate(model, res.dictionary, held_out, progress=progress)
-    t_eval = time.perf_counter() - t0
-    info = dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len, n_tokens=store.n_tokens, train=_jsonable(tc), seed=seed)
-    save_dictionary(out / "dictionary", res.dictionary, info)
-    summary = dict(ev.summary(), eval_tokens=ev.n_tokens, seconds=dict(store=t_store, train=t_train, eval=t_eval), resumed_from=res.resumed_from,
-                   tokens_per_second=(tc.steps - res.resumed_from) * tc.batch_size / max(t_train, 1e-9), sites=sites,
-                   arch=arch, k=k, width=width, n_tokens=store.n_tokens, epochs=epochs)  # fmt: skip
-    (out / "eval.json").write_text(json.dumps(summary, indent=1))
-    (out / "history.json").write_text(json.dumps(res.history))
-    np.save(out / "density.npy", ev.density)
+    identity = dict(model_fingerprint=model_identity(model), tokenizer_sha256=tokenizer_identity(tok), corpus_sha256=corpus_identity(docs))
+    settings = dict(model_config=_config(model), **identity, in_sites=ins, out_sites=outs, arch=arch, k=k, width=width,
+                    n_tokens=n_tokens, epochs=epochs, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts, seed=seed, train=_train_settings(tc))  # fmt: skip
+    labels = dict(model=model_name, corpus=str(corpus), store=None if store_dir is None else str(store_path.absolute()))
+    outputs = ("checkpoints", "dictionary", "eval.json", "history.json", "density.npy", "density.png") + (("store",) * (store_dir is None))
+    with open_run(out, "train_dictionary", settings, labels=labels, outputs=outputs, resume=resume, overwrite=overwrite, log=log) as run:
+        train_ctx, held_out = split_contexts(tok, docs, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
+        store_info = dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len, **identity)
+        if store_dir is not None:
+            _check_store_identity(store_path, store_info)
+        run.commit()
+        t0 = time.perf_counter()
+        store = _reuse_store(store_path, sites, n_tokens)
+        if store is None:
+            # chunks of at most 65,536 rows, and at least 4 of them for the shuffle buffer of a small run
+            chunk = max(ctx_len - 1, min(1 << 16, n_tokens // 4))
+            store = build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress, chunk_tokens=chunk,
+                                info=store_info)  # fmt: skip
+        t_store = time.perf_counter() - t0
+        d = _new_dictionary(store, ins, outs, D, width=width, arch=arch, k=k, seed=seed, clt_layers=clt_layers)
+        log(f"training {arch} {'CLT' if L else ('transcoder' if ins != outs else 'SAE')} of width {width} on {store.n_tokens:,} "
+            f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
+        res = train(d, store, tc, checkpoint_dir=out / "checkpoints", progress=progress, mesh=mesh)
+        if mesh is not None:  # evaluation splices it into the single-device model
+            res = res.replace(dictionary=gather(res.dictionary))
+        t_train = res.seconds
+        t0 = time.perf_counter()
+        ev = evaluate(model, res.dictionary, held_out, progress=progress)
+        t_eval = time.perf_counter() - t0
+        info = dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len, n_tokens=store.n_tokens, train=_jsonable(tc), seed=seed, **identity)
+        save_dictionary(out / "dictionary", res.dictionary, info)
+        summary = dict(ev.summary(), eval_tokens=ev.n_tokens, seconds=dict(store=t_store, train=t_train, eval=t_eval), resumed_from=res.resumed_from,
+                       tokens_per_second=(tc.steps - res.resumed_from) * tc.batch_size / max(t_train, 1e-9), sites=sites,
+                       arch=arch, k=k, width=width, n_tokens=store.n_tokens, epochs=epochs)  # fmt: skip
+        write_json(out / "history.json", res.history)
+        save_array(out / "density.npy", ev.density)
+        write_json(out / "eval.json", summary, indent=1)  # last: its presence says the run finished
     return summary
 
 
@@ -178,6 +203,8 @@ def train_transcoders(
     model_name: str = "",
     log=print,
     mesh=None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Per-layer transcoders (MLP input -> MLP output) for `layers` (default: every layer), all
     trained from one activation store of every layer's two sites, built once. `mesh`: each
@@ -186,7 +213,11 @@ def train_transcoders(
     Resumable at every level: the store resumes by chunk, a finished layer is skipped, an
     interrupted layer resumes from its last checkpoint. Writes `out/layer_{l:02d}/dictionary`
     per layer and `out/transcoders.json` (the manifest `load_transcoders` reads). The store is
-    `store_dtype` (float16 halves the disk: 30 layers x 2 sites x 576 floats per token)."""
+    `store_dtype` (float16 halves the disk: 30 layers x 2 sites x 576 floats per token).
+
+    `out` is a run folder, as for `train_dictionary`: the same settings resume (announced), other
+    settings (other layers too) raise `RunMismatch` unless `overwrite=True`; `resume=True` requires
+    a run to continue; a second process raises `RunLocked`."""
     out = Path(out)
     L = model.cfg.n_layers
     layers = list(range(L)) if layers is None else [int(l) for l in layers]
@@ -202,47 +233,58 @@ def train_transcoders(
     D = [int(np.prod(site_dim(model, parse_site(s, model.cfg)))) for s in pairs[layers[0]]]
     tc = TrainConfig(n_tokens=n_tokens, seed=seed, **(train_cfg or {}))
     memory_check(n_parameters(D[0], D[1], width), tc.batch_size, width, what="transcoder")
-    train_ctx, _ = split_contexts(tok, corpus, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
-    t0 = time.perf_counter()
-    store = _reuse_store(out / "store", sites, n_tokens)
-    if store is None:
-        store = build_store(model, train_ctx, sites, out / "store", n_tokens=n_tokens, progress=progress, chunk_tokens=chunk_tokens,
-                              dtype=store_dtype, info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len))  # fmt: skip
-    t_store = time.perf_counter() - t0
-    manifest_file = out / "transcoders.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else dict(layers={})
-    manifest.update(model=model_name, n_layers=L, arch=arch, k=k, width=width, n_tokens=store.n_tokens, corpus=str(corpus),
-                    ctx_len=ctx_len, n_eval_contexts=n_eval_contexts, train=_jsonable(tc), seed=seed)  # fmt: skip
-    manifest.setdefault("seconds", {})["store"] = manifest.get("seconds", {}).get("store", 0.0) + t_store
-    for l in layers:
-        sub = out / f"layer_{l:02d}"
-        if str(l) in manifest["layers"] and (sub / "dictionary" / "dictionary.json").exists():
-            continue
-        ins, outs = [pairs[l][0]], [pairs[l][1]]
-        view = store.select(ins + outs)
-        d = _new_dictionary(view, ins, outs, D, width=width, arch=arch, k=k, seed=seed + l)
-        log(f"layer {l}: training a {arch} transcoder of width {width} on {view.n_tokens:,} tokens ({tc.steps} steps)")
-        res = train(d, view, tc, checkpoint_dir=sub / "checkpoints", progress=progress, mesh=mesh)
-        if mesh is not None:
-            res = res.replace(dictionary=gather(res.dictionary))
-        save_dictionary(sub / "dictionary", res.dictionary, dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len,
-                                                                 n_tokens=view.n_tokens, train=_jsonable(tc), seed=seed + l))  # fmt: skip
-        (sub / "history.json").write_text(json.dumps(res.history))
-        last = res.history[-1] if res.history else {}
-        manifest["layers"][str(l)] = dict(path=f"layer_{l:02d}/dictionary", in_site=ins[0], out_site=outs[0], seconds=res.seconds,
-                                          train_fve=last.get("fve"), train_l0=last.get("l0"), dead=last.get("dead"))  # fmt: skip
-        manifest_file.write_text(json.dumps(manifest, indent=1))
-    manifest_file.write_text(json.dumps(manifest, indent=1))
+    docs = read_corpus(corpus)
+    identity = dict(model_fingerprint=model_identity(model), tokenizer_sha256=tokenizer_identity(tok), corpus_sha256=corpus_identity(docs))
+    settings = dict(model_config=_config(model), **identity, layers=layers, arch=arch, k=k, width=width, n_tokens=n_tokens,
+                    ctx_len=ctx_len, n_eval_contexts=n_eval_contexts, store_dtype=np.dtype(store_dtype).name, chunk_tokens=chunk_tokens,
+                    seed=seed, train=_train_settings(tc))  # fmt: skip
+    labels = dict(model=model_name, corpus=str(corpus))
+    outputs = ("store", "transcoders.json", "layer_[0-9][0-9]")
+    with open_run(out, "train_transcoders", settings, labels=labels, outputs=outputs, resume=resume, overwrite=overwrite, log=log) as run:
+        train_ctx, _ = split_contexts(tok, docs, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
+        run.commit()
+        t0 = time.perf_counter()
+        store = _reuse_store(out / "store", sites, n_tokens)
+        if store is None:
+            store = build_store(model, train_ctx, sites, out / "store", n_tokens=n_tokens, progress=progress, chunk_tokens=chunk_tokens,
+                                dtype=store_dtype, info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len, **identity))  # fmt: skip
+        t_store = time.perf_counter() - t0
+        manifest_file = out / "transcoders.json"
+        manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else dict(layers={})
+        manifest.update(model=model_name, n_layers=L, arch=arch, k=k, width=width, n_tokens=store.n_tokens, corpus=str(corpus),
+                        ctx_len=ctx_len, n_eval_contexts=n_eval_contexts, train=_jsonable(tc), seed=seed)  # fmt: skip
+        manifest.setdefault("seconds", {})["store"] = manifest.get("seconds", {}).get("store", 0.0) + t_store
+        for l in layers:
+            sub = out / f"layer_{l:02d}"
+            if str(l) in manifest["layers"] and (sub / "dictionary" / "dictionary.json").exists():
+                continue
+            ins, outs = [pairs[l][0]], [pairs[l][1]]
+            view = store.select(ins + outs)
+            d = _new_dictionary(view, ins, outs, D, width=width, arch=arch, k=k, seed=seed + l)
+            log(f"layer {l}: training a {arch} transcoder of width {width} on {view.n_tokens:,} tokens ({tc.steps} steps)")
+            res = train(d, view, tc, checkpoint_dir=sub / "checkpoints", progress=progress, mesh=mesh)
+            if mesh is not None:
+                res = res.replace(dictionary=gather(res.dictionary))
+            save_dictionary(sub / "dictionary", res.dictionary, dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len,
+                                                                     n_tokens=view.n_tokens, train=_jsonable(tc), seed=seed + l))  # fmt: skip
+            write_json(sub / "history.json", res.history)
+            last = res.history[-1] if res.history else {}
+            manifest["layers"][str(l)] = dict(path=f"layer_{l:02d}/dictionary", in_site=ins[0], out_site=outs[0], seconds=res.seconds,
+                                              train_fve=last.get("fve"), train_l0=last.get("l0"), dead=last.get("dead"))  # fmt: skip
+            write_json(manifest_file, manifest, indent=1)
+        write_json(manifest_file, manifest, indent=1)
     return manifest
 
 
 def split_contexts(tok, corpus, *, n_tokens: int, ctx_len: int = 128, n_eval_contexts: int = 64):
-    """`(train, held_out)` contexts of `corpus`: enough for `n_tokens` stored tokens (plus two
-    chunks' slack), and the last `n_eval_contexts` held out for evaluation. A store built from
-    `train` never sees the held-out contexts, whoever builds it."""
+    """`(train, held_out)` contexts of `corpus` (a corpus `read_corpus` reads, or its list of
+    documents): enough for `n_tokens` stored tokens (plus two chunks' slack), and the last
+    `n_eval_contexts` held out for evaluation. A store built from `train` never sees the held-out
+    contexts, whoever builds it."""
     per_ctx = ctx_len - 1
     n_ctx = -(-n_tokens // per_ctx) + 2 * (1 << 16) // per_ctx + n_eval_contexts
-    contexts = pack_contexts(tok, read_corpus(corpus), ctx_len, max_contexts=n_ctx)
+    docs = corpus if isinstance(corpus, (list, tuple)) else read_corpus(corpus)
+    contexts = pack_contexts(tok, docs, ctx_len, max_contexts=n_ctx)
     if len(contexts) <= n_eval_contexts:
         raise ValueError(f"the corpus gives {len(contexts)} contexts of {ctx_len} tokens, too few to hold out {n_eval_contexts}")
     return contexts[:-n_eval_contexts], contexts[-n_eval_contexts:]
@@ -256,6 +298,33 @@ def _reuse_store(path: Path, sites: list[str], n_tokens: int):
     if set(sites) <= set(meta["sites"]) and meta["n_chunks"] >= max(1, n_tokens // meta["chunk_tokens"]):
         return open_store(path)
     return None
+
+
+def _check_store_identity(path: Path, info: dict) -> None:
+    """An outside store must come from this run's model, tokenizer, corpus and context length: its
+    `store.json` records them (`info`); a key recorded in both that differs refuses it."""
+    try:
+        got = json.loads((path / "store.json").read_text()).get("info", {})
+    except FileNotFoundError:
+        return
+    keys = ("model_fingerprint", "tokenizer_sha256", "corpus_sha256", "ctx_len")
+    diffs = [f"{k} was {got[k]!r}, now {info[k]!r}" for k in keys if k in got and got[k] != info[k]]
+    if diffs:
+        raise ValueError(f"the activation store at {path} was built from other data ({'; '.join(diffs)}): use another store directory")
+
+
+def _config(model) -> dict:
+    import dataclasses
+
+    return plain(dataclasses.asdict(model.cfg))
+
+
+def _train_settings(tc) -> dict:
+    """The train config as recorded in a run's settings: all of it but `checkpoint_every`, which
+    changes when checkpoints are written, not the result."""
+    d = _jsonable(tc)
+    d.pop("checkpoint_every", None)
+    return d
 
 
 def _jsonable(cfg) -> dict:

@@ -7,7 +7,9 @@ architecture's projection (unit-norm decoder rows, positive thresholds, batchtop
 threshold EMA). Batches come from `ActivationStore.batches(seed, start=step)`, a pure
 function of the step, and the state is checkpointed with orbax every `checkpoint_every`
 steps, so a run that is killed resumes from its last checkpoint and reaches the same
-parameters as one that never stopped.
+parameters as one that never stopped. A checkpoint counts once its `done` marker is written
+(after the state and its history); Ctrl-C is held back until a checkpoint being written is
+complete, and an old checkpoint loses its marker before it is deleted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import equinox as eqx
@@ -49,6 +52,7 @@ from ..scale import (
     shard_like,
     upto,
 )
+from ._run import checkpoint_steps, deferred_interrupt, write_json
 from ._sae import LossConfig, Stats, gather_xy
 
 
@@ -158,29 +162,41 @@ class TrainResult(Result):
     resumed_from: int  # step restored from a checkpoint (0 for a fresh run)
 
 
-def _ckpts(root: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "done").exists())
+_LOGGED = ("loss", "mse", "sparsity", "l0", "fve")
 
 
-def _save(root: Path, state: TrainState, history: list[dict], keep: int = 2) -> None:
+def _save(root: Path, state: TrainState, history: list[dict], keep: int = 2, pending: list | None = None) -> None:
+    """`pending`: the stats of the steps since the last history row (float32 values as JSON numbers), so a
+    resumed run's next row averages the same steps as an uninterrupted run's."""
     step = int(state.step)
     d = root / f"step_{step:08d}"
-    save(d / "state", state)  # every process writes its own shards
-    if jax.process_index() != 0:
-        return
-    (d / "history.json").write_text(json.dumps(history))
-    (d / "done").write_text("")
-    for old in _ckpts(root)[:-keep]:
-        shutil.rmtree(root / f"step_{old:08d}", ignore_errors=True)
+    with deferred_interrupt():  # a Ctrl-C now stops the run once this checkpoint is complete
+        (d / "done").unlink(missing_ok=True)
+        save(d / "state", state)  # every process writes its own shards
+        if jax.process_index() != 0:
+            return
+        write_json(d / "history.json", history)
+        write_json(d / "pending.json", [{k: float(np.float32(getattr(st, k))) for k in _LOGGED} for st in pending or []])
+        (d / "done").write_text("")
+        for old in checkpoint_steps(root)[:-keep]:
+            (root / f"step_{old:08d}" / "done").unlink(missing_ok=True)  # first: no half-deleted checkpoint counts
+            shutil.rmtree(root / f"step_{old:08d}", ignore_errors=True)
 
 
-def _restore(root: Path, like: TrainState) -> tuple[TrainState, list[dict]] | None:
-    steps = _ckpts(root)
+def _restore(root: Path, like: TrainState) -> tuple[TrainState, list[dict], list] | None:
+    steps = checkpoint_steps(root)
     if not steps:
         return None
     d = root / f"step_{steps[-1]:08d}"
-    state = restore(d / "state", like)
-    return state, json.loads((d / "history.json").read_text())
+    try:
+        state = restore(d / "state", like)
+    except (ValueError, TypeError, KeyError) as e:  # orbax: another tree structure or other shapes
+        raise ValueError(f"the checkpoint {d} holds another training run's state (another width, architecture or "
+                         f"dictionary?), not this one's: use another checkpoint directory ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None  # fmt: skip
+    pending = json.loads((d / "pending.json").read_text()) if (d / "pending.json").exists() else []
+    pending = [SimpleNamespace(**{k: np.float32(v) for k, v in row.items()}) for row in pending]
+    return state, json.loads((d / "history.json").read_text()), pending
 
 
 def _selector(d, store) -> Callable[[tuple[np.ndarray, ...]], tuple[jax.Array, jax.Array]]:
@@ -222,11 +238,12 @@ def train(
     history: list[dict] = []
     root = None if checkpoint_dir is None else Path(checkpoint_dir)
     resumed = 0
+    pending: list = []  # stats since the last history row, carried over by a checkpoint
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
         got = _restore(root, state)
         if got is not None:
-            state, history = got
+            state, history, pending = got
             resumed = int(state.step)
     step_fn = make_step(cfg)
     total = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -243,7 +260,7 @@ def train(
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {getattr(dictionary, 'arch', '')}", unit="step", disable=not progress)
     seconds = 0.0
-    acc: list[Stats] = []
+    acc: list = list(pending)
     for step in range(start, total):
         x, y = inputs(next(batches))
         t0 = time.perf_counter()
@@ -261,14 +278,14 @@ def train(
         seconds += time.perf_counter() - t0
         bar.update(1)
         if root is not None and ((step + 1) % cfg.checkpoint_every == 0 or last):
-            _save(root, state, history)
+            _save(root, state, history, pending=acc)
     bar.close()
     jax.block_until_ready(state)
     return TrainResult(state.dictionary, history, seconds, resumed)
 
 
 def _log_row(acc: list[Stats], state: TrainState, step: int, cfg: TrainConfig, lr: float) -> dict:
-    m = {k: float(np.mean([getattr(s, k) for s in acc])) for k in ("loss", "mse", "sparsity", "l0", "fve")}
+    m = {k: float(np.mean(np.asarray([getattr(s, k) for s in acc], np.float32))) for k in _LOGGED}
     dead = float(jnp.mean(state.since_fired >= cfg.dead_after))
     return dict(step=step, tokens=step * cfg.batch_size, **m, dead=dead, lr=lr)
 

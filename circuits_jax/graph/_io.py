@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from ..core import Config, Result, Graph
-from ..models import restore, save
+from ..models import restore, save, write_text
 from ._circuit import Circuit
 
 FORMAT = "circuits_jax.circuit/1"
@@ -103,18 +103,19 @@ def _dumps(doc: dict) -> str:
 
 def save_circuit(circuit: Circuit, path: str | Path) -> Path:
     """Write `circuit` to `path`: a JSON file if it ends in `.json`, else a directory with `circuit.json`
-    and the dense `[S, D]` arrays as an orbax checkpoint. Returns the path written."""
+    and the dense `[S, D]` arrays as an orbax checkpoint. Every file is written whole (the JSON under a
+    temporary name, then renamed; orbax commits its checkpoint the same way). Returns the path written."""
     path = Path(path).absolute()
     if path.suffix == ".json":
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_dumps(_document(circuit, other_scores=True)))
+        write_text(path, _dumps(_document(circuit, other_scores=True)))
         return path
     path.mkdir(parents=True, exist_ok=True)
     arrays = {"edges": np.asarray(circuit.edges, bool)}
     if circuit.scores is not None:
         arrays["scores"] = np.asarray(circuit.scores)
     save(path / "arrays", arrays)
-    (path / "circuit.json").write_text(_dumps(_document(circuit, other_scores=False)))
+    write_text(path / "circuit.json", _dumps(_document(circuit, other_scores=False)))  # last: its presence means whole
     return path
 
 

@@ -3,12 +3,18 @@
 `save(path, tree)` / `restore(path, like)` for any pytree of arrays (models,
 SAEs, optimiser states); `save_model` / `load_model` add the model's config so
 a model restores with no template.
+
+Nothing is left half-written: a new checkpoint is written by orbax under a temporary name and
+renamed into place, and one that replaces an existing checkpoint is written complete beside it
+and then swapped in (an interruption during the swap puts the old one back).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..core import Config
+from ._finite import check_finite
+from ._files import write_text
 
 
 def _arrays(tree):
@@ -25,10 +33,28 @@ def _arrays(tree):
 
 
 def save(path: str | Path, tree: Any) -> Path:
-    """Write the arrays of `tree` to directory `path` (replaced if present)."""
+    """Write the arrays of `tree` to directory `path`. An existing checkpoint there is replaced only
+    once the new one is complete (written beside it, then renamed over it)."""
     path = Path(path).absolute()
+    if not path.exists():
+        with ocp.StandardCheckpointer() as ckpt:  # orbax writes a temporary directory and renames it
+            ckpt.save(path, _arrays(tree))
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, _arrays(tree), force=True)
+        ckpt.save(tmp, _arrays(tree))
+    try:
+        os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C between the two renames: the old checkpoint goes back
+        if not path.exists() and old.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -58,7 +84,7 @@ def save_model(path: str | Path, model) -> Path:
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     save(path / "params", model)
-    (path / "config.json").write_text(json.dumps(dataclasses.asdict(model.cfg)))
+    write_text(path / "config.json", json.dumps(dataclasses.asdict(model.cfg)))
     return path
 
 
@@ -76,7 +102,9 @@ def load_model(path: str | Path, *, mesh=None):
         from ..scale import model_shardings
 
         like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, model_shardings(like, mesh))
-    return restore(path / "params", like)
+    model = restore(path / "params", like)
+    check_finite(model, str(path))  # a NaN or Inf weight is refused here, named, not found later as NaN logits
+    return model
 
 
 def tree_allclose(a, b, *, rtol=1e-6, atol=1e-6) -> bool:

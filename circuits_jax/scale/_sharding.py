@@ -60,6 +60,13 @@ def make_mesh(sweep: int | None = None, data: int = 1, model: int = 1, *, device
     `sweep * data * model` devices are used (scaling studies run on a subset). Axes are `Auto` (GSPMD propagates
     shardings through the ordinary programs; nothing here needs explicit-sharding types).
     """
+    for axis, size in (("sweep", sweep), ("data", data), ("model", model)):
+        if size is None and axis == "sweep":
+            continue
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+            raise TypeError(f"make_mesh: the {axis} axis size must be an integer >= 1, got {size!r}")
+        if size < 1:
+            raise ValueError(f"make_mesh: the {axis} axis size must be at least 1, got {size}")
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if sweep is None:

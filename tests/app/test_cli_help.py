@@ -63,12 +63,15 @@ def test_help_has_an_example_that_names_the_subcommand(name, capsys):
 
 
 M = "/nonexistent/model-dir"
-PAIR = ["--model", M, "--clean", "a b", "--corrupt", "a c", "--answer", " b", "--wrong", " c", "--out", "/nonexistent/x.npz"]
+# outputs: a folder that does not exist under the working directory, so the --out check (which creates nothing)
+# passes for any user and the argument named in each case below is what is refused
+O = "cj-not-created"
+PAIR = ["--model", M, "--clean", "a b", "--corrupt", "a c", "--answer", " b", "--wrong", " c", "--out", f"{O}/x.npz"]
 STEER = ["steer", "--model", M, "--positive", "Love", "--negative", "Hate", "--prompt", "I think"]
-TRACE = ["trace-fact", "--model", M, "--prompt", "The Eiffel Tower is in", "--subject", "The Eiffel Tower", "--out", "/nonexistent/t"]
-SAE = ["train-sae", "--model", M, "--out", "/nonexistent/s"]
-GRAPH = ["graph", "--model", M, "--prompt", "The capital of France is", "--out", "/nonexistent/g"]
-DISC = ["discover", "--task", "ioi", "--model", M, "--out", "/nonexistent/d"]
+TRACE = ["trace-fact", "--model", M, "--prompt", "The Eiffel Tower is in", "--subject", "The Eiffel Tower", "--out", f"{O}/t"]
+SAE = ["train-sae", "--model", M, "--out", f"{O}/s"]
+GRAPH = ["graph", "--model", M, "--prompt", "The capital of France is", "--out", f"{O}/g"]
+DISC = ["discover", "--task", "ioi", "--model", M, "--out", f"{O}/d"]
 
 # (argv, text the one-line error must contain: the flag, or the bad value where argparse names a positional)
 BAD = {
@@ -88,7 +91,7 @@ BAD = {
     "attribute method": (["attribute", "--method", "shap", *PAIR], "--method"),
     "attribute steps 0": (["attribute", "--method", "eap-ig", *PAIR, "--steps", "0"], "--steps"),
     "path-patch no receivers": (["path-patch", *PAIR], "--receivers"),
-    "discover task": (["discover", "--task", "ioii", "--model", M, "--out", "/nonexistent/d"], "ioii"),
+    "discover task": (["discover", "--task", "ioii", "--model", M, "--out", f"{O}/d"], "ioii"),
     "discover fraction": ([*DISC, "--fraction", "2"], "--fraction"),
     "discover n 0": ([*DISC, "--n", "0"], "--n"),
     "discover steps": ([*DISC, "--steps", "-3"], "--steps"),

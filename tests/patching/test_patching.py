@@ -3,6 +3,7 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -32,12 +33,28 @@ def model(request):
     return cj.init_model(tiny_configs()[request.param], key=jax.random.key(7), std=0.4)
 
 
+_SOURCE_CACHE: dict = {}
+
+
+def _source_cache(model, tokens):
+    """Every swept site of every layer from one plain run (one program per model, shared by all cases);
+    the model is kept in the dict so that its id stays its own."""
+    key = (id(model), tokens.tobytes())
+    if key not in _SOURCE_CACHE:
+        kinds = sorted({kind for kind, _ in SITES.values()})
+        names = [f"blocks.{l}.{k}" for l in range(model.cfg.n_layers) for k in kinds]
+        _SOURCE_CACHE[key] = (model, cj.run(model, tokens, cache=names).cache)
+    return _SOURCE_CACHE[key][1]
+
+
 def _loop(model, site, by, noising=False, layers=None):
-    """Reference: one full forward per patch, a plain Python loop."""
+    """Reference: one full forward per patch, a plain Python loop. The layer is a traced int
+    (`Hook(kind, jnp.int32(l), ...)`), so one program per site kind serves every layer and every case
+    of that kind; `test_traced_layer_index_patches_the_right_layer` checks it equals the static name."""
     kind, axes = SITES[site]
     src_tokens, tgt_tokens = (CORRUPT, CLEAN) if noising else (CLEAN, CORRUPT)
     L = model.cfg.n_layers
-    src = cj.run(model, src_tokens, cache=[f"blocks.{l}.{kind}" for l in range(L)]).cache
+    src = _source_cache(model, src_tokens)
     shape = site_shape(Site(kind, 0), model.cfg, *CLEAN.shape)[1:]
     free = by[1:]
     sizes = [shape[axes[a]] for a in free]
@@ -53,7 +70,7 @@ def _loop(model, site, by, noising=False, layers=None):
                 sel[axes[a]] = np.arange(shape[axes[a]]) != j
                 hit[tuple(sel)] = False
             value = src[f"blocks.{l}.{kind}"]
-            logits = cj.run(model, tgt_tokens, hooks={f"blocks.{l}.{kind}": cj.Replace(value, hit[None])}).logits
+            logits = cj.run(model, tgt_tokens, hooks=[cj.Hook(kind, jnp.int32(l), cj.Replace(value, hit[None]))]).logits
             out[(i, *index)] = float(METRIC(logits[:, -1]))
     return cj.normalise(out, clean_m, corrupt_m)
 

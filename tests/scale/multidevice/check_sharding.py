@@ -84,7 +84,8 @@ def test_every_sweep_and_attribution_takes_a_mesh():
 def test_a_batch_that_does_not_divide_the_data_axis_is_refused_with_the_sizes(setup):
     model, clean, corrupt, metric = setup
     with pytest.raises(ValueError, match=r"a batch of prompts of 3 does not divide over the mesh's 'data' axis of size 2"):
-        cj.patch_sweep(model, clean[:3], corrupt[:3], metric, progress=False, mesh=sh.make_mesh(4, 2, 1))
+        three = cj.LogitDiff(metric.answer[:3], metric.wrong[:3])  # one answer per prompt: only the mesh is wrong
+        cj.patch_sweep(model, clean[:3], corrupt[:3], three, progress=False, mesh=sh.make_mesh(4, 2, 1))
 
 
 # ---------------------------------------------------------------- tensor parallelism (large-model path)
