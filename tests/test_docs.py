@@ -180,6 +180,7 @@ def test_along_direction_rescales_only_the_component_along_u():
     np.testing.assert_array_equal(y[keep], x[keep])
 
 
+@pytest.mark.slow
 def test_custom_intervention_sweep_equals_loop(tmp_path):
     ex = _example()
     model, _, tokens, io, s, _ = ex.tiny_problem(4, seed=1)
@@ -197,6 +198,7 @@ def test_custom_intervention_sweep_equals_loop(tmp_path):
         ex.sweep_every_head(model, tokens, io, s, chunk=13)
 
 
+@pytest.mark.slow
 def test_custom_intervention_main_writes_report(tmp_path):
     ex = _example()
     assert ex.main(["--model", "tiny", "--n", "3", "--loop-heads", "2", "--out", str(tmp_path)]) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import count, finite, load_with_tokenizer, out_dir
+from .options import MODEL_HELP, count, finite, load_with_tokenizer, out_dir
 
 
 def add_graph(sub) -> None:
@@ -16,7 +16,7 @@ def add_graph(sub) -> None:
         "writes OUT/graph.json (circuit-tracer / Neuronpedia schema), graph.html (open it in a browser), scores.json, graph.npz.\n"
         "Train the transcoders with experiments/train_transcoders.py.",
     )  # fmt: skip
-    gr.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    gr.add_argument("--model", default="smollm2", help=MODEL_HELP)
     gr.add_argument("--transcoders", required=True, help="directory of per-layer transcoders (layer_XX/dictionary)")
     gr.add_argument("--prompt", required=True, help="the prompt (BOS is prepended)")
     gr.add_argument("--out", required=True, help="output directory")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .options import count, finite, load_with_tokenizer, out_dir
+from .options import MODEL_HELP, count, finite, load_with_tokenizer, out_dir
 
 
 def add_ioi(sub) -> None:
@@ -15,7 +15,7 @@ def add_ioi(sub) -> None:
         epilog="example:\n  circuits-jax ioi                      # SmolLM2, 8 prompts -> runs/ioi/report.html\n"
                "  circuits-jax ioi --n 32 --seed 1 --out runs/ioi32",
     )  # fmt: skip
-    io.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    io.add_argument("--model", default="smollm2", help=MODEL_HELP)
     io.add_argument("--n", type=int, default=8, help="prompt pairs (default 8)")
     io.add_argument("--seed", type=int, default=0)
     io.add_argument("--template", type=int, default=0, choices=range(5), help="which IOI template (all rows share it)")

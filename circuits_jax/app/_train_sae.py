@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .options import check_site_name, count, finite, layer_list, mesh_argument, mesh_of, out_dir, positive
+from .options import MODEL_HELP, check_site_name, count, finite, layer_list, mesh_argument, mesh_of, out_dir, positive
 
 
 def add_train_sae(sub) -> None:
@@ -30,7 +30,7 @@ def add_train_sae(sub) -> None:
         "Run the same command again to resume an interrupted run (it says where it resumes). Other settings with the\n"
         "same --out are refused before any compute: --overwrite deletes that run and starts afresh.",
     )  # fmt: skip
-    ts.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf path, or an HF-format directory")
+    ts.add_argument("--model", default="smollm2", help=MODEL_HELP)
     ts.add_argument("--site", help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
     ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
     ts.add_argument("--transcoder", type=count(0), metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")

@@ -22,6 +22,8 @@ from ..core import PATCH_SITES
 
 EDGE_METHODS = ("eap", "eap-ig", "eap-ig-activations")
 
+MODEL_HELP = "'smollm2' (default), 'gemma3-270m', a .gguf path, or an HF-format directory"  # every command's --model
+
 
 def count(low: int = 1):
     """argparse `type`: an integer >= `low`; a bad value exits 2 with `argument --flag: ...`."""
@@ -126,11 +128,14 @@ def layer_list(text: str, flag: str = "--clt-layers") -> list[int]:
 
 
 def _table_configs(n_layers: int):
-    """Configs that between them have every kind of core's site table (rotary and learned positions)."""
+    """Configs that between them have every kind of core's site table (rotary and learned positions; q/k norms
+    and post-norms as in Gemma 3)."""
     from ..core import Config
 
     base = dict(d_model=2, n_layers=n_layers, n_heads=1, d_head=2, d_vocab=2, d_mlp=2, normalization="rmsnorm")
-    return Config(**base, act="silu", gated_mlp=True, positional="rotary"), Config(**base, positional="learned")
+    rotary = dict(act="silu", gated_mlp=True, positional="rotary")
+    return (Config(**base, **rotary), Config(**base, positional="learned"),
+            Config(**base, **rotary, qk_norm=True, post_attn_norm=True, post_mlp_norm=True))  # fmt: skip
 
 
 def check_site_name(name: str, flag: str) -> None:

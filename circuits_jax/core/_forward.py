@@ -212,15 +212,115 @@ def activation(cfg: Config, x: Array) -> Array:
     raise ValueError(cfg.act)
 
 
-def rope(cfg: Config, x: Float[Array, "B T N E"], positions: Int[Array, "B T"]) -> Float[Array, "B T N E"]:
-    """Rotary embedding, Hugging Face's rotate-half convention."""
-    E = cfg.d_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+class LayerSpec(NamedTuple):
+    """What differs between layers besides their weights, one row per layer (static numbers from the config,
+    scanned beside the weights as `lax.scan` inputs, so local / global layers cost no extra compilation)."""
+
+    inv_freq: Array  # [L, R/2] float32: RoPE inverse frequencies (local layers: the local base, unscaled)
+    rope_factor: Array  # [L] float32: multiplies cos and sin (YaRN's attention factor; 1 elsewhere)
+    dynamic: Array  # [L] bool: dynamic NTK scaling on this layer (the base grows with the sequence)
+    window: Array  # [L] int32: sliding window in keys; 0 = full attention
+
+
+def rope_frequencies(cfg: Config, theta: float, scaling) -> tuple[np.ndarray, float]:
+    """`(inv_freq [R/2] float32, cos/sin factor)` of RoPE with base `theta` and Hugging Face's scaling
+    (`cfg.rope_scaling` items, or None): default, linear, dynamic (its growth is applied in `rope`), yarn, llama3."""
+    R = cfg.rot_dim
+    exps = np.arange(0, R, 2, dtype=np.float64) / R
+    inv = 1.0 / theta**exps
+    d = dict(scaling or ())
+    kind = d.get("rope_type", d.get("type", "default"))
+    factor = 1.0
+    if kind == "linear":
+        inv = inv / d["factor"]
+    elif kind == "llama3":
+        f, lo, hi, old = d["factor"], d["low_freq_factor"], d["high_freq_factor"], d["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / f, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = np.where(medium, (1 - smooth) * scaled / f + smooth * scaled, scaled)
+    elif kind == "yarn":
+        old = d["original_max_position_embeddings"]
+        f = d.get("factor") or cfg.n_ctx / old
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * np.log(scale) + 1.0
+
+        factor = d.get("attention_factor")
+        if factor is None:
+            m, m_all = d.get("mscale"), d.get("mscale_all_dim")
+            factor = float(mscale(f, m) / mscale(f, m_all)) if m and m_all else mscale(f)
+        fast, slow = d.get("beta_fast") or 32, d.get("beta_slow") or 1
+
+        def corr(rot):
+            return R * np.log(old / (rot * 2 * np.pi)) / (2 * np.log(theta))
+
+        low, high = corr(fast), corr(slow)
+        if d.get("truncate", True):
+            low, high = np.floor(low), np.ceil(high)
+        low, high = max(low, 0), min(high, R - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(R // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extra = 1 - ramp  # the share of the unscaled frequency
+        inv = (inv / f) * (1 - extra) + inv * extra
+    return inv.astype(np.float32), float(factor)
+
+
+def layer_spec(cfg: Config) -> LayerSpec:
+    """The per-layer `LayerSpec` of a config (NumPy constants)."""
+    sliding = cfg.sliding_layers
+    glob, gfac = rope_frequencies(cfg, cfg.rope_theta, cfg.rope_scaling)
+    local = None if cfg.rope_local_theta is None else rope_frequencies(cfg, cfg.rope_local_theta, None)[0]
+    is_local = [s and local is not None for s in sliding]
+    inv = np.stack([local if loc else glob for loc in is_local])
+    return LayerSpec(
+        inv_freq=inv,
+        rope_factor=np.array([1.0 if loc else gfac for loc in is_local], np.float32),
+        dynamic=np.array([cfg.rope_type == "dynamic" and not loc for loc in is_local], bool),
+        window=np.array([cfg.sliding_window if s else 0 for s in sliding], np.int32),
+    )
+
+
+def _uniform(spec: LayerSpec) -> bool:
+    return all(bool(np.all(np.asarray(a) == np.asarray(a)[:1])) for a in spec)
+
+
+def _layer0_spec(cfg: Config) -> LayerSpec:
+    spec = layer_spec(cfg)
+    if not _uniform(spec):
+        raise ValueError("this model's layers differ (local / global attention); pass block its layer's `spec`")
+    return LayerSpec(*(a[0] for a in spec))
+
+
+def rope(cfg: Config, x: Float[Array, "B T N E"], positions: Int[Array, "B T"], spec: LayerSpec | None = None
+         ) -> Float[Array, "B T N E"]:  # fmt: skip
+    """Rotary embedding, Hugging Face's rotate-half convention, on the first `cfg.rot_dim` dims of each head.
+    `spec` is the layer's row of `layer_spec(cfg)` (default: the full-attention layers' RoPE)."""
+    R = cfg.rot_dim
+    if spec is None:
+        inv, fac = rope_frequencies(cfg, cfg.rope_theta, cfg.rope_scaling)
+        spec = LayerSpec(inv, np.float32(fac), np.bool_(cfg.rope_type == "dynamic"), np.int32(0))
+    inv_freq = jnp.asarray(spec.inv_freq, jnp.float32)
+    if cfg.rope_type == "dynamic":  # dynamic NTK: the base grows once a row is longer than n_ctx (per row)
+        f = float(dict(cfg.rope_scaling)["factor"])
+        seq = jnp.maximum(jnp.max(positions, axis=-1) + 1, cfg.n_ctx).astype(jnp.float32)  # [B]
+        grow = (f * seq / cfg.n_ctx - (f - 1)) ** (R / (R - 2))
+        scaled = inv_freq * grow[:, None, None] ** -(jnp.arange(0, R, 2, dtype=jnp.float32) / R)  # [B, 1, R/2]
+        inv_freq = jnp.where(spec.dynamic, scaled, inv_freq)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    x1, x2 = x[..., : E // 2], x[..., E // 2 :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if cfg.rope_type == "yarn":
+        cos, sin = cos * spec.rope_factor, sin * spec.rope_factor
+    xr, xp = (x, None) if R == x.shape[-1] else (x[..., :R], x[..., R:])
+    x1, x2 = xr[..., : R // 2], xr[..., R // 2 :]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    out = xr * cos + rotated * sin
+    if xp is not None:
+        out = jnp.concatenate([out, xp], axis=-1)
+    return out.astype(x.dtype)
 
 
 def positions_from_mask(attention_mask: Bool[Array, "B T"] | None, batch: int, pos: int) -> Int[Array, "B T"]:
@@ -243,10 +343,19 @@ def embed(model, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], tap: T
     return x, state
 
 
+def softcap(x: Array, cap: float | None) -> Array:
+    """`cap * tanh(x / cap)` (Gemma 2's soft-capping), or `x` when `cap` is None."""
+    if cap is None:
+        return x
+    c = jnp.asarray(cap, x.dtype)
+    return jnp.tanh(x / c) * c
+
+
 def final(model, x: Float[Array, "*B D"], tap: Tap = NO_TAP, state=None):
-    """`(logits [..., V], state)`: the final norm and the unembedding of a residual stream."""
+    """`(logits [..., V], state)`: the final norm and the unembedding of a residual stream (soft-capped if the
+    config says so)."""
     h, state = norm(model.cfg, x, model.lnf_w, model.lnf_b, "ln_final", tap, state)
-    return add_bias(h @ model.W_U, model.b_U), state
+    return softcap(add_bias(h @ model.W_U, model.b_U), model.cfg.final_softcap), state
 
 
 def unembed(model, resid: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
@@ -254,17 +363,33 @@ def unembed(model, resid: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
     return final(model, resid)[0]
 
 
+def _rms(cfg: Config, x: Array, w) -> Array:
+    """RMSNorm over the last axis without sites (the q / k norms)."""
+    return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps) * w
+
+
+def qk_norm(cfg: Config, x: Float[Array, "B T N E"], w) -> Float[Array, "B T N E"]:
+    """The q or k norm: per head over d_head, or (`qk_norm_scope="all"`, OLMo-2) over all heads at once."""
+    if cfg.qk_norm_scope == "head":
+        return _rms(cfg, x, w)
+    return _rms(cfg, x.reshape(*x.shape[:-2], -1), w).reshape(x.shape)
+
+
 def block(cfg: Config, p, x: Float[Array, "B T D"], positions: Int[Array, "B T"], key_mask: Bool[Array, "B S"] | None,
-          tap: Tap, state) -> tuple[Float[Array, "B T D"], Any]:  # fmt: skip
-    """One transformer layer on the residual stream; `p` is that layer's slice of `Blocks`."""
+          tap: Tap, state, spec: LayerSpec | None = None) -> tuple[Float[Array, "B T D"], Any]:  # fmt: skip
+    """One transformer layer on the residual stream; `p` is that layer's slice of `Blocks`, `spec` its row of
+    `layer_spec(cfg)` (may be omitted when every layer is alike)."""
     B, T, _ = x.shape
     H, K, G, E = cfg.n_heads, cfg.kv_heads, cfg.group_size, cfg.d_head
+    if spec is None:
+        spec = _layer0_spec(cfg)
+    pre = cfg.pre_norm
     x, state = tap("hook_resid_pre", x, state)
     if tap.observes(SPLIT_INPUTS):  # each head reads its own copy of the stream (edges into one head)
 
         def split(kind, n, W, b, state):
             xi, state = tap(kind, jnp.broadcast_to(x[:, :, None], (B, T, n, x.shape[-1])), state)
-            hi, _ = norm(cfg, xi, p.ln1_w, p.ln1_b, "ln1", NO_TAP, None)
+            hi = norm(cfg, xi, p.ln1_w, p.ln1_b, "ln1", NO_TAP, None)[0] if pre else xi
             return add_bias(jnp.einsum("btnd,nde->btne", hi, W), b), state
 
         q, state = split("hook_q_input", H, p.W_Q, p.b_Q, state)
@@ -274,13 +399,16 @@ def block(cfg: Config, p, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
         v, state = split("hook_v_input", K, p.W_V, p.b_V, state)
         v, state = tap("attn.hook_v", v, state)
     else:
-        h, state = norm(cfg, x, p.ln1_w, p.ln1_b, "ln1", tap, state)
+        h, state = norm(cfg, x, p.ln1_w, p.ln1_b, "ln1", tap, state) if pre else (x, state)
         q, state = tap("attn.hook_q", add_bias(jnp.einsum("btd,hde->bthe", h, p.W_Q), p.b_Q), state)
         k, state = tap("attn.hook_k", add_bias(jnp.einsum("bsd,kde->bske", h, p.W_K), p.b_K), state)
         v, state = tap("attn.hook_v", add_bias(jnp.einsum("bsd,kde->bske", h, p.W_V), p.b_V), state)
+    if cfg.qk_norm:
+        q, state = tap("attn.hook_q_normed", qk_norm(cfg, q, p.q_norm_w), state)
+        k, state = tap("attn.hook_k_normed", qk_norm(cfg, k, p.k_norm_w), state)
     if cfg.positional == "rotary":
-        q, state = tap("attn.hook_rot_q", rope(cfg, q, positions), state)
-        k, state = tap("attn.hook_rot_k", rope(cfg, k, positions), state)
+        q, state = tap("attn.hook_rot_q", rope(cfg, q, positions, spec), state)
+        k, state = tap("attn.hook_rot_k", rope(cfg, k, positions, spec), state)
     qg = q.reshape(B, T, K, G, E)
     S = k.shape[1]  # keys: T, or a KV cache's slots when generating (queries are then the last T of them)
     scores = jnp.einsum("btkge,bske->bkgts", qg, k).reshape(B, H, T, S)
@@ -288,10 +416,19 @@ def block(cfg: Config, p, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
         scores = scores / np.sqrt(E).astype(np.float32)
     else:
         scores = scores * np.float32(cfg.attn_scale)
+    scores = softcap(scores, cfg.attn_softcap)
     allowed = jnp.ones((T, S), bool)
     if cfg.causal:
         allowed = jnp.tril(allowed, S - T)
     allowed = allowed[None, None]
+    if cfg.sliding_window is not None:  # the window counts positions: a KV cache's queries need not be its last slots
+        if key_mask is None:
+            kpos = positions if S == T else jnp.broadcast_to(jnp.arange(S), (B, S))
+        else:  # real keys are contiguous after left padding (a cache's later slots are not yet real)
+            kpos = jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) - 1
+        dist = positions[:, :, None] - kpos[:, None, :]  # [B, T, S]
+        dist = dist if cfg.causal else jnp.abs(dist)
+        allowed = allowed & ((spec.window <= 0) | (dist < spec.window))[:, None]
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]
     scores, state = tap("attn.hook_attn_scores", jnp.where(allowed, scores, jnp.finfo(scores.dtype).min), state)
@@ -305,22 +442,33 @@ def block(cfg: Config, p, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
         if tap.observes(("attn.hook_result",)):
             _, state = tap("attn.hook_result", jnp.einsum("bthe,hed->bthd", z, p.W_O), state)
         attn_out = jnp.einsum("bthe,hed->btd", z, p.W_O)
-    attn_out, state = tap("hook_attn_out", add_bias(attn_out, p.b_O), state)
+    attn_out = add_bias(attn_out, p.b_O)
+    if cfg.post_attn_norm:  # hook_attn_out is what enters the residual stream: the post-norm's output
+        attn_out, state = norm(cfg, attn_out, p.ln1_post_w, None, "ln1_post", tap, state)
+    attn_out, state = tap("hook_attn_out", attn_out, state)
     if cfg.attn_only:
         return tap("hook_resid_post", x + attn_out, state)
-    x, state = tap("hook_resid_mid", x + attn_out, state)
-    mlp_in, state = tap("hook_mlp_in", x, state)  # mlp_in feeds the MLP only
-    h, state = norm(cfg, mlp_in, p.ln2_w, p.ln2_b, "ln2", tap, state)
-    if cfg.gated_mlp:
-        pre, state = tap("mlp.hook_pre", add_bias(h @ p.W_gate, p.b_gate), state)
-        linear, state = tap("mlp.hook_pre_linear", add_bias(h @ p.W_in, p.b_in), state)
-        post = activation(cfg, pre) * linear
+    if cfg.parallel_residual:  # attention and MLP both read the layer's input
+        mid = x
     else:
-        pre, state = tap("mlp.hook_pre", add_bias(h @ p.W_in, p.b_in), state)
-        post = activation(cfg, pre)
+        mid, state = tap("hook_resid_mid", x + attn_out, state)
+    mlp_in, state = tap("hook_mlp_in", mid, state)  # mlp_in feeds the MLP only
+    h, state = norm(cfg, mlp_in, p.ln2_w, p.ln2_b, "ln2", tap, state) if pre else (mlp_in, state)
+    if cfg.gated_mlp:
+        pre_act, state = tap("mlp.hook_pre", add_bias(h @ p.W_gate, p.b_gate), state)
+        linear, state = tap("mlp.hook_pre_linear", add_bias(h @ p.W_in, p.b_in), state)
+        post = activation(cfg, pre_act) * linear
+    else:
+        pre_act, state = tap("mlp.hook_pre", add_bias(h @ p.W_in, p.b_in), state)
+        post = activation(cfg, pre_act)
     post, state = tap("mlp.hook_post", post, state)
-    mlp_out, state = tap("hook_mlp_out", add_bias(post @ p.W_out, p.b_out), state)
-    return tap("hook_resid_post", x + mlp_out, state)
+    mlp_out = add_bias(post @ p.W_out, p.b_out)
+    if cfg.post_mlp_norm:
+        mlp_out, state = norm(cfg, mlp_out, p.ln2_post_w, None, "ln2_post", tap, state)
+    mlp_out, state = tap("hook_mlp_out", mlp_out, state)
+    if cfg.parallel_residual:
+        return tap("hook_resid_post", x + attn_out + mlp_out, state)
+    return tap("hook_resid_post", mid + mlp_out, state)
 
 
 def layers(model, x: Float[Array, "B T D"], positions, key_mask, tap: Tap = NO_TAP, carry=None, xs=None,
@@ -339,11 +487,11 @@ def layers(model, x: Float[Array, "B T D"], positions, key_mask, tap: Tap = NO_T
 
     def body(c, inp):
         x, carry = c
-        p, i, xs_i = inp
+        p, i, spec_i, xs_i = inp
 
         def layer(x, carry):
             state = tap.enter(i, carry, xs_i)
-            x, state = block(cfg, p, x, positions, key_mask, tap, state)
+            x, state = block(cfg, p, x, positions, key_mask, tap, state, fixed if spec_i is None else spec_i)
             carry, ys = tap.leave(state)
             return x, carry, ys
 
@@ -358,7 +506,11 @@ def layers(model, x: Float[Array, "B T D"], positions, key_mask, tap: Tap = NO_T
         x, carry, ys = lax.cond((i >= start_layer) & (i < stop), layer, skip, x, carry)
         return (x, carry), ys
 
-    (x, carry), ys = lax.scan(body, (x, carry), (model.blocks, jnp.arange(cfg.n_layers), xs))
+    # per-layer RoPE and window: scanned beside the weights when layers differ (never unrolled); constants otherwise
+    spec = layer_spec(cfg)
+    fixed = LayerSpec(*(a[0] for a in spec)) if _uniform(spec) else None
+    spec = None if fixed is not None else jax.tree.map(jnp.asarray, spec)
+    (x, carry), ys = lax.scan(body, (x, carry), (model.blocks, jnp.arange(cfg.n_layers), spec, xs))
     return x, carry, ys
 
 

@@ -49,6 +49,7 @@ class Graph:
     @staticmethod
     @functools.lru_cache(maxsize=32)
     def of(cfg: Config) -> "Graph":
+        cfg.check_additive("the edge graph (EAP, path and edge patching, circuits, ACDC, scrubbing)")
         L, H, K = cfg.n_layers, cfg.n_heads, cfg.kv_heads
         mlp = not cfg.attn_only
         kv = "kv" if K != H else "h"

@@ -47,6 +47,11 @@ class Blocks(eqx.Module):
     b_gate: Float[Array, "L M"] | None = None
     W_out: Float[Array, "L M D"] | None = None
     b_out: Float[Array, "L D"] | None = None
+    # family options (see Config): None where the config does not ask for them
+    q_norm_w: Float[Array, "L E"] | None = None  # qk_norm: RMSNorm weight over d_head (qk_norm_scope "all": [L, H*E])
+    k_norm_w: Float[Array, "L E"] | None = None  # ([L, K*E] with qk_norm_scope "all")
+    ln1_post_w: Float[Array, "L D"] | None = None  # post_attn_norm: the norm on the attention output
+    ln2_post_w: Float[Array, "L D"] | None = None  # post_mlp_norm: the norm on the MLP output
 
 
 class Transformer(eqx.Module):
@@ -88,8 +93,14 @@ def init_model(cfg: Config, *, key: Array, std: float = 0.02) -> Transformer:
     )
     if cfg.attn_bias:
         parts.update(b_Q=zeros(L, H, E), b_K=zeros(L, K, E), b_V=zeros(L, K, E), b_O=zeros(L, D))
-    if norm:
+    if norm and cfg.pre_norm:
         parts.update(ln1_w=ones(L, D), ln1_b=zeros(L, D) if cfg.normalization == "layernorm" else None)
+    if cfg.qk_norm:
+        parts.update(q_norm_w=ones(L, cfg.q_norm_size), k_norm_w=ones(L, cfg.k_norm_size))
+    if cfg.post_attn_norm:
+        parts.update(ln1_post_w=ones(L, D))
+    if cfg.post_mlp_norm:
+        parts.update(ln2_post_w=ones(L, D))
     if not cfg.attn_only:
         M = cfg.d_mlp
         parts.update(W_in=normal(L, D, M), W_out=normal(L, M, D))
@@ -97,7 +108,7 @@ def init_model(cfg: Config, *, key: Array, std: float = 0.02) -> Transformer:
             parts.update(W_gate=normal(L, D, M))
         if cfg.mlp_bias:
             parts.update(b_in=zeros(L, M), b_out=zeros(L, D), b_gate=zeros(L, M) if cfg.gated_mlp else None)
-        if norm:
+        if norm and cfg.pre_norm:
             parts.update(ln2_w=ones(L, D), ln2_b=zeros(L, D) if cfg.normalization == "layernorm" else None)
     W_E = normal(V, D)
     return Transformer(
@@ -126,6 +137,8 @@ WEIGHT_AXES: dict[str, tuple[str, ...]] = {
     "blocks.W_in": ("n_layers", "d_model", "d_mlp"), "blocks.b_in": ("n_layers", "d_mlp"),
     "blocks.W_gate": ("n_layers", "d_model", "d_mlp"), "blocks.b_gate": ("n_layers", "d_mlp"),
     "blocks.W_out": ("n_layers", "d_mlp", "d_model"), "blocks.b_out": ("n_layers", "d_model"),
+    "blocks.q_norm_w": ("n_layers", "q_norm_size"), "blocks.k_norm_w": ("n_layers", "k_norm_size"),
+    "blocks.ln1_post_w": ("n_layers", "d_model"), "blocks.ln2_post_w": ("n_layers", "d_model"),
 }  # fmt: skip
 
 

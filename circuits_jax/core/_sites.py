@@ -10,6 +10,11 @@ architectures have it. `parse_site`, `site_shape`, `layer_kinds`, the patching s
 (`PATCH_SITES`), the CLI's `--site` / `--kind` options and every "did you mean" error read it;
 a family that adds a site (a post-attention norm, q/k norms) adds a row here.
 
+With post-norms (Gemma 2/3, OLMo-2), `hook_attn_out` / `hook_mlp_out` read what enters the residual
+stream: the output of `ln1_post` / `ln2_post` (TransformerLens's convention); the un-normed output
+is `ln1_post.hook_normalized` times its scale. With `parallel_residual` (GPT-NeoX) there is no
+`hook_resid_mid`, and `hook_mlp_in` is the layer's input (`hook_resid_pre`).
+
 Shape letters: B batch, T positions (S keys), H query heads, K kv heads, E d_head, D d_model,
 M d_mlp, 1 a kept unit axis. The split inputs (`hook_q_input`, ...) are TransformerLens's
 `use_split_qkv_input`: each head reads its own copy of the residual stream, so an edge into one
@@ -35,7 +40,8 @@ class SiteKind:
     short: tuple[str, ...] = ()  # shorthands, e.g. ("z",)
     sweep: tuple[tuple[str, int], ...] | None = None  # axes a patching sweep may index: (name, axis after batch)
     per_layer: bool = True
-    needs: str = ""  # "norm", "rotary", "mlp", "gated", "learned" (positions): absent from models without it
+    needs: str = ""  # "norm", "rotary", "mlp", "gated", "learned" (positions), "prenorm" (ln1/ln2 before attention
+    # and MLP), "qknorm", "postattn", "postmlp" (post-norms), "serial" (not parallel_residual): absent without it
 
 
 SITE_KINDS: tuple[SiteKind, ...] = (
@@ -47,26 +53,32 @@ SITE_KINDS: tuple[SiteKind, ...] = (
     SiteKind("hook_q_input", "B T H D", ("q_input",)),
     SiteKind("hook_k_input", "B T K D", ("k_input",)),
     SiteKind("hook_v_input", "B T K D", ("v_input",)),
-    SiteKind("ln1.hook_scale", "B T 1", needs="norm"),
-    SiteKind("ln1.hook_normalized", "B T D", needs="norm"),
+    SiteKind("ln1.hook_scale", "B T 1", needs="norm prenorm"),
+    SiteKind("ln1.hook_normalized", "B T D", needs="norm prenorm"),
     SiteKind("attn.hook_q", "B T H E", ("q",), sweep=(("pos", 0), ("head", 1))),
     SiteKind("attn.hook_k", "B T K E", ("k",), sweep=(("pos", 0), ("head", 1))),  # head = kv head under GQA
     SiteKind("attn.hook_v", "B T K E", ("v",), sweep=(("pos", 0), ("head", 1))),
+    SiteKind("attn.hook_q_normed", "B T H E", ("q_normed",), needs="qknorm"),  # q after its norm, before RoPE
+    SiteKind("attn.hook_k_normed", "B T K E", ("k_normed",), needs="qknorm"),
     SiteKind("attn.hook_rot_q", "B T H E", ("rot_q",), needs="rotary"),
     SiteKind("attn.hook_rot_k", "B T K E", ("rot_k",), needs="rotary"),
     SiteKind("attn.hook_attn_scores", "B H T S", ("attn_scores", "scores")),
     SiteKind("attn.hook_pattern", "B H T S", ("pattern", "attn"), sweep=(("head", 0), ("dest", 1), ("src", 2))),
     SiteKind("attn.hook_z", "B T H E", ("z",), sweep=(("pos", 0), ("head", 1))),
     SiteKind("attn.hook_result", "B T H D", ("result",)),
+    SiteKind("ln1_post.hook_scale", "B T 1", needs="postattn"),  # the post-attention norm (Gemma 2/3, OLMo-2)
+    SiteKind("ln1_post.hook_normalized", "B T D", needs="postattn"),
     SiteKind("hook_attn_out", "B T D", ("attn_out",), sweep=(("pos", 0),)),
     # MLP half
-    SiteKind("hook_resid_mid", "B T D", ("resid_mid",), sweep=(("pos", 0),), needs="mlp"),
+    SiteKind("hook_resid_mid", "B T D", ("resid_mid",), sweep=(("pos", 0),), needs="mlp serial"),
     SiteKind("hook_mlp_in", "B T D", ("mlp_in",), needs="mlp"),
-    SiteKind("ln2.hook_scale", "B T 1", needs="mlp norm"),
-    SiteKind("ln2.hook_normalized", "B T D", needs="mlp norm"),
+    SiteKind("ln2.hook_scale", "B T 1", needs="mlp norm prenorm"),
+    SiteKind("ln2.hook_normalized", "B T D", needs="mlp norm prenorm"),
     SiteKind("mlp.hook_pre", "B T M", ("pre", "mlp_pre"), needs="mlp"),
     SiteKind("mlp.hook_pre_linear", "B T M", ("pre_linear",), needs="mlp gated"),
     SiteKind("mlp.hook_post", "B T M", ("post", "mlp_post"), sweep=(("pos", 0), ("neuron", 1)), needs="mlp"),
+    SiteKind("ln2_post.hook_scale", "B T 1", needs="mlp postmlp"),  # the post-MLP norm
+    SiteKind("ln2_post.hook_normalized", "B T D", needs="mlp postmlp"),
     SiteKind("hook_mlp_out", "B T D", ("mlp_out",), sweep=(("pos", 0),), needs="mlp"),
     SiteKind("hook_resid_post", "B T D", ("resid_post",), sweep=(("pos", 0),)),
     # global, after the layers
@@ -89,7 +101,9 @@ def _has(cfg: Config, k: SiteKind) -> bool:
     need = k.needs.split()
     return not (("norm" in need and cfg.normalization is None) or ("rotary" in need and cfg.positional != "rotary")
                 or ("learned" in need and cfg.positional != "learned") or ("mlp" in need and cfg.attn_only)
-                or ("gated" in need and not cfg.gated_mlp))  # fmt: skip
+                or ("gated" in need and not cfg.gated_mlp) or ("prenorm" in need and not cfg.pre_norm)
+                or ("qknorm" in need and not cfg.qk_norm) or ("postattn" in need and not cfg.post_attn_norm)
+                or ("postmlp" in need and not cfg.post_mlp_norm) or ("serial" in need and cfg.parallel_residual))  # fmt: skip
 
 
 class Site(NamedTuple):

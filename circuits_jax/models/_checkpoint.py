@@ -73,10 +73,45 @@ def restore(path: str | Path, like: Any) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     params, static = eqx.partition(like, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct))
-    abstract = jax.tree.map(_abstract, params)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(jax.tree.map(_abstract, params))
+    wanted = {tuple(_name(k) for k in key): leaf for key, leaf in leaves}
+    # Restored by name, not by tree structure: a field added to a module since the checkpoint was written
+    # (None where a model does not use it, such as `Blocks.q_norm_w`) must not orphan the checkpoints of
+    # models that never had it. Every array `like` needs must still be on disk.
     with ocp.StandardCheckpointer() as ckpt:
-        loaded = ckpt.restore(path, abstract)
-    return eqx.combine(loaded, static)
+        on_disk = ckpt.metadata(path).item_metadata.tree
+        seen: set = set()
+
+        def target(node, prefix=()):
+            if isinstance(node, dict):
+                return {k: target(v, (*prefix, k)) for k, v in node.items()}
+            if isinstance(node, (list, tuple)):
+                return type(node)(target(v, (*prefix, i)) for i, v in enumerate(node))
+            if prefix in wanted:
+                seen.add(prefix)
+                return wanted[prefix]
+            return None  # on disk but not wanted (or saved as None): skipped
+
+        item = target(on_disk)
+        missing = [".".join(map(str, k)) for k in wanted if k not in seen]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}: it was written for another model")
+        loaded = ckpt.restore(path, item)
+    values = []
+    for key in wanted:
+        node = loaded
+        for k in key:
+            node = node[k]
+        values.append(node)
+    return eqx.combine(jax.tree_util.tree_unflatten(treedef, values), static)
+
+
+def _name(k) -> str | int:
+    """The name of one step of a pytree key path (an attribute, dict key or sequence index)."""
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
 
 
 def save_model(path: str | Path, model) -> Path:
@@ -96,7 +131,7 @@ def load_model(path: str | Path, *, mesh=None):
     path = Path(path).absolute()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a circuits_jax model checkpoint (no config.json)")
-    cfg = Config(**json.loads((path / "config.json").read_text()))
+    cfg = Config(**{k: _tuples(v) for k, v in json.loads((path / "config.json").read_text()).items()})
     like = jax.eval_shape(lambda: init_model(cfg, key=jax.random.key(0)))
     if mesh is not None:
         from ..scale import model_shardings
@@ -105,6 +140,11 @@ def load_model(path: str | Path, *, mesh=None):
     model = restore(path / "params", like)
     check_finite(model, str(path))  # a NaN or Inf weight is refused here, named, not found later as NaN logits
     return model
+
+
+def _tuples(v):
+    """JSON's lists back to the tuples a (hashable) `Config` holds: `layer_types`, `rope_scaling`'s items."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 def tree_allclose(a, b, *, rtol=1e-6, atol=1e-6) -> bool:

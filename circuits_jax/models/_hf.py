@@ -1,8 +1,17 @@
-"""Hugging Face format: `config.json` + `*.safetensors`, GPT-2 and Llama families, both directions.
+"""Hugging Face format: `config.json` + `*.safetensors` (one file, or shards with
+`model.safetensors.index.json`), both directions, for every family `Config` expresses:
 
-Import converts HF's layouts (GPT-2's fused Conv1D `c_attn`, Llama's `[out, in]`
-Linear weights) into TransformerLens's per-head layout; export is the exact
-inverse, so peers (transformers, TransformerLens) load the very same weights.
+    gpt2, llama (Llama 1-3.x, RoPE scaling linear / dynamic / yarn / llama3), mistral (sliding window),
+    qwen2 (q/k/v biases), qwen3 (q/k norms), gemma, gemma2, gemma3_text, gpt_neox (Pythia), phi3, olmo2
+
+Import converts HF's layouts (GPT-2's fused Conv1D `c_attn`, `[out, in]` Linear weights, NeoX's
+per-head fused `query_key_value`, Phi-3's fused `qkv_proj` / `gate_up_proj`) into TransformerLens's
+per-head layout; export is the exact inverse, so peers (transformers, TransformerLens) load the very
+same weights. Gemma's RMSNorm multiplies by `1 + w`: we store `1 + w` (the loader adds 1, export
+subtracts 1), so the forward pass has one RMSNorm; this round-trips exactly for every weight `w`
+whose last bit is at or above 2^-23 (every bf16 weight of magnitude above 2^-16).
+
+`cfg.family` is Hugging Face's `model_type` and decides the export layout.
 """
 
 from __future__ import annotations
@@ -18,9 +27,24 @@ from ..core import Blocks, Config, Transformer
 from ._files import atomic_path, write_text
 from ._finite import check_finite
 
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt_neox", "phi3", "olmo2")
+GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm weights stored as 1 + w
+INDEX = "model.safetensors.index.json"
+
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
-    files = sorted(path.glob("*.safetensors"))
+    if (path / INDEX).exists():  # sharded: the index names every weight's file
+        index = read_json(path / INDEX)
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        if not shards:
+            raise ValueError(f"{path / INDEX} has no weight_map; the index is damaged")
+        missing = [f for f in shards if not (path / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path}: shard {missing[0]} named by {INDEX} is missing "
+                                    f"({len(missing)} of {len(shards)} shards missing)")  # fmt: skip
+        files = [path / f for f in shards]
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}; expected a Hugging Face model directory")
     from safetensors import SafetensorError
@@ -39,14 +63,84 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def config_from_hf(hf: dict, source: str | Path = "config.json") -> Config:
-    """Our `Config` from a Hugging Face `config.json` dict (GPT-2 or Llama); a missing or ill-typed setting
-    raises ValueError naming `source` and the setting."""
+    """Our `Config` from a Hugging Face `config.json` dict (any of `FAMILIES`); a missing or ill-typed setting
+    raises ValueError naming `source` and the setting, an unsupported `model_type` or RoPE type says what is
+    supported."""
     try:
         return _config_from_hf(hf)
     except KeyError as e:
         raise ValueError(f"{source}: setting {e} is missing (a truncated or foreign config.json?)") from None
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{source}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def _rope_items(d: dict | None) -> tuple[tuple[str, object], ...] | None:
+    """HF's rope_scaling / rope_parameters dict as `Config.rope_scaling` (sorted, hashable; None when unscaled)."""
+    if not d:
+        return None
+    items = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+             if k not in ("rope_theta", "partial_rotary_factor", "type")}  # fmt: skip
+    items["rope_type"] = d.get("rope_type", d.get("type", "default"))
+    return None if items["rope_type"] == "default" else tuple(sorted(items.items()))
+
+
+_ACT = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu",
+        "relu": "relu"}  # fmt: skip
+
+
+def _act(name: str) -> str:
+    if name not in _ACT:
+        raise ValueError(f"activation {name!r} is not supported; supported: {', '.join(_ACT)}")
+    return _ACT[name]
+
+
+def _rope(hf: dict, kind: str) -> dict:
+    """RoPE settings of either config.json format (transformers 5's rope_parameters, or the older rope_theta /
+    rope_scaling / rope_local_base_freq / rotary_pct keys)."""
+    rp = dict(hf.get("rope_parameters") or {})
+    local = None
+    if isinstance(rp.get("full_attention"), dict):  # per layer type (Gemma 3 in transformers 5)
+        lp = rp.get("sliding_attention") or {}
+        if lp.get("rope_type", "default") != "default":
+            raise NotImplementedError(f"RoPE scaling {lp.get('rope_type')!r} on sliding layers is not supported")
+        local = float(lp.get("rope_theta", 10000.0))
+        rp = dict(rp["full_attention"])
+    theta = float(rp.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))))
+    scaling = _rope_items(rp) or _rope_items(hf.get("rope_scaling"))
+    if scaling is not None:
+        d = dict(scaling)
+        if d["rope_type"] in ("yarn", "llama3") and "original_max_position_embeddings" not in d:
+            d["original_max_position_embeddings"] = hf.get("original_max_position_embeddings",
+                                                           hf.get("max_position_embeddings"))  # fmt: skip
+        scaling = tuple(sorted(d.items()))
+    prf = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    if kind == "gemma3_text" and local is None:
+        local = float(hf.get("rope_local_base_freq", 10000.0))
+    return dict(theta=theta, scaling=scaling, partial=float(prf or 1.0), local=local)
+
+
+def _layer_types(hf: dict, kind: str, L: int) -> tuple[int | None, tuple[str, ...] | None]:
+    """`(sliding_window, layer_types)` as `Config` wants them."""
+    window = hf.get("sliding_window")
+    if kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return None, None
+    types = hf.get("layer_types")
+    if types is None and kind == "gemma2":
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
+    elif types is None and kind == "gemma3_text":
+        pattern = hf.get("sliding_window_pattern", 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(L)]
+    elif types is None and kind in ("qwen2", "qwen3"):
+        types = ["sliding_attention" if i >= hf.get("max_window_layers", L) else "full_attention" for i in range(L)]
+    if types is not None and all(t == "sliding_attention" for t in types):
+        types = None  # every layer sliding: the default with a window
+    if types is not None and not any(t == "sliding_attention" for t in types):
+        return None, None
+    return int(window), None if types is None else tuple(types)
 
 
 def _config_from_hf(hf: dict) -> Config:
@@ -62,24 +156,49 @@ def _config_from_hf(hf: dict) -> Config:
             bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"), default_prepend_bos=True,
         )  # fmt: skip
-    if kind == "llama":
-        D, H = hf["hidden_size"], hf["num_attention_heads"]
-        rope = hf.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-            raise NotImplementedError(f"rope scaling {rope or hf.get('rope_scaling')} is not supported yet")
-        act = hf.get("hidden_act", "silu")
+    if kind not in FAMILIES:
+        raise NotImplementedError(f"model_type {kind!r} is not supported; supported: {', '.join(FAMILIES)}")
+    D, H, L = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+    E = hf.get("head_dim") or D // H
+    rope = _rope(hf, kind)
+    window, types = _layer_types(hf, kind, L)
+    gemma = kind in GEMMA
+    common = dict(
+        d_model=D, n_layers=L, n_heads=H, n_kv_heads=hf.get("num_key_value_heads") or H, d_head=E,
+        d_vocab=hf["vocab_size"], n_ctx=hf.get("max_position_embeddings", 2048), d_mlp=hf["intermediate_size"],
+        positional="rotary", rope_theta=rope["theta"], rope_scaling=rope["scaling"], rope_local_theta=rope["local"],
+        rotary_dim=None if rope["partial"] == 1.0 else int(E * rope["partial"]),
+        sliding_window=window, layer_types=types, family=kind,
+        tied_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+    )  # fmt: skip
+    if kind == "gpt_neox":
         return Config(
-            d_model=D, n_layers=hf["num_hidden_layers"], n_heads=H, n_kv_heads=hf.get("num_key_value_heads", H),
-            d_head=hf.get("head_dim") or D // H, d_vocab=hf["vocab_size"],
-            n_ctx=hf.get("max_position_embeddings", 2048), d_mlp=hf["intermediate_size"],
-            normalization="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), act=act, gated_mlp=True,
-            positional="rotary", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            attn_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
-            tied_embeddings=bool(hf.get("tie_word_embeddings", False)), family="llama",
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
+            **common, normalization="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5),
+            act=_act(hf.get("hidden_act", "gelu")), attn_bias=bool(hf.get("attention_bias", True)), mlp_bias=True,
+            parallel_residual=bool(hf.get("use_parallel_residual", True)),
         )  # fmt: skip
-    raise NotImplementedError(f"model_type {kind!r} is not supported; supported: gpt2, llama")
+    act = hf.get("hidden_activation") if kind in ("gemma2", "gemma3_text") else hf.get("hidden_act")
+    if kind == "gemma" and act in (None, "gelu"):  # Gemma 1 files say "gelu" and mean tanh, as transformers reads them
+        act = "gelu_pytorch_tanh"
+    extra: dict = {}
+    if gemma:
+        extra.update(embedding_multiplier=D**0.5)
+    if kind in ("gemma2", "gemma3_text"):
+        caps = (50.0, 30.0) if kind == "gemma2" else (None, None)  # transformers' defaults when config.json is silent
+        extra.update(attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, post_attn_norm=True,
+                     post_mlp_norm=True, attn_softcap=hf.get("attn_logit_softcapping", caps[0]),
+                     final_softcap=hf.get("final_logit_softcapping", caps[1]))  # fmt: skip
+    if kind in ("qwen3", "gemma3_text"):
+        extra.update(qk_norm=True)
+    if kind == "olmo2":
+        extra.update(qk_norm=True, qk_norm_scope="all", pre_norm=False, post_attn_norm=True, post_mlp_norm=True)
+    return Config(
+        **common, normalization="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-5 if kind in ("phi3", "olmo2") else 1e-6),
+        act=_act(act or ("gelu_pytorch_tanh" if gemma else "silu")), gated_mlp=True,
+        attn_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)), **extra,
+    )  # fmt: skip
 
 
 def _stack(ws: dict, fmt: str, L: int, fn=lambda a: a):
@@ -119,53 +238,140 @@ def _gpt2(cfg: Config, w: dict) -> Transformer:
     )  # fmt: skip
 
 
-def llama_blocks(cfg: Config, get) -> Blocks:
-    """Llama-layout blocks from `get(layer, name)` returning HF `[out, in]` matrices."""
-    L, D, H, K, E = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
+# Our per-layer field -> its Hugging Face name inside `layers.{l}.`, in the Llama layout every family but GPT-2
+# is read in (NeoX's and Phi-3's fused and renamed weights are first split into these names, see `_canonical`).
+_LAYER_NAMES = {
+    "W_Q": "self_attn.q_proj.weight", "W_K": "self_attn.k_proj.weight", "W_V": "self_attn.v_proj.weight",
+    "W_O": "self_attn.o_proj.weight", "b_Q": "self_attn.q_proj.bias", "b_K": "self_attn.k_proj.bias",
+    "b_V": "self_attn.v_proj.bias", "b_O": "self_attn.o_proj.bias",
+    "ln1_w": "input_layernorm.weight", "ln1_b": "input_layernorm.bias",
+    "ln2_w": "post_attention_layernorm.weight", "ln2_b": "post_attention_layernorm.bias",
+    "W_gate": "mlp.gate_proj.weight", "W_in": "mlp.up_proj.weight", "W_out": "mlp.down_proj.weight",
+    "b_gate": "mlp.gate_proj.bias", "b_in": "mlp.up_proj.bias", "b_out": "mlp.down_proj.bias",
+    "q_norm_w": "self_attn.q_norm.weight", "k_norm_w": "self_attn.k_norm.weight",
+    "ln1_post_w": "post_attention_layernorm.weight", "ln2_post_w": "post_feedforward_layernorm.weight",
+}  # fmt: skip
+_RMS_FIELDS = ("ln1_w", "ln2_w", "ln1_post_w", "ln2_post_w", "q_norm_w", "k_norm_w")
 
-    def stack(name, fn):
-        return jnp.asarray(np.stack([fn(get(l, name)) for l in range(L)]))
 
-    def heads(n):
-        return lambda a: a.reshape(n, E, D).transpose(0, 2, 1)
-
-    parts = dict(
-        W_Q=stack("self_attn.q_proj.weight", heads(H)),
-        W_K=stack("self_attn.k_proj.weight", heads(K)),
-        W_V=stack("self_attn.v_proj.weight", heads(K)),
-        W_O=stack("self_attn.o_proj.weight", lambda a: a.T.reshape(H, E, D)),
-        ln1_w=stack("input_layernorm.weight", lambda a: a),
-        ln2_w=stack("post_attention_layernorm.weight", lambda a: a),
-        W_gate=stack("mlp.gate_proj.weight", lambda a: a.T),
-        W_in=stack("mlp.up_proj.weight", lambda a: a.T),
-        W_out=stack("mlp.down_proj.weight", lambda a: a.T),
-    )
+def layer_names(cfg: Config) -> dict[str, str]:
+    """Our per-layer fields a model of `cfg` has -> their Hugging Face names (Llama layout, `layers.{l}.` omitted)."""
+    names = dict(_LAYER_NAMES)
+    if cfg.family in ("gemma2", "gemma3_text"):
+        names["ln2_w"] = "pre_feedforward_layernorm.weight"
+    fields = ["W_Q", "W_K", "W_V", "W_O"]
     if cfg.attn_bias:
-        parts.update(
-            b_Q=stack("self_attn.q_proj.bias", lambda a: a.reshape(H, E)),
-            b_K=stack("self_attn.k_proj.bias", lambda a: a.reshape(K, E)),
-            b_V=stack("self_attn.v_proj.bias", lambda a: a.reshape(K, E)),
-            b_O=stack("self_attn.o_proj.bias", lambda a: a),
-        )
-    if cfg.mlp_bias:
-        parts.update(
-            b_gate=stack("mlp.gate_proj.bias", lambda a: a),
-            b_in=stack("mlp.up_proj.bias", lambda a: a),
-            b_out=stack("mlp.down_proj.bias", lambda a: a),
-        )
+        fields += ["b_Q", "b_K", "b_V"] + ([] if cfg.family == "qwen2" else ["b_O"])  # Qwen2: no o_proj bias
+    norm = cfg.normalization is not None and cfg.pre_norm
+    ln = cfg.normalization == "layernorm"
+    fields += ["ln1_w"] * norm + ["ln1_b"] * (norm and ln)
+    if cfg.qk_norm:
+        fields += ["q_norm_w", "k_norm_w"]
+    if cfg.post_attn_norm:
+        fields += ["ln1_post_w"]
+    if not cfg.attn_only:
+        fields += ["ln2_w"] * norm + ["ln2_b"] * (norm and ln) + ["W_in", "W_out"] + ["W_gate"] * cfg.gated_mlp
+        if cfg.mlp_bias:
+            fields += ["b_in", "b_out"] + ["b_gate"] * cfg.gated_mlp
+        if cfg.post_mlp_norm:
+            fields += ["ln2_post_w"]
+    return {f: names[f] for f in fields}
+
+
+def _to_ours(cfg: Config, field: str):
+    """The map from a Hugging Face `[out, in]` weight to our layout, for one field."""
+    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
+    n = H if field in ("W_Q", "b_Q") else K
+    if field in ("W_Q", "W_K", "W_V"):
+        return lambda a: a.reshape(n, E, D).transpose(0, 2, 1)
+    if field == "W_O":
+        return lambda a: a.T.reshape(H, E, D)
+    if field in ("b_Q", "b_K", "b_V"):
+        return lambda a: a.reshape(n, E)
+    if field in ("W_gate", "W_in", "W_out"):
+        return lambda a: a.T
+    return lambda a: a
+
+
+def _to_hf(cfg: Config, field: str):
+    """The inverse of `_to_ours`."""
+    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
+    if field in ("W_Q", "W_K", "W_V"):
+        return lambda m: m.transpose(0, 2, 1).reshape(-1, D)
+    if field == "W_O":
+        return lambda m: m.reshape(H * E, D).T
+    if field in ("b_Q", "b_K", "b_V"):
+        return lambda m: m.reshape(-1)
+    if field in ("W_gate", "W_in", "W_out"):
+        return lambda m: m.T
+    return lambda m: m
+
+
+def llama_blocks(cfg: Config, get, norm_offset: float = 0.0) -> Blocks:
+    """Blocks from `get(layer, name)` returning HF `[out, in]` matrices under their Llama-layout names
+    (`layer_names(cfg)`: q/k norms, Gemma's pre/post feed-forward norms, OLMo-2's post-norms included).
+    `norm_offset` is added to every RMSNorm weight (1 for Gemma's `1 + w` norms)."""
+    L, D = cfg.n_layers, cfg.d_model
+    parts = {}
+    for field, name in layer_names(cfg).items():
+        fn = _to_ours(cfg, field)
+        arr = np.stack([fn(np.asarray(get(l, name), np.float32)) for l in range(L)])
+        if norm_offset and field in _RMS_FIELDS:
+            arr = arr + np.float32(norm_offset)
+        parts[field] = jnp.asarray(arr)
+    if cfg.attn_bias and cfg.family == "qwen2":
+        parts["b_O"] = jnp.zeros((L, D), jnp.float32)
     return Blocks(**parts)
 
 
+def _canonical(cfg: Config, w: dict) -> dict:
+    """HF weights renamed and split into the Llama layout `llama_blocks` reads (no `model.` prefix)."""
+    H, K, E, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+    if cfg.family == "gpt_neox":
+        rename = {"attention.dense.": "self_attn.o_proj.", "mlp.dense_h_to_4h.": "mlp.up_proj.",
+                  "mlp.dense_4h_to_h.": "mlp.down_proj.", "embed_in.": "embed_tokens.", "final_layer_norm.": "norm.",
+                  "embed_out.": "lm_head."}  # fmt: skip
+        out = {}
+        for k, v in w.items():
+            k = k.removeprefix("gpt_neox.")
+            if ".attention.query_key_value." in k:  # per head [q | k | v] rows: [H, 3, E, ...]
+                qkv = v.reshape(H, 3, E, *v.shape[1:])
+                for i, name in enumerate("qkv"):
+                    out[k.replace("attention.query_key_value", f"self_attn.{name}_proj")] = (
+                        qkv[:, i].reshape(H * E, *v.shape[1:]))  # fmt: skip
+                continue
+            for a, b in rename.items():
+                k = k.replace(a, b)
+            out[k] = v
+        return out
+    out = {}
+    for k, v in w.items():
+        k = k.removeprefix("model.")
+        if k.endswith("self_attn.qkv_proj.weight"):  # Phi-3: rows [q (H*E) | k (K*E) | v (K*E)]
+            q, kk, vv = np.split(v, [H * E, (H + K) * E])
+            for name, part in zip("qkv", (q, kk, vv)):
+                out[k.replace("qkv_proj", f"{name}_proj")] = part
+        elif k.endswith("mlp.gate_up_proj.weight"):  # Phi-3: rows [gate (M) | up (M)]
+            out[k.replace("gate_up_proj", "gate_proj")], out[k.replace("gate_up_proj", "up_proj")] = v[:M], v[M:]
+        else:
+            out[k] = v
+    return out
+
+
 def _llama(cfg: Config, w: dict) -> Transformer:
-    w = {k.removeprefix("model."): v for k, v in w.items()}
-    blocks = llama_blocks(cfg, lambda l, name: w[f"layers.{l}.{name}"])
+    w = _canonical(cfg, w)
+    off = 1.0 if cfg.family in GEMMA else 0.0
+    blocks = llama_blocks(cfg, lambda l, name: w[f"layers.{l}.{name}"], norm_offset=off)
     W_E = jnp.asarray(w["embed_tokens.weight"])
     W_U = W_E.T if cfg.tied_embeddings or "lm_head.weight" not in w else jnp.asarray(w["lm_head.weight"].T)
-    return Transformer(cfg=cfg, W_E=W_E, blocks=blocks, W_U=W_U, lnf_w=jnp.asarray(w["norm.weight"]))
+    lnf_b = jnp.asarray(w["norm.bias"]) if cfg.normalization == "layernorm" else None
+    return Transformer(cfg=cfg, W_E=W_E, blocks=blocks, W_U=W_U, lnf_w=jnp.asarray(w["norm.weight"] + np.float32(off)),
+                       lnf_b=lnf_b)  # fmt: skip
 
 
 def load_hf(path: str | Path) -> Transformer:
-    """Load a Hugging Face directory (`config.json` + `*.safetensors`) of the GPT-2 or Llama family."""
+    """Load a Hugging Face directory (`config.json` + `*.safetensors`, or shards listed in
+    `model.safetensors.index.json`) of any family in `FAMILIES`."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory")
@@ -199,13 +405,15 @@ def _np(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, np.float32))
 
 
-def export_hf(model: Transformer, path: str | Path, tokenizer=None) -> Path:
-    """Write `config.json` + `model.safetensors` that transformers / TransformerLens load as-is;
-    with a `Tokenizer`, also `tokenizer.json` (+ a minimal `tokenizer_config.json`)."""
+def export_hf(model: Transformer, path: str | Path, tokenizer=None, *, shard_size: int | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` that transformers / TransformerLens load as-is (the layout of
+    `cfg.family`, Hugging Face's model_type); with a `Tokenizer`, also `tokenizer.json` (+ a minimal
+    `tokenizer_config.json`). With `shard_size` (bytes), weights beyond it are split into
+    `model-0000i-of-0000n.safetensors` shards listed in `model.safetensors.index.json`."""
     cfg, b = model.cfg, model.blocks
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    L, D, H, K, E = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
+    L, D, H = cfg.n_layers, cfg.d_model, cfg.n_heads
     w: dict[str, np.ndarray] = {}
     if cfg.family == "gpt2":
         for l in range(L):
@@ -229,49 +437,18 @@ def export_hf(model: Transformer, path: str | Path, tokenizer=None) -> Path:
             "activation_function": cfg.act, "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": True,
             "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
         }  # fmt: skip
-    elif cfg.family == "llama":
-        for l in range(L):
-            p = f"model.layers.{l}."
-            w[p + "self_attn.q_proj.weight"] = _np(np.asarray(b.W_Q[l]).transpose(0, 2, 1).reshape(H * E, D))
-            w[p + "self_attn.k_proj.weight"] = _np(np.asarray(b.W_K[l]).transpose(0, 2, 1).reshape(K * E, D))
-            w[p + "self_attn.v_proj.weight"] = _np(np.asarray(b.W_V[l]).transpose(0, 2, 1).reshape(K * E, D))
-            w[p + "self_attn.o_proj.weight"] = _np(np.asarray(b.W_O[l]).reshape(H * E, D).T)
-            w[p + "input_layernorm.weight"] = _np(b.ln1_w[l])
-            w[p + "post_attention_layernorm.weight"] = _np(b.ln2_w[l])
-            w[p + "mlp.gate_proj.weight"] = _np(np.asarray(b.W_gate[l]).T)
-            w[p + "mlp.up_proj.weight"] = _np(np.asarray(b.W_in[l]).T)
-            w[p + "mlp.down_proj.weight"] = _np(np.asarray(b.W_out[l]).T)
-            if cfg.attn_bias:
-                w[p + "self_attn.q_proj.bias"] = _np(np.asarray(b.b_Q[l]).reshape(-1))
-                w[p + "self_attn.k_proj.bias"] = _np(np.asarray(b.b_K[l]).reshape(-1))
-                w[p + "self_attn.v_proj.bias"] = _np(np.asarray(b.b_V[l]).reshape(-1))
-                w[p + "self_attn.o_proj.bias"] = _np(b.b_O[l])
-            if cfg.mlp_bias:
-                w[p + "mlp.gate_proj.bias"] = _np(b.b_gate[l])
-                w[p + "mlp.up_proj.bias"] = _np(b.b_in[l])
-                w[p + "mlp.down_proj.bias"] = _np(b.b_out[l])
-        w["model.embed_tokens.weight"] = _np(model.W_E)
-        w["model.norm.weight"] = _np(model.lnf_w)
-        if not cfg.tied_embeddings:
-            w["lm_head.weight"] = _np(np.asarray(model.W_U).T)
-        hf = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D,
-            "num_attention_heads": H, "num_key_value_heads": K, "head_dim": E, "num_hidden_layers": L,
-            "intermediate_size": cfg.d_mlp, "vocab_size": cfg.d_vocab, "max_position_embeddings": cfg.n_ctx,
-            "hidden_act": cfg.act, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "tie_word_embeddings": cfg.tied_embeddings, "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
-        }  # fmt: skip
+    elif cfg.family in FAMILIES:
+        w, hf = _export_llama_layout(model)
     else:
-        raise NotImplementedError(f"export needs family 'gpt2' or 'llama'; this model's config has {cfg.family!r}")
+        raise NotImplementedError(f"export needs a Hugging Face family ({', '.join(FAMILIES)}); this model's config "
+                                  f"has family={cfg.family!r}")  # fmt: skip
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(cfg, key) is not None:
             hf[key] = getattr(cfg, key)
     hf["torch_dtype"] = "float32"
     # each file is written whole (temporary name, then rename): an interrupted export leaves no half file
     write_text(path / "config.json", json.dumps(hf, indent=2))
-    with atomic_path(path / "model.safetensors") as tmp:
-        save_file(w, str(tmp), metadata={"format": "pt"})
+    _write_weights(path, w, shard_size)
     if tokenizer is not None:
         with atomic_path(path / "tokenizer.json") as tmp:
             tokenizer.tok.save(str(tmp))
@@ -279,3 +456,159 @@ def export_hf(model: Transformer, path: str | Path, tokenizer=None) -> Path:
                    for k in ("bos", "eos", "pad") if getattr(tokenizer, f"{k}_token_id") is not None}  # fmt: skip
         write_text(path / "tokenizer_config.json", json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}))
     return path
+
+
+def _write_weights(path: Path, w: dict[str, np.ndarray], shard_size: int | None) -> None:
+    total = sum(a.nbytes for a in w.values())
+    for old in [*path.glob("model-*-of-*.safetensors"), path / INDEX, path / "model.safetensors"]:
+        old.unlink(missing_ok=True)  # a previous export's files would shadow or mix with these
+    if shard_size is None or total <= shard_size:
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file(w, str(tmp), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for k, a in w.items():
+        if shards[-1] and size + a.nbytes > shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = a
+        size += a.nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, part in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        with atomic_path(path / name) as tmp:
+            save_file(part, str(tmp), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    write_text(path / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+         "gemma3_text": "Gemma3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "phi3": "Phi3ForCausalLM",
+         "olmo2": "Olmo2ForCausalLM"}  # fmt: skip
+_HF_ACT = {"silu": "silu", "gelu_new": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def _refuse(cfg: Config, what: str) -> NotImplementedError:
+    return NotImplementedError(f"family {cfg.family!r} cannot express {what} in its config.json; export refused")
+
+
+def _check_exportable(cfg: Config) -> None:
+    """Refuse a config whose options the family's config.json cannot state (the export would silently differ)."""
+    f = cfg.family
+    gemma, post = f in GEMMA, f in ("gemma2", "gemma3_text", "olmo2")
+    want = dict(
+        embedding_multiplier=cfg.d_model**0.5 if gemma else 1.0,
+        post_attn_norm=post, post_mlp_norm=post, pre_norm=f != "olmo2",
+        qk_norm=f in ("qwen3", "gemma3_text", "olmo2"), qk_norm_scope="all" if f == "olmo2" else "head",
+        normalization="layernorm" if f == "gpt_neox" else "rmsnorm", gated_mlp=f != "gpt_neox",
+        positional="rotary", causal=True, unembed_bias=False,
+    )
+    if f != "gpt_neox":
+        want["parallel_residual"] = False
+    if f not in ("gemma2", "gemma3_text"):
+        want.update(attn_softcap=None, final_softcap=None, attn_scale=None)
+    if f != "gemma3_text":
+        want["rope_local_theta"] = None
+    for k, v in want.items():
+        if getattr(cfg, k) != v:
+            raise _refuse(cfg, f"{k}={getattr(cfg, k)!r} (it implies {v!r})")
+    if f == "gpt_neox" and cfg.attn_bias != cfg.mlp_bias:
+        raise _refuse(cfg, "attn_bias != mlp_bias")
+    if f in ("qwen2",) and not cfg.attn_bias:
+        raise _refuse(cfg, "attn_bias=False (Qwen2 always has q/k/v biases)")
+    if f in ("phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "mistral", "qwen2", "qwen3") and cfg.mlp_bias:
+        raise _refuse(cfg, "mlp_bias=True")
+    if cfg.layer_types is not None and f not in ("gemma2", "gemma3_text", "qwen2", "qwen3"):
+        raise _refuse(cfg, "per-layer layer_types")
+
+
+def _export_llama_layout(model: Transformer) -> tuple[dict[str, np.ndarray], dict]:
+    """`(weights, config.json dict)` of every family but GPT-2."""
+    cfg, b = model.cfg, model.blocks
+    _check_exportable(cfg)
+    f = cfg.family
+    L, D, H, K, E, M = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+    off = np.float32(1.0) if f in GEMMA else np.float32(0.0)
+    names = layer_names(cfg)
+    if f == "qwen2" and b.b_O is not None and np.any(np.asarray(b.b_O)):
+        raise _refuse(cfg, "a nonzero attention output bias b_O")
+    w: dict[str, np.ndarray] = {}
+    for l in range(L):
+        layer = {}
+        for field, name in names.items():
+            a = _to_hf(cfg, field)(np.asarray(getattr(b, field)[l], np.float32))
+            layer[name] = _np(a - off if field in _RMS_FIELDS else a)
+        if f == "phi3":
+            layer["self_attn.qkv_proj.weight"] = np.concatenate([layer.pop(f"self_attn.{n}_proj.weight") for n in "qkv"])
+            layer["mlp.gate_up_proj.weight"] = np.concatenate([layer.pop("mlp.gate_proj.weight"), layer.pop("mlp.up_proj.weight")])
+        if f == "gpt_neox":
+            renamed = {}
+            for kind in ("weight", "bias"):
+                parts = [layer.pop(f"self_attn.{n}_proj.{kind}", None) for n in "qkv"]
+                if parts[0] is not None:
+                    qkv = np.stack([p.reshape(H, E, *p.shape[1:]) for p in parts], axis=1)  # [H, 3, E, ...]
+                    renamed[f"attention.query_key_value.{kind}"] = _np(qkv.reshape(3 * H * E, *parts[0].shape[1:]))
+            for k, v in layer.items():
+                for a_, b_ in (("self_attn.o_proj.", "attention.dense."), ("mlp.up_proj.", "mlp.dense_h_to_4h."),
+                               ("mlp.down_proj.", "mlp.dense_4h_to_h.")):  # fmt: skip
+                    k = k.replace(a_, b_)
+                renamed[k] = v
+            layer = renamed
+        prefix = f"gpt_neox.layers.{l}." if f == "gpt_neox" else f"model.layers.{l}."
+        w.update({prefix + k: v for k, v in layer.items()})
+    if f == "gpt_neox":
+        w["gpt_neox.embed_in.weight"] = _np(model.W_E)
+        w["gpt_neox.final_layer_norm.weight"] = _np(model.lnf_w)
+        w["gpt_neox.final_layer_norm.bias"] = _np(model.lnf_b)
+        if not cfg.tied_embeddings:
+            w["embed_out.weight"] = _np(np.asarray(model.W_U).T)
+    else:
+        w["model.embed_tokens.weight"] = _np(model.W_E)
+        w["model.norm.weight"] = _np(np.asarray(model.lnf_w, np.float32) - off)
+        if not cfg.tied_embeddings:
+            w["lm_head.weight"] = _np(np.asarray(model.W_U).T)
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
+    if cfg.rotary_dim is not None:
+        rope["partial_rotary_factor"] = cfg.rotary_dim / E
+    rope = {k: list(v) if isinstance(v, tuple) else v for k, v in rope.items()}
+    hf = {
+        "architectures": [_ARCH[f]], "model_type": f, "hidden_size": D, "num_attention_heads": H,
+        "num_key_value_heads": K, "head_dim": E, "num_hidden_layers": L, "intermediate_size": M,
+        "vocab_size": cfg.d_vocab, "max_position_embeddings": cfg.n_ctx, "tie_word_embeddings": cfg.tied_embeddings,
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope, "attention_dropout": 0.0,
+    }  # fmt: skip
+    if f == "gpt_neox":
+        hf.update(layer_norm_eps=cfg.norm_eps, hidden_act=_HF_ACT[cfg.act], use_parallel_residual=cfg.parallel_residual,
+                  attention_bias=cfg.attn_bias, rotary_pct=(cfg.rotary_dim or E) / E, rotary_emb_base=cfg.rope_theta,
+                  hidden_dropout=0.0)  # fmt: skip
+        hf.pop("num_key_value_heads")
+        hf.pop("head_dim")
+        if K != H or E * H != D:
+            raise _refuse(cfg, "grouped-query attention or d_head * n_heads != d_model")
+    else:
+        act_key = "hidden_activation" if f in ("gemma2", "gemma3_text") else "hidden_act"
+        hf.update({"rms_norm_eps": cfg.norm_eps, act_key: _HF_ACT[cfg.act], "attention_bias": cfg.attn_bias,
+                   "mlp_bias": cfg.mlp_bias})  # fmt: skip
+    if f == "phi3":
+        hf["partial_rotary_factor"] = (cfg.rotary_dim or E) / E
+        hf["original_max_position_embeddings"] = cfg.n_ctx
+        if E * H != D:
+            raise _refuse(cfg, "d_head * n_heads != d_model")
+    if f in ("gemma2", "gemma3_text"):
+        qpas = cfg.attn_scale**-2 if cfg.attn_scale is not None else float(E)
+        hf.update(query_pre_attn_scalar=round(qpas) if abs(qpas - round(qpas)) < 1e-6 * qpas else qpas,
+                  attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)  # fmt: skip
+    if f == "gemma3_text":
+        local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+        hf["rope_parameters"] = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+        hf["rope_local_base_freq"] = local
+    hf["sliding_window"] = cfg.sliding_window
+    if f in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = cfg.sliding_window is not None
+        hf["max_window_layers"] = 0
+    if cfg.sliding_window is not None or f in ("gemma2", "gemma3_text", "qwen2", "qwen3"):
+        hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]
+    return w, hf

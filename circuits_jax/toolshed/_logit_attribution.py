@@ -45,6 +45,7 @@ def _run_at(model: Transformer, tokens, pos, attention_mask, names: list[str]):
 
 def _component_names(model: Transformer) -> list[str]:
     cfg, L = model.cfg, model.cfg.n_layers
+    cfg.check_additive("decomposing the residual stream into heads", ("heads",))
     names = ["hook_embed", *(["hook_pos_embed"] if cfg.positional == "learned" else [])]
     names += [f"blocks.{l}.attn.hook_z" for l in range(L)]
     if not cfg.attn_only:
@@ -103,6 +104,7 @@ def _through_final_norm(model: Transformer, x, scale):
 def direct_logit_attribution(model: Transformer, tokens, answer, wrong=None, pos=-1, attention_mask=None):
     """`(attributions [C, B], labels, constant [B], logit [B])`: each writer's share of the answer logit
     (or of `logit[answer] - logit[wrong]`); `attributions.sum(0) + constant == logit`."""
+    model.cfg.check_additive("direct logit attribution", ("heads", "logits"))
     dec, ctx = decompose_resid(model, tokens, pos, attention_mask)
     out, p = ctx["out"], ctx["pos"]
     answer, wrong, direction, scale = _readout(model, out, p, answer, wrong)
@@ -121,6 +123,7 @@ def direct_logit_attribution(model: Transformer, tokens, answer, wrong=None, pos
 
 def neuron_logit_attribution(model: Transformer, tokens, answer, wrong=None, pos=-1, attention_mask=None):
     """`[L, B, M]`: each MLP neuron's direct share of the logit (final-norm scale frozen)."""
+    model.cfg.check_additive("neuron logit attribution", ("neurons", "logits"))
     L = model.cfg.n_layers
     out, p = _run_at(model, tokens, pos, attention_mask, [f"blocks.{l}.mlp.hook_post" for l in range(L)])
     _, _, direction, scale = _readout(model, out, p, answer, wrong)

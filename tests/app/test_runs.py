@@ -50,6 +50,9 @@ from circuits_jax.dictionaries import _activations, _pipeline, _train
 
 stage, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 calls = [0]
+# A terminal's Ctrl-C: Python's own handler, even where the parent ignored SIGINT (pytest-xdist's workers do, and an
+# ignored signal stays ignored across exec, so Python would not install its handler at start-up).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def trip():

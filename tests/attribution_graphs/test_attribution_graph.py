@@ -296,6 +296,7 @@ def word_model_dir(tmp_path_factory):
     return d, model
 
 
+@pytest.mark.slow
 def test_graph_command_end_to_end(word_model_dir, tmp_path, capsys):
     d, model = word_model_dir
     # transcoders trained by the library's own loop (tiny run), for this model by name

@@ -104,6 +104,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-sync", "--no-first-run"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_viewer_in_headless_chromium(tmp_path):
     try:
         from playwright.sync_api import expect, sync_playwright

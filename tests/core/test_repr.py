@@ -125,7 +125,7 @@ def test_circuit_graph_and_edge_scores_count_edges_instead_of_listing_nodes():
     assert f"edges={c.n_edges} of {g.n_edges} kept" in repr(c) and "a0.h0" not in repr(c)
     e = cj.EdgeScores(np.zeros(g.mask.shape, np.float32), g, 1.5, -0.25, "eap-ig", 2.0)
     assert repr(e) == (f"EdgeScores(scores=f32[{len(g.sources)},{len(g.destinations)}], clean_metric=1.5, corrupt_metric=-0.25, "
-                       f"method='eap-ig', seconds=2, ablation='resample', noising=False, graph={g!r})")  # fmt: skip
+                       f"method='eap-ig', seconds=2, ablation='resample', noising=False, degenerate=False, graph={g!r})")  # fmt: skip
 
 
 def test_model_repr_and_treescope_show_shapes(model):

@@ -260,7 +260,15 @@ def test_save_array_and_dictionary_are_written_whole(tmp_path, monkeypatch):
     assert dictionary_info(tmp_path / "d")["info"] == {"v": 2}
 
 
-def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test, as in a terminal (pytest-xdist's workers ignore SIGINT)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends(python_sigint_handler):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with deferred_interrupt():

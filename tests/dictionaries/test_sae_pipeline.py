@@ -572,6 +572,7 @@ def test_features_bad_arguments_exit_2(tmp_path, capsys):
     assert "not a saved dictionary" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_sae_and_features_end_to_end(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train-sae", "--model", str(model_dir), "--site", "blocks.1.hook_resid_post", "--arch", "topk", "--k", "4",

@@ -100,6 +100,7 @@ def _auxk_run(store, aux_coeff):
     return train(planted_topk(), store, cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_auxk_revives_planted_dead_latents(store):
     d0 = planted_topk()
     x = np.asarray(store.chunk(0)[0][:1024])
@@ -156,6 +157,7 @@ def uninterrupted(store, tmp_path_factory):
     return train(_resume_dict(), store, _resume_cfg(), checkpoint_dir=tmp_path_factory.mktemp("full"), progress=False)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(store, uninterrupted, tmp_path):
     cfg, full = _resume_cfg(), uninterrupted
     assert full.resumed_from == 0 and full.history[-1]["step"] == cfg.steps == 24
@@ -175,6 +177,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(store, uninterru
     assert_same(again.dictionary, full.dictionary)
 
 
+@pytest.mark.slow
 def test_same_seed_same_parameters_other_seed_differs(store, uninterrupted):
     a = uninterrupted.dictionary  # seed 0, checkpointed along the way
     b = train(_resume_dict(), store, _resume_cfg(seed=0), progress=False).dictionary
@@ -254,6 +257,7 @@ def test_every_sae_architecture_reduces_the_loss(store, arch, k):
         assert h[-1]["l0"] <= k + 1e-6
 
 
+@pytest.mark.slow
 def test_cross_layer_transcoder_reduces_the_loss(store):
     d = init_clt(D, 48, (0, 1), key=_key(2), arch="topk", k=4)
     cfg = TrainConfig(n_tokens=64 * 100, batch_size=64, lr=3e-3, warmup_steps=10, log_every=10, dead_after=640,

@@ -1,7 +1,6 @@
 """The edge graph, edge patching, path patching and EAP / EAP-IG on tiny models."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_configs

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,3 +109,18 @@ def test_cli_reports_a_missing_model_cleanly(tmp_path):
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()  # one line: no traceback, no warning
     assert line.startswith("circuits-jax: error: ") and "does not exist" in line and "pip download" in line
+
+
+def test_checkpoints_restore_by_name_across_added_fields(tmp_path):
+    """A module field added after a checkpoint was written (None where a model does not use it, as the
+    families' `Blocks.q_norm_w`) must not orphan it: orbax's structural restore refused such a tree."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    cj.save(tmp_path / "c", {"w": jnp.asarray(x), "unused": None, "inner": (jnp.ones(2), None)})
+    like = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32), "unused": None, "added_since": None,
+            "inner": (jax.ShapeDtypeStruct((2,), jnp.float32), None)}  # fmt: skip
+    got = cj.restore(tmp_path / "c", like)
+    np.testing.assert_array_equal(got["w"], x)  # read back bit for bit, no computation
+    np.testing.assert_array_equal(got["inner"][0], np.ones(2))
+    assert got["added_since"] is None and got["unused"] is None
+    with pytest.raises(ValueError, match=r"lacks needed: it was written for another model"):
+        cj.restore(tmp_path / "c", {**like, "needed": jax.ShapeDtypeStruct((1,), jnp.float32)})

@@ -25,6 +25,7 @@ def _env(**extra):
     return {**env, **extra}
 
 
+@pytest.mark.slow
 def test_sharded_sweeps_training_checkpoints_and_models_on_8_simulated_devices():
     """Runs tests/multidevice/check_sharding.py with 8 CPU devices; its failures are shown here."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -42,6 +43,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_on_loopback_agree_with_one(tmp_path):
     from multidevice.setups import SITE, sae, sweep_inputs, train_cfg
     from test_sae_train import CHUNK, sparse_data, write_store

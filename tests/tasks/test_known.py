@@ -79,6 +79,7 @@ def trained():
     return model, info, known.induction_task(model, info)
 
 
+@pytest.mark.slow
 def test_benchmark_tasks_name_every_model(trained):
     model, info, task = trained
     tasks = known.benchmark_tasks(trained=(model, info))
@@ -87,6 +88,7 @@ def test_benchmark_tasks_name_every_model(trained):
     assert m is model and (t.truth == task.truth).all() and (t.clean == task.clean).all()
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_from_the_seed():
     (m1, i1), (m2, i2) = known.induction_model(5, steps=100), known.induction_model(5, steps=100)
     for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m2)):
@@ -97,6 +99,7 @@ def test_training_is_reproducible_from_the_seed():
     assert not np.array_equal(np.asarray(m1.W_E), np.asarray(m3.W_E))
 
 
+@pytest.mark.slow
 def test_trained_model_has_previous_token_and_induction_heads(trained):
     model, info, task = trained
     assert info["accuracy"] > 0.99 and info["loss"] < 0.01
@@ -111,6 +114,7 @@ def test_trained_model_has_previous_token_and_induction_heads(trained):
     assert (_last_logits(model, task.corrupt).argmax(-1) == task.wrong).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_trained_truth_is_faithful_and_each_edge_matters(trained):
     model, info, task = trained
     g = cj.Graph.of(model.cfg)

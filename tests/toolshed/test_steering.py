@@ -187,6 +187,7 @@ def test_feature_steering_keeps_only_top_k(tiny):
         S.feature_steering(model, tok, sae, pos, neg, top_k=0)
 
 
+@pytest.mark.slow
 def test_cli_steer_on_a_saved_tiny_model(tiny, tmp_path, capsys):
     model, tok = tiny
     cj.save_model(tmp_path / "m", model)
