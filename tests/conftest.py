@@ -108,3 +108,17 @@ def tiny_configs():
         "encoder": Config(**base, d_mlp=32, causal=False, act="relu"),
         "gelu_exact_no_norm": Config(**base, d_mlp=20, act="gelu", normalization=None, positional="rotary"),
     }
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading any model is a test failure: the CLI's validation must come first."""
+    from circuits_jax import models
+    from circuits_jax.tasks import known
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a model was loaded ({args}) before the bad argument was caught")
+
+    # every command reaches a model through `circuits_jax.models.load` (or the known toy models)
+    monkeypatch.setattr(models, "load", refuse)
+    monkeypatch.setattr(known, "induction_model", refuse)

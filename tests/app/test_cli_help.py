@@ -27,20 +27,6 @@ def _run(argv, capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading any model is a test failure: validation must come first."""
-    from circuits_jax import models
-    from circuits_jax.tasks import known
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a model was loaded ({args}) before the bad argument was caught")
-
-    # every command reaches a model through `circuits_jax.models.load` (or the known toy models)
-    monkeypatch.setattr(models, "load", refuse)
-    monkeypatch.setattr(known, "induction_model", refuse)
-
-
 def test_every_subcommand_is_listed_in_the_top_level_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])

@@ -146,19 +146,6 @@ def read_only_for_root(folder, monkeypatch) -> None:
     monkeypatch.setattr(os, "access", access)
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading any model is a test failure: the checks must come first."""
-    from circuits_jax import models
-    from circuits_jax.tasks import known
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a model was loaded ({args}) before the bad argument was caught")
-
-    monkeypatch.setattr(models, "load", refuse)
-    monkeypatch.setattr(known, "induction_model", refuse)
-
-
 # ------------------------------------------------------------------ damaged model files
 
 

@@ -97,15 +97,21 @@ def test_missing_part_names_the_chunk_and_its_package(tmp_path):
 # --- GGUF errors ------------------------------------------------------------------------------------------
 
 
-def test_unknown_gguf_architecture_is_named_with_the_supported_ones(tmp_path):
+def _write_gguf(path: Path, arch: str, embedding: np.ndarray) -> Path:
+    """A GGUF file of architecture `arch` holding only a token embedding (enough to reach the loader's checks)."""
     import gguf
 
-    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tensor("token_embd.weight", embedding)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_unknown_gguf_architecture_is_named_with_the_supported_ones(tmp_path):
+    _write_gguf(tmp_path / "m.gguf", "mamba", np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match=r"GGUF architecture 'mamba' is not supported; supported: llama, gemma3$"):
         cj.load(tmp_path / "m.gguf")
 
@@ -116,12 +122,7 @@ def test_unknown_quantisation_type_is_named_with_the_supported_ones(tmp_path):
     import gguf
 
     # a type number the `gguf` package does not know, in the file's tensor table
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_gguf(tmp_path / "q.gguf", "llama", np.zeros((4, 32), np.float32))
     raw = bytearray((tmp_path / "q.gguf").read_bytes())
     at = raw.index(b"token_embd.weight") + len("token_embd.weight")
     n_dims = struct.unpack_from("<I", raw, at)[0]
