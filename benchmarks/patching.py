@@ -1,13 +1,14 @@
 """Activation-patching benchmark: `circuits_jax.patch_sweep` against TransformerLens's patching functions.
 
-Everything runs in one process on the same float32 weights. SmolLM2-135M-Instruct is loaded with
-`circuits_jax.load("smollm2")`, exported with `circuits_jax.export_hf` to a temporary directory and
+Everything runs in one process on the same float32 weights. SmolLM2-135M-Instruct (or `--model gemma3-270m`,
+Gemma 3 270M) is loaded with `circuits_jax.load`, exported with `circuits_jax.export_hf` to a temporary directory and
 booted from there as a TransformerLens 4.x `TransformerBridge` in compatibility mode (TransformerLens's
 default weight processing: fold_ln, centred writing weights and unembedding; it changes no result).
 TransformerLens runs under `torch.inference_mode()` — its fastest setting — and loops one hooked
 forward per patch (`transformer_lens.patching.get_act_patch_*`).
 
-The task is indirect-object identification on one 15-token prompt pair (no BOS, SmolLM2 uses none)
+The task is indirect-object identification on one prompt pair (15 tokens in SmolLM2, which uses no BOS;
+16 in Gemma 3, whose tokenizer prepends one)
 that differs only in the second mention of the subject; the metric is the logit difference
 answer - wrong at the last position; sweeps are denoising (clean activation into the corrupt run);
 results are normalised (clean = 1, corrupt = 0).
@@ -30,6 +31,7 @@ and peak RSS.
     .venv/bin/python benchmarks/patching.py
     .venv/bin/python benchmarks/patching.py --tl-max-patches 100 --sweeps resid_pre z_head --json out.json
     .venv/bin/python benchmarks/patching.py --memory --json out.json
+    .venv/bin/python benchmarks/patching.py --model gemma3-270m --sweeps resid_pre z_head attn_out --json out.json
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ from forward import OtherLoad, cpu_model, idle_check  # noqa: E402  (the sibling
 CLEAN = "Then, Mary and John went to the park. John gave a ball to"
 CORRUPT = "Then, Mary and John went to the park. Mary gave a ball to"
 ANSWER, WRONG = " Mary", " John"  # the indirect object; the subject
-N_TOKENS = 15
 
 # name -> (circuits_jax site, by, TransformerLens function in transformer_lens.patching)
 SWEEPS = {
@@ -81,8 +82,9 @@ class Task:
 
     def __init__(self, tok):
         self.clean, self.corrupt = tok.to_tokens(CLEAN), tok.to_tokens(CORRUPT)  # int32 [1, T]
-        if self.clean.shape != (1, N_TOKENS) or self.corrupt.shape != (1, N_TOKENS):
-            raise SystemExit(f"prompts are {self.clean.shape[1]} and {self.corrupt.shape[1]} tokens, not {N_TOKENS}")
+        if self.clean.shape != self.corrupt.shape or self.clean.shape[0] != 1:
+            raise SystemExit(f"prompts are {self.clean.shape[1]} and {self.corrupt.shape[1]} tokens; they must be equal")
+        self.T = self.clean.shape[1]
         self.answer, self.wrong = tok.to_single_token(ANSWER), tok.to_single_token(WRONG)
         differ = np.flatnonzero(self.clean[0] != self.corrupt[0])
         # exactly one differing token: the second mention of the subject (clean) / of the IO (corrupt)
@@ -107,7 +109,8 @@ def boot_bridge(model, tok, tmp: str):
     from transformer_lens.model_bridge import TransformerBridge
 
     cj.export_hf(model, tmp)  # config + weights only: hand the tokenizer over directly
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token="<|im_end|>")
+    eos = tok.tok.id_to_token(model.cfg.eos_token_id) if model.cfg.eos_token_id is not None else None
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token=eos)
     bridge = TransformerBridge.boot_transformers(tmp, device="cpu", dtype=torch.float32, tokenizer=hf_tok)
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
@@ -277,7 +280,7 @@ class quiet_tqdm:
 
 def bench_sweep(name, model, bridge, task, tl_ref, clean_cache, peak, args, seed) -> dict:
     site, by, tl_fn = SWEEPS[name]
-    cfg, T = model.cfg, N_TOKENS
+    cfg, T = model.cfg, task.T
     on = time_sweep(model, task, site, by, True, args.quiet_wait, progress=False)
     off = time_sweep(model, task, site, by, False, args.quiet_wait, progress=False)
     shape = on["result"].shape
@@ -432,6 +435,7 @@ MEMORY_COLUMNS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"], help="the real model (default smollm2)")
     p.add_argument("--sweeps", nargs="+", choices=list(SWEEPS), default=list(SWEEPS), help="sweeps to run (default: all)")
     p.add_argument("--tl-max-patches", type=int, default=300,
                    help="TransformerLens runs at most this many patches per sweep, a fixed random subset (default 300)")  # fmt: skip
@@ -444,9 +448,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def setup(tmp: str):
+def setup(tmp: str, name: str = "smollm2"):
     """Model, task, TL bridge, and both libraries' clean/corrupt metrics; checks the task is a good one."""
-    model, tok = cj.load("smollm2")
+    model, tok = cj.load(name)
     task = Task(tok)
     ours = dict(clean=task.jax_logit_diff(model, task.clean), corrupt=task.jax_logit_diff(model, task.corrupt))
     if not (ours["clean"] > 0 > ours["corrupt"]):
@@ -472,9 +476,9 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        model, tok, task, bridge, clean_cache, ours_ref, tl_ref = setup(tmp)
+        model, tok, task, bridge, clean_cache, ours_ref, tl_ref = setup(tmp, args.model)
         setup_s = time.perf_counter() - t0
-    print(f"prompt ({N_TOKENS} tokens, differ at position {task.first_diff}): {task.str_tokens}")
+    print(f"prompt ({task.T} tokens, differ at position {task.first_diff}): {task.str_tokens}")
     print(f"  clean {CLEAN!r} / corrupt {CORRUPT!r}; metric logit[{ANSWER!r}] - logit[{WRONG!r}] at the last position")
     print(f"  circuits_jax: clean {ours_ref['clean']:.4f}, corrupt {ours_ref['corrupt']:.4f}; "
           f"TransformerLens bridge: clean {tl_ref['clean']:.4f}, corrupt {tl_ref['corrupt']:.4f}  (setup {setup_s:.0f} s)")  # fmt: skip

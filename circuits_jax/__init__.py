@@ -7,7 +7,7 @@ Each subpackage's own `__init__` also lists the names its sibling subpackages bu
 # core: the model, its sites, interventions, the one forward pass, metrics, tasks as values
 from .core import (
     ABLATIONS as ABLATIONS, Add as Add, ALL_LAYERS as ALL_LAYERS, all_site_names as all_site_names,
-    AnswerProb as AnswerProb, Apply as Apply, as_task as as_task, Blocks as Blocks, CacheTap as CacheTap,
+    AnswerProb as AnswerProb, Apply as Apply, as_task as as_task, Blocks as Blocks, CacheTap as CacheTap, cast as cast,
     Compose as Compose, Config as Config, CrossEntropy as CrossEntropy, Forward as Forward, forward as forward,
     generate as generate, Generation as Generation, Graph as Graph, Hook as Hook, HookTap as HookTap,
     init_model as init_model, Intervention as Intervention, KLFrom as KLFrom, LogitDiff as LogitDiff, Mean as Mean,
@@ -136,6 +136,7 @@ __all__ = [
     'caa',
     'cache_dir',
     'CacheTap',
+    'cast',
     'causal_trace',
     'CausalTrace',
     'cav_pairs',

@@ -23,12 +23,19 @@ if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
 # cold): the modules build the same tiny models on the same token shapes, and the compiled programs that
 # `_release_compiled_programs` drops after each module are read back from disk instead of compiled
 # again, as are programs that only a new static argument (a fresh lambda, a new hook object) would
-# retrace. Tests/patching: 197 of 857 compiles became reads, its wall time 460 s -> 351 s.
+# retrace. Tests/patching: 197 of 857 compiles became reads, its wall time 460 s -> 351 s. The folder is
+# made once, by the process that loads this file first (pytest, or xdist's controller), and passed on in
+# the environment, so the `-n 2` workers (and the tests' subprocesses) share it: a program one worker
+# compiled, the other reads. (A read that meets a half-written entry fails its decompression, which JAX
+# reports as a warning and answers by compiling.)
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _XLA_CACHE = tempfile.mkdtemp(prefix="circuits_jax_tests_xla_cache_")
     atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # default 1 s: most of ours take less
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # default 1 s: most of ours take less
+if os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tests mirror the package's subpackages (tests/core, tests/patching, ...); test modules share a few
@@ -54,6 +61,15 @@ def pytest_collection_modifyitems(config, items):
     # Running SmolLM2 (135M parameters) compiles and runs programs far above the tiny models': every test
     # marked `smollm2` or taking the `smollm2` fixture itself is `slow` (the tokenizer alone is not). So is
     # every test marked `gemma3` (Gemma 3 270M: a 240 MB fetch, a 262k-token vocabulary).
+    # `-m "not slow"` is the inner loop (under 5 minutes on 2 cores): of a test marked `slow_after_first` it
+    # keeps the first case and leaves the others to the full run, so each check still runs once there.
+    seen = set()
+    for item in items:
+        if item.get_closest_marker("slow_after_first"):
+            key = (item.path, getattr(item, "originalname", item.name))
+            if key in seen:
+                item.add_marker(pytest.mark.slow)
+            seen.add(key)
     for item in items:
         own = getattr(getattr(item, "_fixtureinfo", None), "argnames", ())
         if "smollm2" in item.keywords or "smollm2" in own or item.get_closest_marker("gemma3"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import MODEL_HELP, count, layer_list, load_with_tokenizer, out_file, place, positive, site_kind
+from .options import model_arguments, count, layer_list, load_with_tokenizer, out_file, place, positive, site_kind
 
 
 def add_das(sub) -> None:
@@ -14,7 +14,7 @@ def add_das(sub) -> None:
         epilog="example:\n  circuits-jax das --layers 0,6,12,18,24 --method low_rank --k 1 --out runs/das/ioi.json\n"
                "writes the JSON and a plot of IIA per layer beside it (runs/das/ioi.png)",
     )  # fmt: skip
-    da.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    model_arguments(da)
     da.add_argument("--kind", type=site_kind, default="hook_resid_pre", help="site kind at the END position, e.g. hook_resid_post")
     da.add_argument("--layers", default=None, help="'0-3' or '0,6,12' (default: every --layer-step-th layer)")
     da.add_argument("--layer-step", type=count(1), default=3)
@@ -46,7 +46,7 @@ def run_das(args) -> int:
         png = out_file(out.with_suffix(".png"), "--out (its .png)")
         if png == out:
             raise ValueError(f"--out {args.out}: the plot goes beside the JSON as {png.name}; give a .json name")
-    model, tok = load_with_tokenizer(args.model)
+    model, tok = load_with_tokenizer(args.model, args.dtype)
     pairs = ioi_position_pairs(model, tok, args.pairs, args.seed)
     layers = layers or list(range(0, model.cfg.n_layers, args.layer_step))
     res = das_search(model, pairs["base"], pairs["source"], pairs["labels"], pairs["candidates"], kind=args.kind,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import count, finite, out_dir, share
+from .options import model_arguments, count, finite, out_dir, share
 
 
 def add_discover(sub) -> None:
@@ -17,7 +17,7 @@ def add_discover(sub) -> None:
     )  # fmt: skip
     dc.add_argument("--task", required=True, help="ioi, induction, greater-than, factual-recall (SmolLM2 or --model), "
                     "or a model with a known circuit: toy-induction, ...")
-    dc.add_argument("--model", default="smollm2")
+    model_arguments(dc)
     dc.add_argument("--method", choices=["acdc", "eap", "eap-ig"], default="eap-ig")
     dc.add_argument("--level", choices=["edge", "node"], default="edge", help="acdc: edges, or heads and MLPs whole")
     dc.add_argument("--threshold", type=finite, default=None,
@@ -52,7 +52,7 @@ def run_discover(args) -> int:
         raise ValueError(f"{args.method} scores each edge by its corrupt-minus-clean output difference, which is "
                          f"patching ablation; --ablation {args.ablation} is for ACDC")  # fmt: skip
     out = out_dir(args.out)  # a folder we can write, before the task and its model load
-    model, task = load_task(args.task, args.model, n=args.n, seed=args.seed)
+    model, task = load_task(args.task, args.model, n=args.n, seed=args.seed, dtype=args.dtype)
     kw = dict(attention_mask=task.attention_mask, answer_pos=task.answer_pos)
     t = time.perf_counter()
     if args.method == "acdc":

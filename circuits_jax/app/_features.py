@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import count, load_with_tokenizer, out_file
+from .options import model_arguments, count, load_with_tokenizer, out_file
 
 
 def add_features(sub) -> None:
@@ -20,7 +20,7 @@ def add_features(sub) -> None:
     fe.add_argument("--how", default="random", choices=["random", "top_density", "top_max"], help="which features")
     fe.add_argument("--contexts", type=count(1), default=256, help="corpus contexts to scan")
     fe.add_argument("--ctx-len", type=count(2), default=64)
-    fe.add_argument("--model", help="override the model recorded with the dictionary")
+    model_arguments(fe, default=None, help="override the model recorded with the dictionary")
     fe.add_argument("--corpus", help="override the corpus recorded with the dictionary")
     fe.add_argument("--seed", type=int, default=0)
     fe.set_defaults(func=run_features)
@@ -54,7 +54,7 @@ def run_features(args) -> int:
     d = load_dictionary(ddir)
     meta = info.get("info", {})
     model_name = args.model or meta.get("model") or "smollm2"
-    model, tok = load_with_tokenizer(model_name)
+    model, tok = load_with_tokenizer(model_name, args.dtype)
     corpus = args.corpus or meta.get("corpus") or "python-docs"
     ctx = pack_contexts(tok, read_corpus(corpus), args.ctx_len, max_contexts=args.contexts)
     stats = feature_stats(model, d, ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import MODEL_HELP, count, finite, load_with_tokenizer, out_dir
+from .options import model_arguments, count, finite, load_with_tokenizer, out_dir
 
 
 def add_graph(sub) -> None:
@@ -16,7 +16,7 @@ def add_graph(sub) -> None:
         "writes OUT/graph.json (circuit-tracer / Neuronpedia schema), graph.html (open it in a browser), scores.json, graph.npz.\n"
         "Train the transcoders with experiments/train_transcoders.py.",
     )  # fmt: skip
-    gr.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    model_arguments(gr)
     gr.add_argument("--transcoders", required=True, help="directory of per-layer transcoders (layer_XX/dictionary)")
     gr.add_argument("--prompt", required=True, help="the prompt (BOS is prepended)")
     gr.add_argument("--out", required=True, help="output directory")
@@ -48,7 +48,7 @@ def run_graph(args) -> int:
         raise FileNotFoundError(f"--transcoders {args.transcoders} is not a directory (train them with experiments/train_transcoders.py)")
     out = out_dir(args.out)  # a folder we can write, before the model loads
     t0 = time.perf_counter()
-    model, tok = load_with_tokenizer(args.model)
+    model, tok = load_with_tokenizer(args.model, args.dtype)
     ts = load_transcoders(args.transcoders, model=model, model_name=str(args.model))
     ids = tok.encode(args.prompt, prepend_bos=True)
     g = attribute(model, ts, ids, prompt=args.prompt, token_strs=tok.to_str_tokens(ids), decode=lambda i: tok.decode([i]),

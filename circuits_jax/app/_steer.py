@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import count, load_with_tokenizer, nonempty, number_list, out_dir
+from .options import model_arguments, count, load_with_tokenizer, nonempty, number_list, out_dir
 
 
 def add_steer(sub) -> None:
@@ -20,7 +20,7 @@ def add_steer(sub) -> None:
                "that pair is refused with both token splits shown; --align pad right-pads the shorter prompt with the\n"
                "space token, so 'Love' ' ' is set against 'H' 'ate'.",
     )  # fmt: skip
-    st.add_argument("--model", default="smollm2")
+    model_arguments(st)
     st.add_argument("--positive", required=True, help="positive ActAdd prompt, e.g. 'I love'")
     st.add_argument("--negative", required=True, help="negative ActAdd prompt, e.g. 'I hate' (same token length, or --align pad)")
     st.add_argument("--layer", type=count(0), required=True, help="steer blocks.LAYER.hook_resid_pre")
@@ -51,7 +51,7 @@ def run_steer(args) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     nonempty(positive=args.positive, negative=args.negative, prompt=args.prompt)
     out = out_dir(args.out)  # a folder we can write, before the model loads
-    model, tok = load_with_tokenizer(args.model)
+    model, tok = load_with_tokenizer(args.model, args.dtype)
     v = actadd(model, tok, args.positive, args.negative, args.layer, align=args.align, prepend_bos=args.bos)
     ids = tok.encode(args.prompt, prepend_bos=args.bos)
     if len(ids) < v.shape[0]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import MODEL_HELP, count, load_with_tokenizer, nonempty, out_dir, positive
+from .options import model_arguments, count, load_with_tokenizer, nonempty, out_dir, positive
 
 
 def add_trace_fact(sub) -> None:
@@ -14,7 +14,7 @@ def add_trace_fact(sub) -> None:
         epilog="example:\n  circuits-jax trace-fact --prompt 'The Eiffel Tower is located in the city of' \\\n"
                "      --subject 'The Eiffel Tower' --answer ' Paris' --out runs/trace_eiffel",
     )  # fmt: skip
-    tf.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    model_arguments(tf)
     tf.add_argument("--prompt", required=True, help="e.g. 'The Eiffel Tower is located in the city of'")
     tf.add_argument("--subject", required=True, help="the subject as it appears in the prompt (its tokens are noised)")
     tf.add_argument("--answer", default=None, help="the answer token, e.g. ' Paris' (default: the model's top next token)")
@@ -43,7 +43,7 @@ def run_trace_fact(args) -> int:
         raise ValueError(f"--kinds {args.kinds!r}: each must be one of {', '.join(KINDS)}")
     nonempty(prompt=args.prompt, subject=args.subject, answer=args.answer)
     out = out_dir(args.out)  # a folder we can write, before the model loads
-    model, tok = load_with_tokenizer(args.model)
+    model, tok = load_with_tokenizer(args.model, args.dtype)
     res = trace_fact(model, tok, args.prompt, args.subject, args.answer, kinds=kinds, prepend_bos=args.bos, noise=args.noise,
                      samples=args.samples, window=args.window, seed=args.seed, progress=not args.quiet)  # fmt: skip
     r0 = next(iter(res.values()))

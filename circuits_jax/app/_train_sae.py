@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .options import MODEL_HELP, check_site_name, count, finite, layer_list, mesh_argument, mesh_of, out_dir, positive
+from .options import model_arguments, check_site_name, count, finite, layer_list, mesh_argument, mesh_of, out_dir, positive
 
 
 def add_train_sae(sub) -> None:
@@ -30,7 +30,7 @@ def add_train_sae(sub) -> None:
         "Run the same command again to resume an interrupted run (it says where it resumes). Other settings with the\n"
         "same --out are refused before any compute: --overwrite deletes that run and starts afresh.",
     )  # fmt: skip
-    ts.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    model_arguments(ts)
     ts.add_argument("--site", help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
     ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
     ts.add_argument("--transcoder", type=count(0), metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
@@ -142,7 +142,7 @@ def _train_sae(args) -> int:
             check_site_name(name, flag)  # the layer is checked once the model has loaded
     mesh = mesh_of(args)
     out_dir(args.out)  # a place this run can write, before the model loads (the run folder itself comes later)
-    model, tok = load(args.model)
+    model, tok = load(args.model, dtype=args.dtype)
     train_cfg = dict(batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, dead_after=args.dead_after,
                      checkpoint_every=args.checkpoint_every)  # fmt: skip
     train_cfg["loss"] = LossConfig(l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff)

@@ -23,6 +23,16 @@ from ..core import PATCH_SITES
 EDGE_METHODS = ("eap", "eap-ig", "eap-ig-activations")
 
 MODEL_HELP = "'smollm2' (default), 'gemma3-270m', a .gguf path, or an HF-format directory"  # every command's --model
+DTYPE_HELP = ("weights and activations in this dtype (default: as stored; float32 for GGUF); norms, attention softmax, "
+              "logits and metrics stay float32")  # fmt: skip
+
+
+def model_arguments(pa, *, default: str | None = "smollm2", help: str = MODEL_HELP) -> None:
+    """`--model` and `--dtype`, the options of every command that loads a model."""
+    from ..core import DTYPES
+
+    pa.add_argument("--model", default=default, help=help)
+    pa.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
 
 
 def count(low: int = 1):
@@ -232,7 +242,7 @@ def make_parents(*paths) -> None:
 
 def pair_arguments(pa) -> None:
     """A model, a clean/corrupt prompt pair and the answers of the logit-difference metric."""
-    pa.add_argument("--model", default="smollm2")
+    model_arguments(pa)
     pa.add_argument("--clean", required=True, help="clean prompt")
     pa.add_argument("--corrupt", required=True, help="corrupt prompt (same token length)")
     pa.add_argument("--answer", required=True, help="the clean answer (one token, e.g. ' Mary')")
@@ -251,11 +261,11 @@ def sweep_arguments(pa) -> None:
     pa.add_argument("--by", default="layer,pos", help="comma list of axes, 'layer' first, e.g. layer,pos,head")
 
 
-def load_with_tokenizer(name):
-    """`models.load(name)`, refusing a model without a tokenizer (every command that reads text needs one)."""
+def load_with_tokenizer(name, dtype=None):
+    """`models.load(name, dtype=dtype)`, refusing a model without a tokenizer (every command that reads text needs one)."""
     from ..models import load
 
-    model, tok = load(name)
+    model, tok = load(name, dtype=dtype)
     if tok is None:
         raise ValueError(f"model {str(name)!r} has no tokenizer (no tokenizer.json beside it)")
     return model, tok
@@ -278,7 +288,7 @@ def prepare_pair(args):
 
     from ..core import LogitDiff
 
-    model, tok = load_with_tokenizer(args.model)
+    model, tok = load_with_tokenizer(args.model, args.dtype)
     clean, corrupt = tok.to_tokens(args.clean, args.bos), tok.to_tokens(args.corrupt, args.bos)
     for flag, t in (("--clean", clean), ("--corrupt", corrupt)):
         if t.shape[1] == 0:

@@ -174,7 +174,8 @@ class Config:
         for need in needs:
             bad, why = problems[need]
             if bad:
-                raise ValueError(f"{what} needs writes to the residual stream that add up; this model (family "
+                verb = "need" if " and " in what else "needs"
+                raise ValueError(f"{what} {verb} writes to the residual stream that add up; this model (family "
                                  f"{self.family!r}) {why}. Node-level methods (patch_sweep, attribution_patch) "
                                  "work on it")  # fmt: skip
 

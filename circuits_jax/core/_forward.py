@@ -41,7 +41,7 @@ from jaxtyping import Bool, Float, Int
 from ._checks import check_tokens, layer_index
 from ._config import Config
 from ._interventions import ALL_LAYERS, Hook, Intervention, PerLayer
-from ._sites import SPLIT_INPUTS, Site, global_kinds, layer_kinds, parse_site, site_shape
+from ._sites import SPLIT_INPUTS, Site, global_kinds, layer_kinds, parse_site, site_dtype, site_shape
 
 # ---------------------------------------------------------------------------
 # Taps
@@ -183,20 +183,22 @@ class CacheTap(Tap):
 
 
 def add_bias(x, b):
-    """`x + b`, or `x` when the model has no such bias."""
-    return x if b is None else x + b
+    """`x + b` in `x`'s dtype, or `x` when the model has no such bias."""
+    return x if b is None else x + b.astype(x.dtype)
 
 
 def norm(cfg: Config, x: Array, w, b, prefix: str, tap: Tap, state) -> tuple[Array, Any]:
-    """LayerNorm / RMSNorm with TransformerLens's sites (`hook_normalized` is before the weight)."""
+    """LayerNorm / RMSNorm with TransformerLens's sites (`hook_normalized` is before the weight), computed in
+    float32 whatever the model's dtype; the output has the input's dtype."""
     if cfg.normalization is None:
         return x, state
+    dtype, x = x.dtype, x.astype(jnp.float32)
     if cfg.normalization == "layernorm":
         x = x - jnp.mean(x, axis=-1, keepdims=True)
     scale, state = tap(f"{prefix}.hook_scale", jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps), state)
     x, state = tap(f"{prefix}.hook_normalized", x / scale, state)
     x = x * w
-    return (x if b is None else x + b), state
+    return (x if b is None else x + b).astype(dtype), state
 
 
 def activation(cfg: Config, x: Array) -> Array:
@@ -315,12 +317,13 @@ def rope(cfg: Config, x: Float[Array, "B T N E"], positions: Int[Array, "B T"], 
     if cfg.rope_type == "yarn":
         cos, sin = cos * spec.rope_factor, sin * spec.rope_factor
     xr, xp = (x, None) if R == x.shape[-1] else (x[..., :R], x[..., R:])
+    xr = xr.astype(jnp.float32)  # rotated in float32 whatever the model's dtype
     x1, x2 = xr[..., : R // 2], xr[..., R // 2 :]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = xr * cos + rotated * sin
+    out = (xr * cos + rotated * sin).astype(x.dtype)
     if xp is not None:
         out = jnp.concatenate([out, xp], axis=-1)
-    return out.astype(x.dtype)
+    return out
 
 
 def positions_from_mask(attention_mask: Bool[Array, "B T"] | None, batch: int, pos: int) -> Int[Array, "B T"]:
@@ -355,7 +358,8 @@ def final(model, x: Float[Array, "*B D"], tap: Tap = NO_TAP, state=None):
     """`(logits [..., V], state)`: the final norm and the unembedding of a residual stream (soft-capped if the
     config says so)."""
     h, state = norm(model.cfg, x, model.lnf_w, model.lnf_b, "ln_final", tap, state)
-    return softcap(add_bias(h @ model.W_U, model.b_U), model.cfg.final_softcap), state
+    logits = jnp.matmul(h, model.W_U, preferred_element_type=jnp.float32)  # float32 logits in any model dtype
+    return softcap(add_bias(logits, model.b_U), model.cfg.final_softcap), state
 
 
 def unembed(model, resid: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
@@ -364,8 +368,9 @@ def unembed(model, resid: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
 
 
 def _rms(cfg: Config, x: Array, w) -> Array:
-    """RMSNorm over the last axis without sites (the q / k norms)."""
-    return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps) * w
+    """RMSNorm over the last axis without sites (the q / k norms), in float32; the output has `x`'s dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf / jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps) * w).astype(x.dtype)
 
 
 def qk_norm(cfg: Config, x: Float[Array, "B T N E"], w) -> Float[Array, "B T N E"]:
@@ -411,7 +416,7 @@ def block(cfg: Config, p, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
         k, state = tap("attn.hook_rot_k", rope(cfg, k, positions, spec), state)
     qg = q.reshape(B, T, K, G, E)
     S = k.shape[1]  # keys: T, or a KV cache's slots when generating (queries are then the last T of them)
-    scores = jnp.einsum("btkge,bske->bkgts", qg, k).reshape(B, H, T, S)
+    scores = jnp.einsum("btkge,bske->bkgts", qg, k).reshape(B, H, T, S).astype(jnp.float32)  # softmax in float32
     if cfg.attn_scale is None:  # the usual 1/sqrt(d_head), as a division (the numerics every reference has)
         scores = scores / np.sqrt(E).astype(np.float32)
     else:
@@ -433,7 +438,7 @@ def block(cfg: Config, p, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
         allowed = allowed & key_mask[:, None, None, :]
     scores, state = tap("attn.hook_attn_scores", jnp.where(allowed, scores, jnp.finfo(scores.dtype).min), state)
     pattern, state = tap("attn.hook_pattern", jax.nn.softmax(scores, axis=-1), state)
-    z = jnp.einsum("bkgts,bske->btkge", pattern.reshape(B, K, G, T, S), v).reshape(B, T, H, E)
+    z = jnp.einsum("bkgts,bske->btkge", pattern.astype(v.dtype).reshape(B, K, G, T, S), v).reshape(B, T, H, E)
     z, state = tap("attn.hook_z", z, state)
     if tap.rewrites(("attn.hook_result",)):  # the per-head outputs feed the stream only when something rewrites them
         result, state = tap("attn.hook_result", jnp.einsum("bthe,hed->bthd", z, p.W_O), state)
@@ -685,7 +690,7 @@ def _run(model, tokens, *, hooks, cache, attention_mask, start_layer, stop_layer
         table = np.full(cfg.n_layers, len(ls), np.int32)
         table[ls] = np.arange(len(ls))
         slots[kind] = jnp.asarray(table)
-        buffers[kind] = jnp.zeros((len(ls) + 1, *site_shape(Site(kind, 0), cfg, B, T)), dtype)
+        buffers[kind] = jnp.zeros((len(ls) + 1, *site_shape(Site(kind, 0), cfg, B, T)), site_dtype(kind, dtype))
     tap = Taps((HookTap(hooks), CacheTap(slots, tuple(s.kind for s in wanted if s.layer is None))))
     logits = return_logits and not (isinstance(stop_layer, int) and stop_layer < cfg.n_layers)
     out = forward(model, tokens if resid is None else None, tap=tap, carry=(None, buffers), positions=positions,

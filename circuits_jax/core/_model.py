@@ -14,11 +14,13 @@ stop layers are run-time values, so one compiled forward serves them all.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jaxtyping import Float, Int
 
@@ -76,6 +78,51 @@ class Transformer(eqx.Module):
 
     def __call__(self, tokens: Int[Array, "B T"], attention_mask: Array | None = None) -> Float[Array, "B T V"]:
         return run(self, tokens, attention_mask=attention_mask).logits
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # the weight dtypes a model may have
+
+
+def model_dtype(dtype) -> np.dtype:
+    """`dtype` ("bfloat16", `jnp.bfloat16`, `np.float16`, ...) as a numpy dtype, if it is one of `DTYPES`;
+    otherwise a ValueError naming it and the valid ones."""
+    try:
+        d = np.dtype(getattr(jnp, dtype) if isinstance(dtype, str) and hasattr(jnp, dtype) else dtype)
+    except TypeError:
+        d = None
+    if d is None or d.name not in DTYPES:
+        raise ValueError(f"unsupported model dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return d
+
+
+# Norm weights stay float32 in every model dtype: they are small, norms are computed in float32, and Gemma's
+# `1 + w` weights would lose `w` in bfloat16 (8 bits of mantissa).
+NORM_WEIGHTS = ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "q_norm_w", "k_norm_w", "ln1_post_w", "ln2_post_w", "lnf_w", "lnf_b")
+
+
+def weight_dtype(field: str, dtype):
+    """The dtype weight `field` (a `Blocks` or `Transformer` field name) has in a model of `dtype`: float32
+    for norm weights, else `dtype` (None: as given)."""
+    return np.dtype(np.float32) if field in NORM_WEIGHTS and dtype is not None else dtype
+
+
+def cast(model: Transformer, dtype) -> Transformer:
+    """`model` with its weights in `dtype` (one of `DTYPES`; norm weights stay float32, `weight_dtype`).
+    Activations follow the weights; norms, the attention softmax and logits are float32 in any dtype."""
+    d = model_dtype(dtype)
+
+    def conv(obj):
+        changes = {}
+        for f in dataclasses.fields(obj):
+            a = getattr(obj, f.name)
+            want = weight_dtype(f.name, d)
+            if isinstance(a, jax.Array | np.ndarray) and jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != want:
+                changes[f.name] = a.astype(want)
+            elif isinstance(a, jax.ShapeDtypeStruct) and a.dtype != want:  # an abstract model (`jax.eval_shape`)
+                changes[f.name] = jax.ShapeDtypeStruct(a.shape, want, sharding=getattr(a, "sharding", None))
+        return dataclasses.replace(obj, **changes)
+
+    return dataclasses.replace(conv(model), blocks=conv(model.blocks))
 
 
 def init_model(cfg: Config, *, key: Array, std: float = 0.02) -> Transformer:

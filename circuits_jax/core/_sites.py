@@ -42,6 +42,7 @@ class SiteKind:
     per_layer: bool = True
     needs: str = ""  # "norm", "rotary", "mlp", "gated", "learned" (positions), "prenorm" (ln1/ln2 before attention
     # and MLP), "qknorm", "postattn", "postmlp" (post-norms), "serial" (not parallel_residual): absent without it
+    float32: bool = False  # computed in float32 whatever the weights' dtype (norm statistics, attention scores)
 
 
 SITE_KINDS: tuple[SiteKind, ...] = (
@@ -53,8 +54,8 @@ SITE_KINDS: tuple[SiteKind, ...] = (
     SiteKind("hook_q_input", "B T H D", ("q_input",)),
     SiteKind("hook_k_input", "B T K D", ("k_input",)),
     SiteKind("hook_v_input", "B T K D", ("v_input",)),
-    SiteKind("ln1.hook_scale", "B T 1", needs="norm prenorm"),
-    SiteKind("ln1.hook_normalized", "B T D", needs="norm prenorm"),
+    SiteKind("ln1.hook_scale", "B T 1", needs="norm prenorm", float32=True),
+    SiteKind("ln1.hook_normalized", "B T D", needs="norm prenorm", float32=True),
     SiteKind("attn.hook_q", "B T H E", ("q",), sweep=(("pos", 0), ("head", 1))),
     SiteKind("attn.hook_k", "B T K E", ("k",), sweep=(("pos", 0), ("head", 1))),  # head = kv head under GQA
     SiteKind("attn.hook_v", "B T K E", ("v",), sweep=(("pos", 0), ("head", 1))),
@@ -62,28 +63,28 @@ SITE_KINDS: tuple[SiteKind, ...] = (
     SiteKind("attn.hook_k_normed", "B T K E", ("k_normed",), needs="qknorm"),
     SiteKind("attn.hook_rot_q", "B T H E", ("rot_q",), needs="rotary"),
     SiteKind("attn.hook_rot_k", "B T K E", ("rot_k",), needs="rotary"),
-    SiteKind("attn.hook_attn_scores", "B H T S", ("attn_scores", "scores")),
-    SiteKind("attn.hook_pattern", "B H T S", ("pattern", "attn"), sweep=(("head", 0), ("dest", 1), ("src", 2))),
+    SiteKind("attn.hook_attn_scores", "B H T S", ("attn_scores", "scores"), float32=True),
+    SiteKind("attn.hook_pattern", "B H T S", ("pattern", "attn"), sweep=(("head", 0), ("dest", 1), ("src", 2)), float32=True),
     SiteKind("attn.hook_z", "B T H E", ("z",), sweep=(("pos", 0), ("head", 1))),
     SiteKind("attn.hook_result", "B T H D", ("result",)),
-    SiteKind("ln1_post.hook_scale", "B T 1", needs="postattn"),  # the post-attention norm (Gemma 2/3, OLMo-2)
-    SiteKind("ln1_post.hook_normalized", "B T D", needs="postattn"),
+    SiteKind("ln1_post.hook_scale", "B T 1", needs="postattn", float32=True),  # the post-attention norm (Gemma 2/3, OLMo-2)
+    SiteKind("ln1_post.hook_normalized", "B T D", needs="postattn", float32=True),
     SiteKind("hook_attn_out", "B T D", ("attn_out",), sweep=(("pos", 0),)),
     # MLP half
     SiteKind("hook_resid_mid", "B T D", ("resid_mid",), sweep=(("pos", 0),), needs="mlp serial"),
     SiteKind("hook_mlp_in", "B T D", ("mlp_in",), needs="mlp"),
-    SiteKind("ln2.hook_scale", "B T 1", needs="mlp norm prenorm"),
-    SiteKind("ln2.hook_normalized", "B T D", needs="mlp norm prenorm"),
+    SiteKind("ln2.hook_scale", "B T 1", needs="mlp norm prenorm", float32=True),
+    SiteKind("ln2.hook_normalized", "B T D", needs="mlp norm prenorm", float32=True),
     SiteKind("mlp.hook_pre", "B T M", ("pre", "mlp_pre"), needs="mlp"),
     SiteKind("mlp.hook_pre_linear", "B T M", ("pre_linear",), needs="mlp gated"),
     SiteKind("mlp.hook_post", "B T M", ("post", "mlp_post"), sweep=(("pos", 0), ("neuron", 1)), needs="mlp"),
-    SiteKind("ln2_post.hook_scale", "B T 1", needs="mlp postmlp"),  # the post-MLP norm
-    SiteKind("ln2_post.hook_normalized", "B T D", needs="mlp postmlp"),
+    SiteKind("ln2_post.hook_scale", "B T 1", needs="mlp postmlp", float32=True),  # the post-MLP norm
+    SiteKind("ln2_post.hook_normalized", "B T D", needs="mlp postmlp", float32=True),
     SiteKind("hook_mlp_out", "B T D", ("mlp_out",), sweep=(("pos", 0),), needs="mlp"),
     SiteKind("hook_resid_post", "B T D", ("resid_post",), sweep=(("pos", 0),)),
     # global, after the layers
-    SiteKind("ln_final.hook_scale", "B T 1", per_layer=False, needs="norm"),
-    SiteKind("ln_final.hook_normalized", "B T D", per_layer=False, needs="norm"),
+    SiteKind("ln_final.hook_scale", "B T 1", per_layer=False, needs="norm", float32=True),
+    SiteKind("ln_final.hook_normalized", "B T D", per_layer=False, needs="norm", float32=True),
 )
 KIND = {k.kind: k for k in SITE_KINDS}
 LAYER_KINDS = tuple(k.kind for k in SITE_KINDS if k.per_layer)  # every per-layer kind of any architecture
@@ -168,6 +169,14 @@ def parse_site(name, cfg: Config) -> Site:
                 return Site(kind, layer)
             raise _unknown(name, cfg, f" (the model has {cfg.n_layers} layers, 0..{cfg.n_layers - 1})")
     raise _unknown(name, cfg)
+
+
+def site_dtype(kind: str, dtype):
+    """The dtype a site of `kind` holds in a model whose weights are `dtype`: float32 for the norm statistics and
+    attention scores and pattern (kept in float32 as the reference implementations keep them), else `dtype`."""
+    import numpy as np
+
+    return np.dtype(np.float32) if KIND[kind].float32 else dtype
 
 
 def site_shape(site: Site, cfg: Config, batch: int, pos: int) -> tuple[int, ...]:

@@ -65,7 +65,7 @@ def _hooks(cfg, d, x, mask, *, zero: bool):
 @eqx.filter_jit
 def _eval_batch(model: Transformer, d, tokens):
     out = run(model, tokens, cache=list(dict.fromkeys(d.in_sites + d.out_sites)))
-    x, y = gather_xy(d, out.cache)
+    x, y = (a.astype(jnp.float32) for a in gather_xy(d, out.cache))  # a bfloat16 model's activations, scored in float32
     B, T = tokens.shape
     mask = jnp.broadcast_to((jnp.arange(T) > 0)[None, :, None], (B, T, 1))  # non-BOS positions
     clt = isinstance(d, CrossLayerTranscoder)

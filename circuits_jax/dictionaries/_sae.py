@@ -233,7 +233,8 @@ class SAE(eqx.Module):
         return [self.out_site]
 
     def pre(self, x: Array) -> Array:
-        return (x * self.in_scale) @ self.W_enc + self.b_enc
+        """Pre-activations; `x` is read in the dictionary's dtype (a bfloat16 model's activations, float32 weights)."""
+        return (x.astype(self.W_enc.dtype) * self.in_scale) @ self.W_enc + self.b_enc
 
     def activate(self, pre: Array) -> Array:
         """Inference activations (batchtopk uses its threshold, so one token's code does not
@@ -400,7 +401,7 @@ class CrossLayerTranscoder(eqx.Module):
         return jnp.triu(jnp.ones((L, L), self.W_dec.dtype))  # [src, dst]: dst >= src
 
     def pre(self, x: Array) -> Array:
-        return jnp.einsum("nld,ldf->nlf", x * self.in_scale[:, None], self.W_enc) + self.b_enc
+        return jnp.einsum("nld,ldf->nlf", x.astype(self.W_enc.dtype) * self.in_scale[:, None], self.W_enc) + self.b_enc
 
     def encode(self, x: Array) -> Array:
         lead = x.shape[:-2]

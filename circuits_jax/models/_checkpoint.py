@@ -123,16 +123,19 @@ def save_model(path: str | Path, model) -> Path:
     return path
 
 
-def load_model(path: str | Path, *, mesh=None):
+def load_model(path: str | Path, *, mesh=None, dtype=None):
     """A model saved by `save_model`; with `mesh`, each weight is read straight into its shards
-    (`_sharding.shard_model`'s layout), so no device ever holds the whole model."""
-    from ..core import init_model
+    (`_sharding.shard_model`'s layout), so no device ever holds the whole model; with `dtype`, each weight is
+    read straight into that dtype (`core.cast`'s rule), so no float32 copy of the model is ever made."""
+    from ..core import cast, init_model
 
     path = Path(path).absolute()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a circuits_jax model checkpoint (no config.json)")
     cfg = Config(**{k: _tuples(v) for k, v in json.loads((path / "config.json").read_text()).items()})
     like = jax.eval_shape(lambda: init_model(cfg, key=jax.random.key(0)))
+    if dtype is not None:
+        like = cast(like, dtype)
     if mesh is not None:
         from ..scale import model_shardings
 

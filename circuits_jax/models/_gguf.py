@@ -1,11 +1,11 @@
 """GGUF files (llama.cpp): dequantized weights and the embedded tokenizer.
 
-Two architectures: "llama" (Llama, SmolLM2, ...) and "gemma3" (Gemma 3 text models).
-GGUF stores Llama's Q and K projections with their rows permuted for llama.cpp's
-interleaved RoPE; we undo that so the weights use Hugging Face's rotate-half
-convention (which our `_rope` implements). llama.cpp does not permute Gemma's Q
-and K, and its converter already stored every Gemma norm weight as `1 + w`, which
-is how our pytree keeps Gemma's (1 + w) RMSNorms, so they are taken as they are.
+Four architectures: "llama" (Llama, SmolLM2, Mistral, ...), "gemma3" (Gemma 3 text models), "qwen2"
+(Qwen 2 / 2.5: q, k, v biases) and "qwen3" (Qwen 3: q/k norms). GGUF stores Llama's Q and K projections
+with their rows permuted for llama.cpp's interleaved RoPE; we undo that so the weights use Hugging Face's
+rotate-half convention (which our `_rope` implements). llama.cpp permutes neither Gemma's nor Qwen's Q and
+K, and its converter already stored every Gemma norm weight as `1 + w`, which is how our pytree keeps
+Gemma's (1 + w) RMSNorms, so they are taken as they are.
 
 Two tokenizer kinds: byte-level BPE with merges ("gpt2") and SentencePiece-style
 vocabularies with scores ("llama", as Gemma's), both built with `tokenizers`.
@@ -54,7 +54,7 @@ def _reader(path: Path):
         raise ValueError(f"{path} is a damaged GGUF file ({type(e).__name__}: {e}); {FETCH_HINT}") from e
 
 
-ARCHITECTURES = ("llama", "gemma3")
+ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3")
 # Hugging Face's per-layer names (`llama_blocks` asks by them) -> GGUF's, `blk.{l}.` and `.weight` omitted
 _COMMON = {
     "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
@@ -67,6 +67,9 @@ GGUF_NAMES = {
                "post_attention_layernorm.weight": "post_attention_norm",
                "pre_feedforward_layernorm.weight": "ffn_norm",
                "post_feedforward_layernorm.weight": "post_ffw_norm"},
+    "qwen2": {**_COMMON, "post_attention_layernorm.weight": "ffn_norm"},  # + attn_q/k/v biases (`.bias`)
+    "qwen3": {**_COMMON, "post_attention_layernorm.weight": "ffn_norm", "self_attn.q_norm.weight": "attn_q_norm",
+              "self_attn.k_norm.weight": "attn_k_norm"},
 }  # fmt: skip
 # the quantisation types we dequantize (through `gguf.quants`) and test
 QUANT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -102,7 +105,7 @@ def _tensor(t, source: str = "GGUF file") -> np.ndarray:
 
 
 def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
-    """Load a GGUF model ("llama" or "gemma3" architecture): weights dequantized to float32, and its tokenizer."""
+    """Load a GGUF model (an architecture of `ARCHITECTURES`): weights dequantized to float32, and its tokenizer."""
     path = Path(path)
     r = _reader(path)
     arch = _field(r, "general.architecture")
@@ -115,8 +118,9 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
         H, K = cfg.n_heads, cfg.kv_heads
         names = GGUF_NAMES[arch]
 
-        def get(l, name):  # `llama_blocks` asks by Hugging Face name (its Llama layout)
-            w = _tensor(tensors[f"blk.{l}.{names[name]}.weight"], str(path))
+        def get(l, name):  # `llama_blocks` asks by Hugging Face name (its Llama layout); biases end in `.bias`
+            stem, kind = name.rsplit(".", 1)
+            w = _tensor(tensors[f"blk.{l}.{names[stem + '.weight']}.{kind}"], str(path))
             if arch == "llama" and name == "self_attn.q_proj.weight":
                 w = _unpermute(w, H)
             elif arch == "llama" and name == "self_attn.k_proj.weight":
@@ -160,9 +164,10 @@ def _config(r, arch: str, tensors: dict) -> Config:
         bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"), eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(r, "tokenizer.ggml.padding_token_id"),
     )  # fmt: skip
-    if arch == "llama":
+    if arch in ("llama", "qwen2", "qwen3"):
         return Config(
-            **common, d_head=D // H, n_ctx=int(_field(r, "llama.context_length", 2048)), act="silu", family="llama",
+            **common, d_head=int(_field(r, f"{arch}.attention.key_length", D // H)), act="silu", family=arch,
+            n_ctx=int(_field(r, f"{arch}.context_length", 2048)), attn_bias=arch == "qwen2", qk_norm=arch == "qwen3",
             default_prepend_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
         )  # fmt: skip
     # gemma3: head size from key_length; scores scaled by query_pre_attn_scalar ** -0.5, which llama.cpp and

@@ -17,22 +17,62 @@ whose last bit is at or above 2^-23 (every bf16 weight of magnitude above 2^-16)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from ..core import Blocks, Config, Transformer
+from ..core import Blocks, Config, Transformer, model_dtype, weight_dtype
 from ._files import atomic_path, write_text
-from ._finite import check_finite
+from ._finite import NonFiniteWeights, check_finite
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt_neox", "phi3", "olmo2")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm weights stored as 1 + w
 INDEX = "model.safetensors.index.json"
 
 
-def _read_weights(path: Path) -> dict[str, np.ndarray]:
+class Weights(Mapping):
+    """Weights by name, each read from its file when asked for (float32 numpy, checked finite): a model is
+    built one tensor at a time, so loading never holds the checkpoint twice (nor the files' copy at all)."""
+
+    def __init__(self, read: dict[str, Callable[[], np.ndarray]]):
+        self._read = read
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._read[name]()
+
+    def __iter__(self):
+        return iter(self._read)
+
+    def __len__(self) -> int:
+        return len(self._read)
+
+    def reader(self, name: str) -> Callable[[], np.ndarray]:
+        return self._read[name]
+
+
+class _Unreadable(ValueError):
+    """A tensor whose bytes cannot be read (raised while the model is built, already naming the file)."""
+
+
+def _tensor_reader(f: Path, handle, name: str) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        try:
+            a = handle.get_tensor(name)
+        except Exception as e:  # a damaged data section: safetensors names no file
+            raise _Unreadable(f"{f} is not a readable safetensors file (tensor {name}: {e}); it may be truncated or "
+                             "damaged: fetch or export it again") from None  # fmt: skip
+        a = np.asarray(a, np.float32)
+        check_finite({name: a}, str(f))
+        return a
+
+    return read
+
+
+def _read_weights(path: Path) -> Weights:
     if (path / INDEX).exists():  # sharded: the index names every weight's file
         index = read_json(path / INDEX)
         shards = sorted(set((index.get("weight_map") or {}).values()))
@@ -47,19 +87,18 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
         files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}; expected a Hugging Face model directory")
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
-    weights: dict[str, np.ndarray] = {}
+    read: dict[str, Callable[[], np.ndarray]] = {}
     for f in files:
-        try:
-            part = {k: np.asarray(v, np.float32) for k, v in load_file(str(f)).items()}
+        try:  # framework "flax" reads bfloat16 tensors too (numpy has no bfloat16)
+            handle = safe_open(str(f), framework="flax")
+            read.update({name: _tensor_reader(f, handle, name) for name in handle.keys()})
         except (SafetensorError, OSError) as e:  # truncated, header damaged, unreadable
             raise ValueError(f"{f} is not a readable safetensors file ({e}); it may be truncated or damaged: "
                              "fetch or export it again") from None  # fmt: skip
-        check_finite(part, str(f))
-        weights.update(part)
     # Some checkpoints prefix the base model ("transformer." / "model.") and some don't.
-    return weights
+    return Weights(read)
 
 
 def config_from_hf(hf: dict, source: str | Path = "config.json") -> Config:
@@ -201,13 +240,14 @@ def _config_from_hf(hf: dict) -> Config:
     )  # fmt: skip
 
 
-def _stack(ws: dict, fmt: str, L: int, fn=lambda a: a):
-    return jnp.asarray(np.stack([fn(ws[fmt.format(l)]) for l in range(L)]))
+def _stack(ws, fmt: str, L: int, fn=lambda a: a, dtype=None):
+    return jnp.asarray(np.stack([fn(ws[fmt.format(l)]) for l in range(L)]), dtype)
 
 
-def _gpt2(cfg: Config, w: dict) -> Transformer:
-    w = {k.removeprefix("transformer."): v for k, v in w.items()}
-    L, D, H, E = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head
+def _gpt2(cfg: Config, w: Weights, dtype=None) -> Transformer:
+    w = Weights({k.removeprefix("transformer."): w.reader(k) for k in w})
+    st = partial(_stack, w, L=cfg.n_layers, dtype=dtype)
+    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
 
     def qkv(i, bias=False):
         def f(a):
@@ -217,24 +257,19 @@ def _gpt2(cfg: Config, w: dict) -> Transformer:
         return f
 
     b = Blocks(
-        W_Q=_stack(w, "h.{}.attn.c_attn.weight", L, qkv(0)),
-        W_K=_stack(w, "h.{}.attn.c_attn.weight", L, qkv(1)),
-        W_V=_stack(w, "h.{}.attn.c_attn.weight", L, qkv(2)),
-        b_Q=_stack(w, "h.{}.attn.c_attn.bias", L, qkv(0, True)),
-        b_K=_stack(w, "h.{}.attn.c_attn.bias", L, qkv(1, True)),
-        b_V=_stack(w, "h.{}.attn.c_attn.bias", L, qkv(2, True)),
-        W_O=_stack(w, "h.{}.attn.c_proj.weight", L, lambda a: a.reshape(H, E, D)),
-        b_O=_stack(w, "h.{}.attn.c_proj.bias", L),
-        ln1_w=_stack(w, "h.{}.ln_1.weight", L), ln1_b=_stack(w, "h.{}.ln_1.bias", L),
-        ln2_w=_stack(w, "h.{}.ln_2.weight", L), ln2_b=_stack(w, "h.{}.ln_2.bias", L),
-        W_in=_stack(w, "h.{}.mlp.c_fc.weight", L), b_in=_stack(w, "h.{}.mlp.c_fc.bias", L),
-        W_out=_stack(w, "h.{}.mlp.c_proj.weight", L), b_out=_stack(w, "h.{}.mlp.c_proj.bias", L),
+        W_Q=st("h.{}.attn.c_attn.weight", fn=qkv(0)), W_K=st("h.{}.attn.c_attn.weight", fn=qkv(1)),
+        W_V=st("h.{}.attn.c_attn.weight", fn=qkv(2)), b_Q=st("h.{}.attn.c_attn.bias", fn=qkv(0, True)),
+        b_K=st("h.{}.attn.c_attn.bias", fn=qkv(1, True)), b_V=st("h.{}.attn.c_attn.bias", fn=qkv(2, True)),
+        W_O=st("h.{}.attn.c_proj.weight", fn=lambda a: a.reshape(H, E, D)), b_O=st("h.{}.attn.c_proj.bias"),
+        ln1_w=st("h.{}.ln_1.weight"), ln1_b=st("h.{}.ln_1.bias"), ln2_w=st("h.{}.ln_2.weight"), ln2_b=st("h.{}.ln_2.bias"),
+        W_in=st("h.{}.mlp.c_fc.weight"), b_in=st("h.{}.mlp.c_fc.bias"),
+        W_out=st("h.{}.mlp.c_proj.weight"), b_out=st("h.{}.mlp.c_proj.bias"),
     )  # fmt: skip
-    W_E = jnp.asarray(w["wte.weight"])
-    W_U = jnp.asarray(w["lm_head.weight"].T) if "lm_head.weight" in w else W_E.T
+    W_E = jnp.asarray(w["wte.weight"], dtype)
+    W_U = jnp.asarray(w["lm_head.weight"].T, dtype) if "lm_head.weight" in w else W_E.T
     return Transformer(
-        cfg=cfg, W_E=W_E, blocks=b, W_U=W_U, W_pos=jnp.asarray(w["wpe.weight"]),
-        lnf_w=jnp.asarray(w["ln_f.weight"]), lnf_b=jnp.asarray(w["ln_f.bias"]),
+        cfg=cfg, W_E=W_E, blocks=b, W_U=W_U, W_pos=jnp.asarray(w["wpe.weight"], dtype),
+        lnf_w=jnp.asarray(w["ln_f.weight"], dtype), lnf_b=jnp.asarray(w["ln_f.bias"], dtype),
     )  # fmt: skip
 
 
@@ -307,10 +342,11 @@ def _to_hf(cfg: Config, field: str):
     return lambda m: m
 
 
-def llama_blocks(cfg: Config, get, norm_offset: float = 0.0) -> Blocks:
+def llama_blocks(cfg: Config, get, norm_offset: float = 0.0, dtype=None) -> Blocks:
     """Blocks from `get(layer, name)` returning HF `[out, in]` matrices under their Llama-layout names
     (`layer_names(cfg)`: q/k norms, Gemma's pre/post feed-forward norms, OLMo-2's post-norms included).
-    `norm_offset` is added to every RMSNorm weight (1 for Gemma's `1 + w` norms)."""
+    `norm_offset` is added to every RMSNorm weight (1 for Gemma's `1 + w` norms). With `dtype`, each field is
+    cast as it is made (`weight_dtype`), so a float32 copy of the whole model never exists."""
     L, D = cfg.n_layers, cfg.d_model
     parts = {}
     for field, name in layer_names(cfg).items():
@@ -318,67 +354,75 @@ def llama_blocks(cfg: Config, get, norm_offset: float = 0.0) -> Blocks:
         arr = np.stack([fn(np.asarray(get(l, name), np.float32)) for l in range(L)])
         if norm_offset and field in _RMS_FIELDS:
             arr = arr + np.float32(norm_offset)
-        parts[field] = jnp.asarray(arr)
+        parts[field] = jnp.asarray(arr, weight_dtype(field, dtype))
+        del arr
     if cfg.attn_bias and cfg.family == "qwen2":
-        parts["b_O"] = jnp.zeros((L, D), jnp.float32)
+        parts["b_O"] = jnp.zeros((L, D), dtype or jnp.float32)
     return Blocks(**parts)
 
 
-def _canonical(cfg: Config, w: dict) -> dict:
-    """HF weights renamed and split into the Llama layout `llama_blocks` reads (no `model.` prefix)."""
+def _canonical(cfg: Config, w: Weights) -> Weights:
+    """HF weights renamed and split into the Llama layout `llama_blocks` reads (no `model.` prefix); still read
+    lazily (a fused tensor is read again for each of its parts)."""
     H, K, E, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+    out: dict[str, Callable[[], np.ndarray]] = {}
+
+    def part(read, fn):
+        return lambda: fn(read())
+
     if cfg.family == "gpt_neox":
         rename = {"attention.dense.": "self_attn.o_proj.", "mlp.dense_h_to_4h.": "mlp.up_proj.",
                   "mlp.dense_4h_to_h.": "mlp.down_proj.", "embed_in.": "embed_tokens.", "final_layer_norm.": "norm.",
                   "embed_out.": "lm_head."}  # fmt: skip
-        out = {}
-        for k, v in w.items():
-            k = k.removeprefix("gpt_neox.")
+        for key in w:
+            k = key.removeprefix("gpt_neox.")
             if ".attention.query_key_value." in k:  # per head [q | k | v] rows: [H, 3, E, ...]
-                qkv = v.reshape(H, 3, E, *v.shape[1:])
                 for i, name in enumerate("qkv"):
-                    out[k.replace("attention.query_key_value", f"self_attn.{name}_proj")] = (
-                        qkv[:, i].reshape(H * E, *v.shape[1:]))  # fmt: skip
+                    out[k.replace("attention.query_key_value", f"self_attn.{name}_proj")] = part(
+                        w.reader(key), lambda v, i=i: v.reshape(H, 3, E, *v.shape[1:])[:, i].reshape(H * E, *v.shape[1:]))
                 continue
             for a, b in rename.items():
                 k = k.replace(a, b)
-            out[k] = v
-        return out
-    out = {}
-    for k, v in w.items():
-        k = k.removeprefix("model.")
+            out[k] = w.reader(key)
+        return Weights(out)
+    for key in w:
+        k = key.removeprefix("model.")
         if k.endswith("self_attn.qkv_proj.weight"):  # Phi-3: rows [q (H*E) | k (K*E) | v (K*E)]
-            q, kk, vv = np.split(v, [H * E, (H + K) * E])
-            for name, part in zip("qkv", (q, kk, vv)):
-                out[k.replace("qkv_proj", f"{name}_proj")] = part
+            for i, name in enumerate("qkv"):
+                out[k.replace("qkv_proj", f"{name}_proj")] = part(
+                    w.reader(key), lambda v, i=i: np.split(v, [H * E, (H + K) * E])[i])
         elif k.endswith("mlp.gate_up_proj.weight"):  # Phi-3: rows [gate (M) | up (M)]
-            out[k.replace("gate_up_proj", "gate_proj")], out[k.replace("gate_up_proj", "up_proj")] = v[:M], v[M:]
+            out[k.replace("gate_up_proj", "gate_proj")] = part(w.reader(key), lambda v: v[:M])
+            out[k.replace("gate_up_proj", "up_proj")] = part(w.reader(key), lambda v: v[M:])
         else:
-            out[k] = v
-    return out
+            out[k] = w.reader(key)
+    return Weights(out)
 
 
-def _llama(cfg: Config, w: dict) -> Transformer:
+def _llama(cfg: Config, w: Weights, dtype=None) -> Transformer:
     w = _canonical(cfg, w)
-    off = 1.0 if cfg.family in GEMMA else 0.0
-    blocks = llama_blocks(cfg, lambda l, name: w[f"layers.{l}.{name}"], norm_offset=off)
-    W_E = jnp.asarray(w["embed_tokens.weight"])
-    W_U = W_E.T if cfg.tied_embeddings or "lm_head.weight" not in w else jnp.asarray(w["lm_head.weight"].T)
+    off = np.float32(1.0 if cfg.family in GEMMA else 0.0)
+    blocks = llama_blocks(cfg, lambda l, name: w[f"layers.{l}.{name}"], norm_offset=off, dtype=dtype)
+    W_E = jnp.asarray(w["embed_tokens.weight"], dtype)
+    W_U = W_E.T if cfg.tied_embeddings or "lm_head.weight" not in w else jnp.asarray(w["lm_head.weight"].T, dtype)
     lnf_b = jnp.asarray(w["norm.bias"]) if cfg.normalization == "layernorm" else None
-    return Transformer(cfg=cfg, W_E=W_E, blocks=blocks, W_U=W_U, lnf_w=jnp.asarray(w["norm.weight"] + np.float32(off)),
-                       lnf_b=lnf_b)  # fmt: skip
+    return Transformer(cfg=cfg, W_E=W_E, blocks=blocks, W_U=W_U, lnf_w=jnp.asarray(w["norm.weight"] + off), lnf_b=lnf_b)
 
 
-def load_hf(path: str | Path) -> Transformer:
+def load_hf(path: str | Path, dtype=None) -> Transformer:
     """Load a Hugging Face directory (`config.json` + `*.safetensors`, or shards listed in
-    `model.safetensors.index.json`) of any family in `FAMILIES`."""
+    `model.safetensors.index.json`) of any family in `FAMILIES`, weights in float32 or `dtype` (norm weights
+    stay float32, see `weight_dtype`). Tensors are read one at a time, straight into the model's arrays."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory")
     cfg = config_from_hf(read_json(path / "config.json"), path / "config.json")
     weights = _read_weights(path)
+    dtype = None if dtype is None else model_dtype(dtype)
     try:
-        return _gpt2(cfg, weights) if cfg.family == "gpt2" else _llama(cfg, weights)
+        return _gpt2(cfg, weights, dtype) if cfg.family == "gpt2" else _llama(cfg, weights, dtype)
+    except (NonFiniteWeights, _Unreadable):
+        raise  # already names the file and the tensor
     except KeyError as e:
         raise ValueError(f"{path}: weight {e} missing from the safetensors files (a truncated or foreign checkpoint?)") from None
     except ValueError as e:  # a weight of the wrong size for config.json (numpy's reshape, or the model's shape check)

@@ -23,7 +23,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from ..core import Transformer
+from ..core import Transformer, cast, model_dtype
 from ._files import atomic_path
 from ._finite import NonFiniteWeights
 from ._tokenizer import Tokenizer
@@ -168,8 +168,9 @@ def assemble_gguf(folder: Path, target: Path, n_parts: int = GEMMA3_PARTS) -> Pa
     return target
 
 
-def _load_gguf_cached(path: Path) -> tuple[Transformer, Tokenizer]:
-    """GGUF load with a float32 checkpoint of the dequantized weights kept beside the cache."""
+def _load_gguf_cached(path: Path, dtype=None) -> tuple[Transformer, Tokenizer]:
+    """GGUF load with a float32 checkpoint of the dequantized weights kept beside the cache (read back straight
+    into `dtype` when one is given)."""
     from ._checkpoint import load_model, save_model
     from ._gguf import load_gguf
 
@@ -177,7 +178,7 @@ def _load_gguf_cached(path: Path) -> tuple[Transformer, Tokenizer]:
     ckpt = cache_dir() / "converted" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (ckpt / "tokenizer.json").exists():  # written last, so its presence means the entry is whole
         try:
-            model = load_model(ckpt)  # checks its weights are finite
+            model = load_model(ckpt, dtype=dtype)  # checks its weights are finite
             return model, _hf_tokenizer(ckpt, model)
         except Exception as e:  # a half-written or damaged cache entry: rebuild it from the GGUF
             print(f"ignoring unreadable converted cache {ckpt}: {_first_line(e)}", file=sys.stderr)
@@ -215,7 +216,7 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def load_checkpoint(path: Path) -> Transformer:
+def load_checkpoint(path: Path, dtype=None) -> Transformer:
     """A `save_model` checkpoint, its weights checked finite; a damaged one raises ValueError naming it.
 
     orbax and tensorstore report a truncated or missing array file with their own exception types
@@ -226,7 +227,7 @@ def load_checkpoint(path: Path) -> Transformer:
 
     read_json(path / "config.json")  # a damaged config.json is named as such, not as orbax's error
     try:
-        model = load_model(path)
+        model = load_model(path, dtype=dtype)
     except Exception as e:
         if isinstance(e, NonFiniteWeights):
             raise  # already names the weight
@@ -235,28 +236,37 @@ def load_checkpoint(path: Path) -> Transformer:
     return model
 
 
-def load(name: str | os.PathLike = "smollm2") -> tuple[Transformer, Tokenizer | None]:
+def load(name: str | os.PathLike = "smollm2", *, dtype=None) -> tuple[Transformer, Tokenizer | None]:
     """`(model, tokenizer)` for `smollm2`, `gemma3-270m`, a `.gguf` file, an HF directory or a `save_model` checkpoint.
 
+    `dtype` ("bfloat16", "float16" or "float32"; default: as stored, float32 for GGUF) is the dtype of the
+    weights and activations; norms, attention softmax, logits and metrics stay float32 (`cast`).
     A missing model raises FileNotFoundError; a damaged one (truncated or garbled weights, config.json or
     tokenizer.json) raises ValueError naming the file, and weights holding NaN or Inf raise
     `NonFiniteWeights` (a ValueError) naming the tensor."""
+    if dtype is not None:
+        model_dtype(dtype)  # an unsupported dtype is refused before anything loads
+    model, tok = _load(name, dtype)
+    return (model if dtype is None else cast(model, dtype)), tok
+
+
+def _load(name, dtype) -> tuple[Transformer, Tokenizer | None]:
     from ._hf import load_hf
 
     if str(name) == "smollm2":
-        return _load_gguf_cached(smollm2_path())
+        return _load_gguf_cached(smollm2_path(), dtype)
     if str(name) == "gemma3-270m":
-        return _load_gguf_cached(gemma3_path())
+        return _load_gguf_cached(gemma3_path(), dtype)
     path = Path(name)
     if path.suffix == ".gguf":
         from ._gguf import load_gguf
 
         return load_gguf(path)
     if path.is_dir() and (path / "params").is_dir():
-        model = load_checkpoint(path)
+        model = load_checkpoint(path, dtype)
         return model, _hf_tokenizer(path, model)
     if path.is_dir():
-        model = load_hf(path)
+        model = load_hf(path, dtype=dtype)
         return model, _hf_tokenizer(path, model)
     what = "does not exist" if not path.exists() else "is not a model"
     raise FileNotFoundError(

@@ -29,7 +29,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import AnswerProb, LogitDiff, ProbMassDiff, Task
+from ..core import AnswerProb, LogitDiff, ProbMassDiff, Task, cast
 from . import known
 
 # ---------------------------------------------------------------------------------------------
@@ -393,18 +393,20 @@ def task(name: str, tok, **kw) -> Task:
 KNOWN_TASKS = ("trained-induction", "constructed-induction", "marker-lookup", "modular-sum")
 
 
-def load_task(name: str, model: str = "smollm2", *, n: int = 16, seed: int = 0):
-    """`(model, task)` by name: a text task (`TASKS`) on a loaded model (`load(model)`), or one of the
-    `KNOWN_TASKS`, small models whose circuit is known and which bring their own weights (trained or
-    built on the spot; `model` is then ignored)."""
+def load_task(name: str, model: str = "smollm2", *, n: int = 16, seed: int = 0, dtype=None):
+    """`(model, task)` by name: a text task (`TASKS`) on a loaded model (`load(model, dtype=dtype)`), or one of
+    the `KNOWN_TASKS`, small models whose circuit is known and which bring their own weights (trained or
+    built on the spot; `model` is then ignored, and the weights are cast to `dtype` if one is given)."""
     key = name.strip().lower().replace("_", "-")
     if key in KNOWN_TASKS:
         if key == "trained-induction":
             m, info = known.induction_model(seed)
-            return m, known.induction_task(m, info, batch=n, seed=seed)
-        build = {"constructed-induction": known.constructed_induction, "marker-lookup": known.marker_lookup,
-                 "modular-sum": known.modular_sum}[key]  # fmt: skip
-        return build(batch=n, seed=seed)
+            t = known.induction_task(m, info, batch=n, seed=seed)
+        else:
+            build = {"constructed-induction": known.constructed_induction, "marker-lookup": known.marker_lookup,
+                     "modular-sum": known.modular_sum}[key]  # fmt: skip
+            m, t = build(batch=n, seed=seed)
+        return (m if dtype is None else cast(m, dtype)), t
     if key not in TASKS:
         valid = list(TASKS) + list(KNOWN_TASKS)
         near = difflib.get_close_matches(key, valid, n=1)
@@ -412,7 +414,7 @@ def load_task(name: str, model: str = "smollm2", *, n: int = 16, seed: int = 0):
         raise ValueError(f"unknown task {name!r}{hint}; valid tasks: {', '.join(valid)}")
     from ..models import load
 
-    m, tok = load(model)
+    m, tok = load(model, dtype=dtype)
     if tok is None:
         raise ValueError(f"model {model!r} has no tokenizer, so text tasks cannot be built for it")
     return m, task(key, tok, n=n, seed=seed)

@@ -29,6 +29,7 @@ def test_discover_acdc_on_a_hand_built_model_finds_its_truth_and_writes_everythi
     assert curve["f"][-1] == pytest.approx(1.0, abs=1e-4) and len(curve["f"]) == len(cj.FAITHFULNESS_KS)
 
 
+@pytest.mark.slow
 def test_discover_eap_ig_greedy_circuit_size_and_bad_input(tmp_path, capsys):
     out = tmp_path / "eap"
     assert main(["discover", "--task", "marker-lookup", "--method", "eap-ig", "--fraction", "0.05", "--n", "8",

@@ -186,3 +186,17 @@ def test_site_options_read_cores_site_table():
     with pytest.raises(ValueError, match=r"^--target: unknown activation site 'blocks.7.hook_mlp_outt'; closest valid names: "
                                          r"blocks.7.hook_mlp_out"):  # fmt: skip
         check_site_name("blocks.7.hook_mlp_outt", "--target")
+
+
+def test_every_command_that_loads_a_model_takes_dtype(capsys):
+    """`--dtype` (float32, bfloat16, float16) wherever `--model` is; an unknown one is refused by argparse."""
+    from circuits_jax.core import DTYPES
+
+    (sub,) = [a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
+    with_model = [name for name, p in sub.choices.items() if any("--model" in a.option_strings for a in p._actions)]
+    assert len(with_model) >= 12, with_model
+    for name in with_model:
+        (dt,) = [a for a in sub.choices[name]._actions if "--dtype" in a.option_strings]
+        assert tuple(dt.choices) == DTYPES, name
+    rc, err = _run(["predict", "--model", M, "--prompt", "x", "--dtype", "int8"], capsys)
+    assert rc == 2 and "invalid choice: 'int8'" in err

@@ -28,6 +28,7 @@ def induction():
     return _load("induction.py")
 
 
+@pytest.mark.slow
 def test_induction_report_finds_the_known_heads(induction, tmp_path):
     # 800 steps: the previous-token job has concentrated in one head by then (seed 0: scores 0.96 vs < 0.82)
     rc = induction.main(["--steps", "800", "--batch", "8", "--n", "8", "--out", str(tmp_path), "--quiet"])

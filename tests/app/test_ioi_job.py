@@ -20,6 +20,7 @@ def small(smollm2):
     return cj.init_model(cfg, key=jax.random.key(0), std=0.2), tok
 
 
+@pytest.mark.slow
 def test_ioi_job_writes_a_self_contained_report_with_every_stage(small, tmp_path):
     model, tok = small
     lines = []
@@ -56,3 +57,20 @@ def test_ioi_cli_refuses_bad_arguments_before_loading(capsys, tmp_path):
     assert "--n must be at least 2" in capsys.readouterr().err
     assert cli.main(["ioi", "--fraction", "1.5", "--model", str(tmp_path / "absent.gguf")]) == 2
     assert "--fraction" in capsys.readouterr().err
+
+
+def test_ioi_command_on_a_post_norm_model_says_what_it_left_out(smollm2, tmp_path, capsys):
+    """A Gemma-style model (post-attention norms) runs the node-level stages and prints why path patching and
+    EAP-IG are left out (this printing raised KeyError on `circuits-jax ioi --model gemma3-270m`)."""
+    from circuits_jax.app import cli
+
+    _, tok = smollm2
+    cfg = cj.Config(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=tok.vocab_size, n_ctx=64,
+                    n_kv_heads=2, normalization="rmsnorm", act="silu", gated_mlp=True, positional="rotary",
+                    post_attn_norm=True, post_mlp_norm=True)  # fmt: skip
+    path = cj.save_model(tmp_path / "m", cj.init_model(cfg, key=jax.random.key(0), std=0.2))
+    tok.tok.save(str(path / "tokenizer.json"))
+    assert cli.main(["ioi", "--model", str(path), "--n", "2", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "left out: path patching and EAP-IG" in text and "heads whose patch matters most" in text
+    assert "name movers (path patching" not in text

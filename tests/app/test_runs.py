@@ -155,6 +155,7 @@ def _one_line(err: str) -> str:
 METRICS = ("l0", "fve", "ce_clean", "ce_splice", "ce_zero", "ce_recovered", "kl_recovered", "dead", "dense", "n_tokens", "eval_tokens")
 
 
+@pytest.mark.slow
 def test_another_run_in_the_same_out_is_refused_and_changes_nothing(baseline, model_dir, driver, tmp_path, capsys):
     """The old code re-ran with another --corpus or --lr reusing the old store and finished checkpoint (exit 0,
     a dictionary.json claiming the new settings, eval.json overwritten), and died in orbax with another --width."""
@@ -211,7 +212,7 @@ def test_resume_needs_a_run_and_excludes_overwrite(model_dir, tmp_path, capsys):
 
 
 def test_ctrl_c_before_anything_is_saved(model_dir, tmp_path, capsys, monkeypatch):
-    def load(name):
+    def load(name, dtype=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("circuits_jax.models.load", load)
@@ -222,6 +223,7 @@ def test_ctrl_c_before_anything_is_saved(model_dir, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(model_dir, driver, tmp_path, capsys):
     """The old code ran both, each exiting 0."""
     out = tmp_path / "run"
@@ -249,6 +251,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(model_dir,
     assert stdout.startswith(f"new run in {out}") and (out / "eval.json").exists() and not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_each_stage_stops_with_one_line_and_resumes_to_the_same_result(baseline, model_dir, driver, tmp_path):
     """Ctrl-C at the N-th call of each stage, one after the other, each run resuming the last. The old code printed a
     traceback and resumed without a word."""

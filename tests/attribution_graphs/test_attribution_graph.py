@@ -47,6 +47,7 @@ TOKENS = np.array([1, 5, 7, 3, 9, 2, 11], np.int32)
 # ---------------------------------------------------------------- the replacement model
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("freeze_attention,freeze_norms", [(True, True), (True, False), (False, False)])
 def test_replacement_model_with_errors_reproduces_the_logits(setup, freeze_attention, freeze_norms):
     model, ts = setup
@@ -71,6 +72,7 @@ def test_replacement_model_on_smollm2_reproduces_the_logits(smollm2):
     assert float(jnp.max(jnp.abs(bare - tr.logits))) > 1.0
 
 
+@pytest.mark.slow_after_first
 def test_linear_forward_reproduces_the_reads(setup):
     model, ts = setup
     tr = cj.trace_replacement(model, ts, TOKENS[None])
@@ -92,6 +94,7 @@ def _constants(model, ts, tr, g):
     return feat, np.asarray(lg - lg.mean())[g.logit_tokens]
 
 
+@pytest.mark.slow_after_first
 def test_incoming_edges_sum_to_each_nodes_linear_decomposition(setup):
     model, ts = setup
     g = cj.attribution_graph(model, ts, TOKENS, batch_size=8, progress=False)
@@ -112,6 +115,7 @@ def test_incoming_edges_sum_to_each_nodes_linear_decomposition(setup):
     assert np.abs(g.adjacency[:, g.error_slice]).sum() > 0
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_batching(setup):
     model, ts = setup
     a = cj.attribution_graph(model, ts, TOKENS, batch_size=8, progress=False)
@@ -120,6 +124,7 @@ def test_rows_do_not_depend_on_batching(setup):
     assert b.info["backward_passes"] > a.info["backward_passes"]
 
 
+@pytest.mark.slow
 def test_feature_budget_visits_the_most_influential_first(setup):
     model, ts = setup
     full = cj.attribution_graph(model, ts, TOKENS, batch_size=4, progress=False)
@@ -185,6 +190,7 @@ def test_scores_on_graphs_with_and_without_errors():
     assert s["completeness"] == pytest.approx((non_err * out).sum() / out.sum())
 
 
+@pytest.mark.slow_after_first
 def test_pruning_thresholds(setup):
     model, ts = setup
     g = cj.attribution_graph(model, ts, TOKENS, batch_size=8, progress=False)

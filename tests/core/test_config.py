@@ -50,6 +50,7 @@ def test_default_attn_scale_is_the_division_by_sqrt_d_head(model):
         assert (got[..., ~causal] == np.finfo(np.float32).min).all()
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("s", [0.1, 1.0, 3.0])
 def test_attn_scale_equals_scaling_the_queries(model, s):
     """attn_scale=s gives the logits of attn_scale=None with W_Q and b_Q scaled by s * sqrt(d_head)."""

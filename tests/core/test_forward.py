@@ -43,6 +43,7 @@ def models():
     return with_m, scaled, base
 
 
+@pytest.mark.slow
 def test_run_sees_the_multiplier(models):
     names = ["hook_embed", "blocks.1.hook_resid_mid"]
     hooks = {"blocks.0.attn.hook_z": cj.Scale(0.5)}
@@ -56,6 +57,7 @@ def test_run_sees_the_multiplier(models):
     _close(cj.unembed(models[0], outs[0].resid), outs[0].logits)
 
 
+@pytest.mark.slow
 def test_circuit_runs_see_the_multiplier(models):
     graph = cj.Graph.of(CFG)
     metric = cj.LogitDiff(jnp.array([3, 4]), jnp.array([5, 6]))
@@ -72,6 +74,7 @@ def test_circuit_runs_see_the_multiplier(models):
     _differ(resid[0], resid[2])
 
 
+@pytest.mark.slow
 def test_generation_sees_the_multiplier(models):
     gens = [cj.generate(m, TOKENS, 4) for m in models]
     np.testing.assert_array_equal(gens[0].tokens, gens[1].tokens)
@@ -90,6 +93,7 @@ def _transcoders(cfg, width=24, k=4):
     return cj.stack_transcoders(ds)
 
 
+@pytest.mark.slow
 def test_the_replacement_model_sees_the_multiplier(models):
     ts = _transcoders(CFG)
     forward_ = eqx.filter_jit(cj.replacement_forward)  # one program per config (the last two models share one)
@@ -161,6 +165,7 @@ def test_a_user_tap_records_and_rewrites(models):
     assert part.logits is None and int(part.carry) == 2 + SITES_PER_LAYER
 
 
+@pytest.mark.slow
 def test_tap_state_is_functional_under_jit_and_vmap(models):
     model = models[2]
 

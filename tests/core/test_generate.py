@@ -47,6 +47,7 @@ def test_left_padded_rows_generate_what_they_generate_alone(model):
     np.testing.assert_allclose(both.logits[1], alone.logits[0], atol=1e-4)
 
 
+@pytest.mark.slow_after_first
 def test_interventions_at_every_step_or_at_the_prompt(model):
     D = model.cfg.d_model
     base = cj.generate(model, TOKS, 6)  # 6 new tokens throughout this file: one compiled generation each
@@ -64,6 +65,7 @@ def test_interventions_at_every_step_or_at_the_prompt(model):
     assert float(jnp.max(jnp.abs(prompt_only.logits[:, 1:] - steered.logits[:, 1:]))) > 1e-3
 
 
+@pytest.mark.slow_after_first
 def test_sampling_is_seeded_and_its_filters_work(model):
     kw = dict(temperature=1.0, top_k=5, top_p=0.9)
     a, b = cj.generate(model, TOKS, 6, seed=1, **kw), cj.generate(model, TOKS, 6, seed=1, **kw)

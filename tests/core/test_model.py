@@ -22,6 +22,7 @@ def model(request):
     return cj.init_model(CONFIGS[request.param], key=jax.random.key(1), std=0.3)
 
 
+@pytest.mark.slow_after_first
 def test_every_site_has_its_documented_shape(model):
     from circuits_jax.core._sites import SPLIT_INPUTS, site_shape
 
@@ -55,6 +56,7 @@ def _assert_unchanged(got, want, names):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow_after_first
 def test_identity_intervention_changes_nothing(model):
     clean = model(TOKENS)
     names, split = _split(cj.all_site_names(model.cfg))
@@ -64,6 +66,7 @@ def test_identity_intervention_changes_nothing(model):
         _assert_unchanged(cj.run(model, TOKENS, hooks=hooks).logits, clean, chosen)
 
 
+@pytest.mark.slow_after_first
 def test_replacing_every_site_with_its_cached_value_changes_nothing(model):
     names, split = _split(cj.all_site_names(model.cfg))
     out = cj.run(model, TOKENS, cache=names)
@@ -76,6 +79,7 @@ def test_replacing_every_site_with_its_cached_value_changes_nothing(model):
     _assert_unchanged(cj.run(model, TOKENS, hooks=hooks).logits, out.logits, split)
 
 
+@pytest.mark.slow_after_first
 def test_interventions_change_what_they_touch(model):
     clean = model(TOKENS)
     zeroed = cj.run(model, TOKENS, hooks={"blocks.1.hook_attn_out": cj.Zero()}).logits
@@ -89,6 +93,7 @@ def test_interventions_change_what_they_touch(model):
     assert np.abs(last[:, -1] - clean[:, -1]).max() > 1e-4
 
 
+@pytest.mark.slow_after_first
 def test_compose_equals_sequential_hooks(model):
     site = "blocks.2.hook_resid_pre"
     delta = jnp.full((model.cfg.d_model,), 0.5)
@@ -99,6 +104,7 @@ def test_compose_equals_sequential_hooks(model):
     np.testing.assert_allclose(a, c, atol=1e-5)
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("start", [0, 1, 2])
 def test_starting_at_a_layer_from_the_cached_residual_reproduces_the_forward(model, start):
     out = cj.run(model, TOKENS, cache=[f"blocks.{start}.hook_resid_pre"])
@@ -113,6 +119,7 @@ def test_stop_layer_returns_the_residual_entering_that_layer(model):
     np.testing.assert_array_equal(stopped.resid, out.cache["blocks.2.hook_resid_pre"])
 
 
+@pytest.mark.slow_after_first
 def test_one_compiled_forward_serves_every_start_and_stop_layer(model):
     f = eqx.filter_jit(lambda m, t, r, a, b: cj.run(m, t, resid=r, start_layer=a, stop_layer=b).resid)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(3)]
@@ -124,6 +131,7 @@ def test_one_compiled_forward_serves_every_start_and_stop_layer(model):
     assert f._cached._cache_size() == 1
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_rows_equal_unpadded_rows(model, side):
     rows = [[3, 7, 1, 9, 4], [5, 2], [8, 8, 8, 1]]
@@ -139,6 +147,7 @@ def test_padded_batch_rows_equal_unpadded_rows(model, side):
         np.testing.assert_allclose(padded[i][mask[i]], alone, atol=1e-5)
 
 
+@pytest.mark.slow_after_first
 def test_hooks_work_under_jit_vmap_and_grad(model):
     site = "blocks.1.hook_resid_mid" if not model.cfg.attn_only else "blocks.1.hook_resid_post"
 
@@ -158,6 +167,7 @@ def test_hooks_work_under_jit_vmap_and_grad(model):
     np.testing.assert_allclose(batched, [loss(d) for d in deltas], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow_after_first
 def test_traced_layer_index_patches_the_right_layer(model):
     cache = cj.run(model, TOKENS, cache=[f"blocks.{l}.hook_resid_pre" for l in range(3)]).cache
 
@@ -171,6 +181,7 @@ def test_traced_layer_index_patches_the_right_layer(model):
     assert cache  # the sites exist
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_property_replacing_any_site_with_its_own_value_is_exact(data):

@@ -84,6 +84,7 @@ def _same(a, b):
         assert b == a or (a != a and b != b), (a, b)  # NaN == NaN here
 
 
+@pytest.mark.slow
 def test_real_results_round_trip_through_save_and_load(tmp_path, trace):
     rng = np.random.default_rng(0)
     A = np.abs(rng.normal(size=(12, 5)))

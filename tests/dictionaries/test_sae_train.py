@@ -240,6 +240,7 @@ def test_batches_refuse_a_batch_larger_than_the_buffer(id_store):
 ARCH_CASES = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None)]
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("arch,k", ARCH_CASES)
 def test_every_sae_architecture_reduces_the_loss(store, arch, k):
     d = init_sae(D, 48, key=_key(1), arch=arch, k=k, in_site=SAE_SITE, b_dec=np.asarray(store.means[0]))

@@ -28,6 +28,7 @@ def setup():
     return model, clean, corrupt, metric
 
 
+@pytest.mark.slow
 def test_task_form_equals_explicit_form(setup):
     model, clean, corrupt, metric = setup
     task = cj.Task("t", clean, corrupt, metric)
@@ -89,6 +90,7 @@ def test_mean_ablation_uses_the_reference_set(setup):
     assert not np.allclose(r.raw, other.raw)  # the clean batch is the default reference: another mean
 
 
+@pytest.mark.slow
 def test_atp_and_ig_estimate_the_zero_ablation_sweep(setup):
     _, clean, _, metric = setup
     model = cj.init_model(CFG, key=jax.random.key(1), std=0.1)  # small weights: zeroing an MLP is nearly linear
@@ -105,6 +107,7 @@ def test_atp_and_ig_estimate_the_zero_ablation_sweep(setup):
     assert np.corrcoef(change, ig_est)[0, 1] > 0.95  # (0.975)
 
 
+@pytest.mark.slow
 def test_eap_with_zero_ablation_is_the_derivative_of_zero_edge_patching(setup):
     model, clean, _, metric = setup
     task = cj.Task("t", clean, None, metric)
@@ -128,6 +131,7 @@ def test_eap_with_zero_ablation_is_the_derivative_of_zero_edge_patching(setup):
     assert eap.corrupt_metric == pytest.approx(float(empty), abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["eap-ig", "eap-ig-activations"])
 def test_eap_ig_runs_with_zero_and_mean_ablation(setup, method):
     model, clean, _, metric = setup
@@ -137,6 +141,7 @@ def test_eap_ig_runs_with_zero_and_mean_ablation(setup, method):
         assert np.isfinite(s.scores).all() and np.abs(s.scores).max() > 0 and s.ablation == ablation
 
 
+@pytest.mark.slow
 def test_path_patching_and_exact_edges_with_zero_ablation(setup):
     model, clean, _, metric = setup
     task = cj.Task("t", clean, None, metric)
@@ -148,6 +153,7 @@ def test_path_patching_and_exact_edges_with_zero_ablation(setup):
         assert pp.raw[l, h] == pytest.approx(exact.scores[i, j] + exact.clean_metric, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_acdc_and_faithfulness_with_zero_ablation_need_no_corrupt_tokens(setup):
     model, clean, _, metric = setup
     c = cj.acdc(model, clean, None, metric, threshold=0.05, ablation="zero", progress=False)  # was a TypeError
@@ -158,6 +164,7 @@ def test_acdc_and_faithfulness_with_zero_ablation_need_no_corrupt_tokens(setup):
     assert f["f"][-1] == pytest.approx(1.0, abs=1e-5) and f.ablation == "zero"  # every edge kept: the clean run
 
 
+@pytest.mark.slow
 def test_scrubbing_with_zero_ablation():
     cfg = tiny_configs()["gpt2like"].replace(n_layers=1)  # the identity hypothesis grows exponentially with depth
     model = cj.init_model(cfg, key=jax.random.key(1), std=0.3)
@@ -169,6 +176,7 @@ def test_scrubbing_with_zero_ablation():
     assert r.empty_loss != pytest.approx(r.model_loss)
 
 
+@pytest.mark.slow
 def test_a_flat_metric_warns_instead_of_returning_silent_zeros(setup):
     model, clean, corrupt, _ = setup
     kl = cj.KLFrom(cj.run(model, clean).logits[:, -1])  # distance to the clean run: flat there
@@ -183,6 +191,7 @@ def test_a_flat_metric_warns_instead_of_returning_silent_zeros(setup):
         cj.edge_attribution(model, task, "eap")  # denoising: taken at the corrupt run, where it is not flat
 
 
+@pytest.mark.slow
 def test_several_scored_positions_per_row(setup):
     model, clean, corrupt, _ = setup
     pos = np.array([[3, 5], [4, 5]])

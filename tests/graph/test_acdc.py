@@ -46,6 +46,7 @@ def _naive_acdc(model, clean, corrupt, threshold):
     return keep, effects
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llamalike", "attn_only"])
 def test_batched_acdc_equals_plain_sequential_acdc(name):
     model, clean, corrupt, metric = _setup(name)
@@ -59,6 +60,7 @@ def test_batched_acdc_equals_plain_sequential_acdc(name):
     assert 0 < ref_keep.sum() < ref_keep.size  # the threshold decided something both ways
 
 
+@pytest.mark.slow
 def test_node_acdc_circuit_scores_its_own_final_loss_and_matches_window_one():
     model, clean, corrupt, metric = _setup("gpt2like")
     a = cj.acdc(model, clean, corrupt, metric, threshold=0.01, level="node", window=1, progress=False)
@@ -92,6 +94,7 @@ def test_task_metric_loss_and_bad_arguments():
         cj.acdc(model, clean, corrupt, metric, threshold=0.1, level="head")
 
 
+@pytest.mark.slow
 def test_padded_batches_score_the_found_circuit_consistently():
     """Right-padded rows with their own answer positions: the walk's final loss is the found circuit's KL."""
     model, clean, corrupt, metric = _setup("llamalike")

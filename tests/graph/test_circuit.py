@@ -24,6 +24,7 @@ def _metric(model, tokens, metric):
     return float(metric(cj.run(model, tokens).logits[:, -1]))
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("name", ["gpt2like", "llamalike", "attn_only"])
 def test_full_circuit_is_clean_empty_is_corrupt_one_cut_is_its_noising_patch(name):
     model, clean, corrupt, metric = _setup(name)
@@ -43,6 +44,7 @@ def test_full_circuit_is_clean_empty_is_corrupt_one_cut_is_its_noising_patch(nam
     np.testing.assert_allclose(cut, noised, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cutting_every_edge_into_a_node_equals_patching_its_input():
     """Cutting all edges into m1 (its whole input) = running m1 on the corrupt stream: the same as
     cutting every edge out of every source upstream of it into m1, checked against the explicit

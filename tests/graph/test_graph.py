@@ -58,6 +58,7 @@ def test_split_inputs_leave_the_forward_unchanged_and_refuse_ln1():
         cj.run(model, clean, cache=["blocks.1.hook_k_input", "blocks.1.ln1.hook_scale"])
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("name", ["gpt2like", "llamalike"])
 def test_eap_is_the_derivative_of_exact_edge_patching(name):
     """EAP(s->d) = d/dw metric(patch w of edge s->d) at w = 0: check against finite differences."""
@@ -75,6 +76,7 @@ def test_eap_is_the_derivative_of_exact_edge_patching(name):
     assert np.all(eap.scores[~g.mask] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2like", "llamalike", "attn_only"])
 def test_every_path_from_senders_equals_their_activation_patch(name):
     model, clean, corrupt, metric = _setup(name)
@@ -112,6 +114,7 @@ def test_no_path_selected_changes_nothing():
     assert np.any(np.abs(pp.result[0]) > 1e-2)  # while the senders before the receiver do move it
 
 
+@pytest.mark.slow
 def test_single_edge_program_matches_edge_sets_and_names():
     model, clean, corrupt, metric = _setup("llamalike")
     g = Graph.of(model.cfg)
@@ -125,6 +128,7 @@ def test_single_edge_program_matches_edge_sets_and_names():
         cj.patch_single_edges(model, clean, corrupt, metric, ["m2->a2.h0<q>"], progress=False)
 
 
+@pytest.mark.slow
 def test_edge_estimates_track_exact_edge_patching():
     """On an attention-only model (nearly linear paths) every estimator ranks edges like the exact patch."""
     model, clean, corrupt, metric = _setup("attn_only")
@@ -137,6 +141,7 @@ def test_edge_estimates_track_exact_edge_patching():
         cj.edge_attribution(model, clean, corrupt, metric, "eap_ig")
 
 
+@pytest.mark.slow
 def test_eap_ig_activations_rows_sum_to_node_integrated_gradients():
     """A source's edges cover all its paths, so its edge scores sum to the source's own IG, here the
     attention output of layer 0 (the sum of its heads' rows) against `integrated_gradients`' estimate

@@ -24,6 +24,7 @@ def _setup(name, n_layers=1, n_heads=2, seed=1):
     return model, tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,layers", [("gpt2like", 1), ("llamalike", 1), ("attn_only", 2)])
 def test_identity_recovers_all_and_empty_none(name, layers):
     model, tokens = _setup(name, layers)
@@ -35,6 +36,7 @@ def test_identity_recovers_all_and_empty_none(name, layers):
     assert empty.recovered["nothing"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_empty_is_the_model_on_random_inputs_scored_on_the_reference():
     model, tokens = _setup("gpt2like")
     tree = build_tree(model.cfg, Hypothesis())
@@ -65,6 +67,7 @@ def test_direct_path_claim_reads_the_reference_embedding_and_random_heads():
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sampled_inputs_agree_with_their_parents_on_the_feature():
     model, tokens = _setup("attn_only", 2)
     first = lambda t: t[:, :1]  # noqa: E731

@@ -38,6 +38,7 @@ def _patterns(model, cache, row) -> np.ndarray:
     return np.stack([np.asarray(cache[f"blocks.{l}.attn.hook_pattern"][row]) for l in range(model.cfg.n_layers)])
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_matches_transformers(name, tmp_path):
     torch = pytest.importorskip("torch")

@@ -271,6 +271,7 @@ def write_tiny_gemma3_gguf(path: Path, hf_model, tokens, types) -> None:
     w.close()
 
 
+@pytest.mark.slow
 @pytest.mark.peers
 def test_tiny_gemma3_gguf_equals_transformers_load_of_it(tmp_path):
     """Tokenizer ids and logits (sliding and global layers, a window shorter than the prompt) equal transformers'."""

@@ -48,6 +48,7 @@ np.save(out, logits)
 """
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.peers
 @pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
 def test_transformers_loads_our_export_and_agrees(tmp_path, reference, name):

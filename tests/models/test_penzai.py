@@ -69,6 +69,7 @@ def _penzai_logits(model, tokens):
 TOKENS = np.asarray(jax.random.randint(jax.random.key(7), (3, 11), 0, BASE["vocab_size"]))
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize(
     "changes",
     [

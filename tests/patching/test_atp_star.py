@@ -35,6 +35,7 @@ def _attn_only(n_layers, gqa_rope):
 QK_SWEEPS = [("q", ("layer", "pos", "head")), ("k", ("layer", "pos", "head")), ("k", ("layer", "head"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gqa_rope", [False, True], ids=["mha", "gqa-rope"])
 @pytest.mark.parametrize("noising", [False, True], ids=["denoise", "noise"])
 def test_queries_and_keys_are_exact_where_only_the_softmax_is_nonlinear(gqa_rope, noising):
@@ -53,6 +54,7 @@ def test_queries_and_keys_are_exact_where_only_the_softmax_is_nonlinear(gqa_rope
         assert np.abs(plain - exact).max() > 0.05 * scale, "the check would not tell AtP* from AtP"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("std", [1.0, 3.0])
 def test_keys_stay_exact_in_saturated_padded_rows(std):
     """Left and right padding, GQA and RoPE; std=3 saturates many rows to P = 1 in float32 (other
@@ -72,6 +74,7 @@ def model(request):
     return cj.init_model(tiny_configs()[request.param], key=jax.random.key(7), std=0.4)
 
 
+@pytest.mark.slow
 def test_shapes_and_normalisation_match_the_sweep():
     """Grouped-query attention: keys are per kv head, as in `patch_sweep`."""
     model = cj.init_model(tiny_configs()["llamalike"], key=jax.random.key(7), std=0.4)
@@ -87,6 +90,7 @@ def test_shapes_and_normalisation_match_the_sweep():
     np.testing.assert_allclose(star.result, cj.normalise(star.raw, star.clean_metric, star.corrupt_metric), rtol=1e-6)
 
 
+@pytest.mark.slow_after_first
 def test_other_sites_are_plain_atp(model):
     for site, by in [("z", ("layer", "pos", "head")), ("z", ("layer", "head"))]:
         plain = attribution_patch(model, CLEAN, CORRUPT, METRIC, site, by)
@@ -117,6 +121,7 @@ def _graddrop_loop(model, site_kind, noising=False):
     return total / (L - 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("noising", [False, True], ids=["denoise", "noise"])
 def test_graddrop_equals_a_loop_of_stopped_backward_passes(model, noising):
     gd = atp_star(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), graddrop=True, noising=noising)
@@ -125,6 +130,7 @@ def test_graddrop_equals_a_loop_of_stopped_backward_passes(model, noising):
     np.testing.assert_allclose(gd.result, gd.raw / abs(gd.clean_metric - gd.corrupt_metric), rtol=1e-6)
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("site,by", [("q", ("layer", "pos", "head")), ("k", ("layer", "pos", "head"))])
 def test_graddrop_invariants(model, site, by):
     """Unsigned; and a node of the last layer is the magnitude of its AtP* estimate: dropping any layer
@@ -137,6 +143,7 @@ def test_graddrop_invariants(model, site, by):
         np.testing.assert_allclose(gd.raw[:, :3], 0.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_graddrop_needs_two_layers():
     m = cj.init_model(_attn_only(1, False), key=jax.random.key(0))
     with pytest.raises(ValueError, match="GradDrop"):

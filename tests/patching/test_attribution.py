@@ -25,6 +25,7 @@ def model():
     return cj.init_model(tiny_configs()["llamalike"], key=jax.random.key(7), std=0.1)
 
 
+@pytest.mark.slow
 def test_atp_is_the_directional_derivative_of_the_patch(model):
     """AtP's estimate for a patch equals d/de metric(target + e (source - target)) at e = 0."""
     at = attribution_patch(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"))
@@ -41,6 +42,7 @@ def test_atp_is_the_directional_derivative_of_the_patch(model):
     np.testing.assert_allclose(at.raw[1, 4, 2] - at.corrupt_metric, derivative, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("site,by", SWEEPS, ids=[f"{s}-{'.'.join(b)}" for s, b in SWEEPS])
 def test_atp_has_the_sweep_shape_and_tracks_it(model, site, by):
     exact = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, site, by, progress=False)
@@ -71,6 +73,7 @@ def _with_biases(name):
     return eqx.tree_at(leaves, m, [x + 0.05 * (i + 1) for i, x in enumerate(leaves(m))])
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("name", sorted(tiny_configs()))
 def test_direct_logit_attributions_sum_to_the_logit(name):
     m = _with_biases(name)
@@ -82,6 +85,7 @@ def test_direct_logit_attributions_sum_to_the_logit(name):
     np.testing.assert_allclose(dec.components.sum(0), ctx["out"].resid[:, 3], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_neurons_sum_to_their_mlp_minus_its_bias():
     m = _with_biases("gpt2like")
     attributions, labels, _, _ = direct_logit_attribution(m, CLEAN, np.array([4, 7]))

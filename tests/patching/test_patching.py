@@ -75,6 +75,7 @@ def _loop(model, site, by, noising=False, layers=None):
     return cj.normalise(out, clean_m, corrupt_m)
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("site,by", SWEEPS, ids=[f"{s}-{'.'.join(b)}" for s, b in SWEEPS])
 def test_vmapped_sweep_equals_python_loop(model, site, by):
     got = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, site, by, progress=False)
@@ -84,11 +85,13 @@ def test_vmapped_sweep_equals_python_loop(model, site, by):
     assert np.abs(want).max() > 1e-3  # the sweep found effects: the comparison is not of zeros
 
 
+@pytest.mark.slow_after_first
 def test_noising_equals_python_loop(model):
     got = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), noising=True, progress=False)
     np.testing.assert_allclose(got.result, _loop(model, "z", ("layer", "pos", "head"), noising=True), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site,by", [("z", ("layer", "pos", "head")), ("mlp_post", ("layer", "neuron")), ("pattern", ("layer", "head", "dest", "src"))])
 def test_chunked_unchunked_and_unskipped_sweeps_agree(model, site, by):
     base = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, site, by, progress=False, skip_unchanged=False, chunk_size=10_000)
@@ -97,6 +100,7 @@ def test_chunked_unchunked_and_unskipped_sweeps_agree(model, site, by):
         np.testing.assert_allclose(other.result, base.result, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow_after_first
 def test_patching_a_run_into_itself_changes_nothing(model):
     for site, by in SWEEPS:
         with pytest.warns(UserWarning, match="give the same metric.*marked degenerate"):
@@ -105,6 +109,7 @@ def test_patching_a_run_into_itself_changes_nothing(model):
         assert r.degenerate and np.isnan(r.result).all()
 
 
+@pytest.mark.slow_after_first
 def test_patching_the_whole_residual_stream_restores_the_clean_metric(model):
     for site in ("resid_pre", "resid_post"):
         r = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, site, ("layer",), progress=False)
@@ -123,6 +128,7 @@ def test_layers_option_selects_rows(model):
     np.testing.assert_allclose(some.result, full.result[[2, 0]], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_padded_dataset_of_pairs_matches_each_pair_alone(model):
     clean = [[3, 7, 1, 9, 4, 2, 8], [5, 0, 11, 21, 6]]
     corrupt = [[3, 7, 1, 12, 4, 2, 8], [5, 0, 2, 21, 6]]
@@ -162,6 +168,7 @@ def test_repeated_sweeps_do_not_recompile(model):
     assert _score_chunk._cached._cache_size() == before
 
 
+@pytest.mark.slow
 def test_patch_set_equals_the_matching_sweep_entries(model):
     z = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "pos", "head"), progress=False)
     z_all = cj.patch_sweep(model, CLEAN, CORRUPT, METRIC, "z", ("layer", "head"), progress=False)
@@ -175,6 +182,7 @@ def test_patch_set_equals_the_matching_sweep_entries(model):
         cj.patch_set(model, CLEAN, CORRUPT, METRIC, [("z", 0, {"head": 9})], progress=False)
 
 
+@pytest.mark.slow
 def test_every_variants_stack_the_single_sweeps(model):
     heads = cj.patch_every_head(model, CLEAN, CORRUPT, METRIC, progress=False)
     cfg = model.cfg
@@ -187,6 +195,7 @@ def test_every_variants_stack_the_single_sweeps(model):
     np.testing.assert_allclose(blocks.result[2], mlp, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_one_compiled_program_per_sweep_whatever_the_depth(n_layers):
     from circuits_jax.core import score_chunk as _score_chunk

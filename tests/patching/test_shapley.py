@@ -43,6 +43,7 @@ def _patched_metric(model, patches, noising=False):
     return float(METRIC(cj.run(model, tgt_tokens, hooks=hooks).logits[:, -1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("noising", [False, True], ids=["denoise", "noise"])
 def test_efficiency_holds_exactly_for_sampled_permutations(model, noising):
     sv = shapley_values(model, CLEAN, CORRUPT, METRIC, MIXED, n_permutations=6, key=jax.random.key(0),

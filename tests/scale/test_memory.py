@@ -45,6 +45,7 @@ def test_abstract_compile_is_the_real_programs_footprint(tiny):
     assert got.total > got.argument > M.nbytes(tiny)
 
 
+@pytest.mark.slow
 def test_sweep_plan_line_predicts_an_unfitted_size_and_fits_its_budget(tiny):
     toks = np.zeros((B, T), np.int32)
     roomy = cj.plan_sweep(tiny, toks, "z", ("layer", "pos", "head"), budget=2**30, max_chunk=10**6)
@@ -135,6 +136,7 @@ def test_device_memory_reads_the_backends_limit_else_the_hosts():
     assert M.device_memory() == (M.device_memory(jax.devices()[0]))
 
 
+@pytest.mark.slow
 def test_patch_sweep_chunk_size_plan_runs_the_planned_chunk_and_refuses_what_cannot_fit(tiny):
     model = tiny
     cfg = model.cfg

@@ -35,6 +35,7 @@ def _without_each(mask, edges):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)
 def test_constructed_truth_is_exact(build):
     model, task = build()

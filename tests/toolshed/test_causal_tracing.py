@@ -34,6 +34,7 @@ def _prob(model, tokens, hooks):
     return float(jnp.mean(jax.nn.softmax(logits, -1)[:, ANSWER]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,window", [("resid", 1), ("mlp", 2), ("attn", 3)])
 def test_vmapped_trace_equals_a_loop_of_single_restorations(model, kind, window):
     L, T, samples, noise = model.cfg.n_layers, len(TOKENS), S, 0.5
@@ -63,6 +64,7 @@ def test_no_noise_scores_equal_clean_everywhere(model):
         np.testing.assert_allclose(r.corrupt, r.clean, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_identities_last_layer_last_token_and_positions_before_the_subject(model):
     r = causal_trace(model, TOKENS, SPAN, ANSWER, kind="resid", samples=S, chunk=CHUNK)
     assert abs(r.corrupt - r.clean) > 1e-3  # the noise matters

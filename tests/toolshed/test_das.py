@@ -80,6 +80,7 @@ def test_interchange_identities():
     np.testing.assert_allclose(np.asarray(skip), np.asarray(got), atol=1e-4)
 
 
+@pytest.mark.slow_after_first
 @pytest.mark.parametrize("method", ["das", "low_rank", "boundless"])
 def test_das_recovers_planted_variable(method):
     model, Q, bits = _planted()
@@ -101,6 +102,7 @@ def test_das_recovers_planted_variable(method):
         assert np.all(res.weights.sum(-1) < 4), res.weights.sum(-1)
 
 
+@pytest.mark.slow
 def test_search_one_layer_loop_matches_chunks():
     model, _, bits = _planted()
     base, source, labels, cand = _pairs(bits, 96, seed=4)
@@ -129,6 +131,7 @@ def test_bad_input():
         das.das_search(model, base, source[:5], labels, cand, progress=False)
 
 
+@pytest.mark.slow
 def test_position_search_finds_the_planted_position():
     """The bit lives at the value token (position 1); the filler (position 0) carries nothing the answer
     reads (W_O = 0), so a search over both positions must find position 1 and nothing at position 0."""

@@ -80,6 +80,7 @@ def test_rank_one_update_exact_and_local(setup):
     np.testing.assert_allclose(k_other @ W2 - k_other @ np.asarray(W, np.float64), (k_other @ u64) * Lam, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rome_edit_changes_the_association(setup):
     model, tok, _, _, _, cov = setup
     prompt = "{} is in the city of"

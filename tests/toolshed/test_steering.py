@@ -151,6 +151,7 @@ def test_caa_equals_hand_computation(tiny):
     assert v.shape == (model.cfg.d_model,)
 
 
+@pytest.mark.slow
 def test_feature_steering_keeps_only_top_k(tiny):
     model, tok = tiny
     D, F = model.cfg.d_model, 40
