@@ -151,7 +151,7 @@ def _both_runs(model, source: Source, target_tokens, mask, extra=(), extra_targe
 def _eap(model, source: Source, target_tokens, mask, positions, metric):
     src, src_resid, tgt, diff = _both_runs(model, source, target_tokens, mask)
     target_metric, grads = _dest_grads(model, target_tokens, mask, positions, metric)
-    scores = jnp.einsum("sbtd,ebtd->se", diff, grads)
+    scores = jnp.einsum("sbtd,ebtd->se", diff, grads, preferred_element_type=jnp.float32)  # float32 in any dtype
     return source_metric(model, src_resid, positions, metric), target_metric, scores, jnp.max(jnp.abs(grads))
 
 
@@ -162,13 +162,13 @@ def _eap_ig_inputs(model, source: Source, target_tokens, mask, positions, metric
     e_src, e_tgt = src["hook_embed"], tgt.cache["hook_embed"]
 
     def grads_at(alpha):
-        hook = Hook("hook_embed", None, Replace(e_tgt + alpha * (e_src - e_tgt)))
+        hook = Hook("hook_embed", None, Replace(e_tgt + alpha.astype(e_tgt.dtype) * (e_src - e_tgt)))
         return _dest_grads(model, target_tokens, mask, positions, metric, (hook,))[1]
 
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
     mean = jnp.mean(jax.lax.map(grads_at, alphas, batch_size=IG_BATCH), axis=0)
     return (source_metric(model, src_resid, positions, metric), score_resid(model, tgt.resid, positions, metric),
-            jnp.einsum("sbtd,ebtd->se", diff, mean), jnp.max(jnp.abs(mean)))  # fmt: skip
+            jnp.einsum("sbtd,ebtd->se", diff, mean, preferred_element_type=jnp.float32), jnp.max(jnp.abs(mean)))  # fmt: skip
 
 
 @eqx.filter_jit
@@ -190,10 +190,11 @@ def _eap_ig_activations(model, source: Source, target_tokens, mask, positions, m
                                     batch_size=IG_BATCH), axis=0)  # fmt: skip
 
     def interp(kind, layer, s, t):
-        return lambda a: Hook(kind, layer, Replace(t + a * (s - t)))
+        return lambda a: Hook(kind, layer, Replace(t + a.astype(t.dtype) * (s - t)))
 
     e_src, e_tgt = src["hook_embed"], tgt.cache["hook_embed"]
-    rows = [jnp.einsum("btd,ebtd->e", diff[0], mean_grads(interp("hook_embed", None, e_src, e_tgt)))[None]]
+    f32 = dict(preferred_element_type=jnp.float32)  # scores in float32 whatever the model's dtype
+    rows = [jnp.einsum("btd,ebtd->e", diff[0], mean_grads(interp("hook_embed", None, e_src, e_tgt)), **f32)[None]]
     attn = jnp.stack([src[f"blocks.{l}.hook_attn_out"] for l in range(L)]), jnp.stack(
         [tgt.cache[f"blocks.{l}.hook_attn_out"] for l in range(L)]
     )
@@ -203,11 +204,11 @@ def _eap_ig_activations(model, source: Source, target_tokens, mask, positions, m
     by_layer = diff[1:].reshape(L, per, *diff.shape[1:])
 
     def layer_rows(l):
-        g = mean_grads(lambda a: Hook("hook_attn_out", l, Replace(attn[1][l] + a * (attn[0][l] - attn[1][l]))), l)
-        out = jnp.einsum("hbtd,ebtd->he", by_layer[l, :H], g)
+        g = mean_grads(interp("hook_attn_out", l, attn[0][l], attn[1][l]), l)
+        out = jnp.einsum("hbtd,ebtd->he", by_layer[l, :H], g, **f32)
         if mlp is not None:
-            g = mean_grads(lambda a: Hook("hook_mlp_out", l, Replace(mlp[1][l] + a * (mlp[0][l] - mlp[1][l]))), l)
-            out = jnp.concatenate([out, jnp.einsum("btd,ebtd->e", by_layer[l, H], g)[None]])
+            g = mean_grads(interp("hook_mlp_out", l, mlp[0][l], mlp[1][l]), l)
+            out = jnp.concatenate([out, jnp.einsum("btd,ebtd->e", by_layer[l, H], g, **f32)[None]])
         return out
 
     rows.append(jax.lax.map(layer_rows, jnp.arange(L)).reshape(L * per, -1))

@@ -172,7 +172,7 @@ def _ig(model, source: Source, target_tokens, mask, positions, metric, kind: str
 
     def grad_at(alpha):
         def f(delta):
-            hooks = [Hook("hook_embed", None, Replace(e_tgt + alpha * (e_src - e_tgt))),
+            hooks = [Hook("hook_embed", None, Replace(e_tgt + alpha.astype(e_src.dtype) * (e_src - e_tgt))),
                      Hook(kind, ALL_LAYERS, PerLayer(Add(delta)))]  # fmt: skip
             return hooked_metric(model, target_tokens, mask, positions, metric, hooks)
 

@@ -219,12 +219,23 @@ def tiny_vocab():
     return tokens, types
 
 
-def write_tiny_gemma3_gguf(path: Path, hf_model, tokens, types) -> None:
-    """`hf_model`'s weights as llama.cpp's converter writes a Gemma 3 GGUF: norms as 1 + w, Q/K not permuted."""
+GEMMA3_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+                "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+
+
+def write_hf_as_gguf(path: Path, arch: str, hf_model, tokens, types, names: dict, *, norm_offset: float = 0.0,
+                     add_bos: bool = True, metadata=lambda w: None) -> None:  # fmt: skip
+    """`hf_model`'s float32 weights as llama.cpp's converter writes an `arch` GGUF (Q/K not permuted: right for
+    Gemma and Qwen, not Llama): layer tensors `blk.N.<names[HF stem]>.weight|bias`, `norm_offset` added to every
+    norm weight (1 for Gemma's), the SentencePiece vocabulary `tokens` / `types`; `metadata(writer)` adds the
+    architecture's own keys."""
     import gguf
 
     c = hf_model.config
-    w = gguf.GGUFWriter(str(path), "gemma3")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -232,43 +243,49 @@ def write_tiny_gemma3_gguf(path: Path, hf_model, tokens, types) -> None:
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_rope_freq_base(1e6)
-    w.add_sliding_window(c.sliding_window)
+    w.add_key_length(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    metadata(w)
     w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_scores([-1000.0 if t != 1 else -float(i) for i, t in enumerate(types)])
     w.add_token_types(types)
     w.add_bos_token_id(2)
     w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_add_space_prefix(False)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
-             "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    w.add_add_bos_token(add_bos)
     for k, v in hf_model.state_dict().items():
         k = k.removeprefix("model.")
-        if k == "lm_head.weight":
+        if k == "lm_head.weight" and c.tie_word_embeddings:
             continue
         v = v.detach().numpy().astype(np.float32)
         if k.endswith("norm.weight"):
-            v = v + np.float32(1.0)
+            v = v + np.float32(norm_offset)
         if k.startswith("layers."):
             layer, rest = k.removeprefix("layers.").split(".", 1)
-            k = f"blk.{layer}.{names[rest.removesuffix('.weight')]}.weight"
+            stem, kind = rest.rsplit(".", 1)
+            k = f"blk.{layer}.{names[stem]}.{kind}"
         else:
-            k = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}[k]
+            k = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}[k]  # fmt: skip
         w.add_tensor(k, v)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_tiny_gemma3_gguf(path: Path, hf_model, tokens, types) -> None:
+    """`hf_model`'s weights as llama.cpp's converter writes a Gemma 3 GGUF: norms as 1 + w, Q/K not permuted."""
+
+    def gemma3(w):
+        w.add_value_length(hf_model.config.head_dim)
+        w.add_rope_freq_base(1e6)
+        w.add_sliding_window(hf_model.config.sliding_window)
+        w.add_unk_token_id(3)
+        w.add_pad_token_id(0)
+        w.add_add_space_prefix(False)
+        w.add_tokenizer_pre("default")
+
+    write_hf_as_gguf(path, "gemma3", hf_model, tokens, types, GEMMA3_NAMES, norm_offset=1.0, metadata=gemma3)
 
 
 @pytest.mark.slow

@@ -10,50 +10,12 @@ import numpy as np
 import pytest
 
 import circuits_jax as cj
-from test_gemma3 import tiny_vocab
+from test_gemma3 import tiny_vocab, write_hf_as_gguf
 
 NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
-
-
-def write_gguf(path, arch: str, hf_model, tokens, types) -> None:
-    import gguf
-
-    c = hf_model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_key_length(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([-1000.0 if t != 1 else -float(i) for i, t in enumerate(types)])
-    w.add_token_types(types)
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_add_bos_token(False)
-    for k, v in hf_model.state_dict().items():
-        k = k.removeprefix("model.")
-        v = v.detach().numpy().astype(np.float32)
-        if k.startswith("layers."):
-            layer, rest = k.removeprefix("layers.").split(".", 1)
-            stem, kind = rest.rsplit(".", 1)
-            k = f"blk.{layer}.{NAMES[stem]}.{kind}"
-        else:
-            k = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}[k]  # fmt: skip
-        w.add_tensor(k, v)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.mark.peers
@@ -76,7 +38,9 @@ def test_qwen_gguf_equals_transformers_load_of_it(arch, tmp_path):
         for name, p in hf_model.named_parameters():
             if name.endswith(("norm.weight", "bias")):  # make the norms and Qwen 2's biases visible
                 p.normal_(0.5 if name.endswith("weight") else 0.0, 0.5)
-    write_gguf(tmp_path / "m.gguf", arch, hf_model, tokens, types)
+    theta = hf_cfg.rope_parameters["rope_theta"] if hasattr(hf_cfg, "rope_parameters") else hf_cfg.rope_theta
+    write_hf_as_gguf(tmp_path / "m.gguf", arch, hf_model, tokens, types, NAMES, add_bos=False,
+                     metadata=lambda w: w.add_rope_freq_base(theta))
 
     model, tok = cj.load(tmp_path / "m.gguf")
     assert model.cfg.family == arch and model.cfg.attn_bias == (arch == "qwen2") and model.cfg.qk_norm == (arch == "qwen3")
