@@ -34,10 +34,14 @@ Three parts, each optional (`--parts`):
    size of the lowered StableHLO. `run` scans over the stacked layers, so both stay flat. The
    contrast: the same forward written as a Python loop of one-layer `run(start_layer=l,
    stop_layer=l+1)` calls, which puts one copy of the layer into the program per layer.
+   `--depth-shape gemma3` runs the same on a Gemma-3-shaped config of that width (1 kv head, q/k norms,
+   post-norms, GeGLU, sqrt(d_model) embedding scale, five sliding-window layers to one global, each with
+   its own RoPE base): the per-layer differences are rows scanned beside the weights, so it stays flat too.
 
     .venv/bin/python benchmarks/scaling.py --json benchmarks/results/scaling_cpu.json
     .venv/bin/python benchmarks/scaling.py --smoke                     # a minute: small everything
     .venv/bin/python benchmarks/scaling.py --parts compile --depths 2 8 32
+    .venv/bin/python benchmarks/scaling.py --parts compile --depth-shape gemma3 --depths 2 8 32 --unrolled-max-depth 8
 """
 
 from __future__ import annotations
@@ -458,7 +462,14 @@ SAE_COLUMNS = [
 # ---------------------------------------------------------------------------
 
 
-def depth_config(n_layers: int) -> cj.Config:
+def depth_config(n_layers: int, shape: str = "llama") -> cj.Config:
+    if shape == "gemma3":  # local (sliding-window) and global layers, 5:1, as Gemma 3 alternates them
+        kinds = tuple("full_attention" if (l + 1) % 6 == 0 else "sliding_attention" for l in range(n_layers))
+        return cj.Config(d_model=256, n_layers=n_layers, n_heads=4, d_head=64, d_vocab=4096, d_mlp=1024, n_kv_heads=1,
+                         normalization="rmsnorm", act="gelu_new", gated_mlp=True, positional="rotary", qk_norm=True,
+                         post_attn_norm=True, post_mlp_norm=True, embedding_multiplier=16.0, attn_scale=64**-0.5,
+                         sliding_window=16, layer_types=kinds, rope_theta=1e6, rope_local_theta=1e4,
+                         family="gemma3_text")  # fmt: skip
     return cj.Config(d_model=256, n_layers=n_layers, n_heads=4, d_head=64, d_vocab=4096, d_mlp=1024, n_kv_heads=2,
                      normalization="rmsnorm", act="silu", gated_mlp=True, positional="rotary")  # fmt: skip
 
@@ -498,13 +509,13 @@ def time_compile(fn, *shapes) -> dict:
 
 def part_compile(args) -> dict:
     B, T, C = 8, 64, 64
-    print(f"\n== 3. compile time against depth: d_model 256, 4 heads (2 kv), d_mlp 1024, vocab 4096; forward of "
+    print(f"\n== 3. compile time against depth ({args.depth_shape}-shaped): d_model 256, 4 heads, d_mlp 1024, vocab 4096; forward of "
           f"[{B}, {T}] tokens, patching chunk of {C} resid_pre patches; unrolled loop up to {args.unrolled_max_depth} layers")  # fmt: skip
     metric = cj.LogitDiff(jnp.arange(B, dtype=jnp.int32), jnp.arange(B, dtype=jnp.int32) + 1)
     i32, f32 = jnp.int32, jnp.float32
     rows = []
     for L in args.depths:
-        cfg = depth_config(L)
+        cfg = depth_config(L, args.depth_shape)
         m = jax.eval_shape(lambda cfg=cfg: cj.init_model(cfg, key=jax.random.key(0)))
         tokens = jax.ShapeDtypeStruct((B, T), i32)
         with OtherLoad() as load:
@@ -578,6 +589,7 @@ def parse_args(argv=None):
     p.add_argument("--no-sae-torch", dest="sae_torch", action="store_false", help="skip the PyTorch SAE step")
     p.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     p.add_argument("--unrolled-max-depth", type=int, default=32, help="deepest model the unrolled contrast compiles")
+    p.add_argument("--depth-shape", choices=["llama", "gemma3"], default="llama", help="the config of the compile part")
     p.add_argument("--matmul", type=int, default=2048, help="n of the n x n float32 reference matmul")
     p.add_argument("--quiet-wait", type=float, default=5.0, help="before steady-state timings wait up to this many s for quiet")
     p.add_argument("--smoke", action="store_true", help="small everything: a check that the script runs")
