@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp): dequantized weights and the embedded tokenizer.
 
-Four architectures: "llama" (Llama, SmolLM2, Mistral, ...), "gemma3" (Gemma 3 text models), "qwen2"
-(Qwen 2 / 2.5: q, k, v biases) and "qwen3" (Qwen 3: q/k norms). GGUF stores Llama's Q and K projections
+Five architectures: "llama" (Llama, SmolLM2, Mistral, ...), "gemma2" (soft-caps, alternating sliding-window
+layers), "gemma3" (Gemma 3 text models), "qwen2" (Qwen 2 / 2.5: q, k, v biases) and "qwen3" (Qwen 3: q/k norms). GGUF stores Llama's Q and K projections
 with their rows permuted for llama.cpp's interleaved RoPE; we undo that so the weights use Hugging Face's
 rotate-half convention (which our `_rope` implements). llama.cpp permutes neither Gemma's nor Qwen's Q and
 K, and its converter already stored every Gemma norm weight as `1 + w`, which is how our pytree keeps
@@ -54,7 +54,7 @@ def _reader(path: Path):
         raise ValueError(f"{path} is a damaged GGUF file ({type(e).__name__}: {e}); {FETCH_HINT}") from e
 
 
-ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
 # Hugging Face's per-layer names (`llama_blocks` asks by them) -> GGUF's, `blk.{l}.` and `.weight` omitted
 _COMMON = {
     "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
@@ -67,6 +67,8 @@ GGUF_NAMES = {
                "post_attention_layernorm.weight": "post_attention_norm",
                "pre_feedforward_layernorm.weight": "ffn_norm",
                "post_feedforward_layernorm.weight": "post_ffw_norm"},
+    "gemma2": {**_COMMON, "post_attention_layernorm.weight": "post_attention_norm",
+               "pre_feedforward_layernorm.weight": "ffn_norm", "post_feedforward_layernorm.weight": "post_ffw_norm"},
     "qwen2": {**_COMMON, "post_attention_layernorm.weight": "ffn_norm"},  # + attn_q/k/v biases (`.bias`)
     "qwen3": {**_COMMON, "post_attention_layernorm.weight": "ffn_norm", "self_attn.q_norm.weight": "attn_q_norm",
               "self_attn.k_norm.weight": "attn_k_norm"},
@@ -170,9 +172,21 @@ def _config(r, arch: str, tensors: dict) -> Config:
             n_ctx=int(_field(r, f"{arch}.context_length", 2048)), attn_bias=arch == "qwen2", qk_norm=arch == "qwen3",
             default_prepend_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
         )  # fmt: skip
-    # gemma3: head size from key_length; scores scaled by query_pre_attn_scalar ** -0.5, which llama.cpp and
-    # transformers take to be the head size (256 in the 270M, 1B, 4B and 12B models; the file does not say)
-    E = int(_field(r, "gemma3.attention.key_length", D // H))
+    # gemma2 / gemma3: head size from key_length; scores scaled by query_pre_attn_scalar ** -0.5, which llama.cpp and
+    # transformers take to be the head size (256 in Gemma 2 2B / 9B and Gemma 3 270M-12B; the file does not say)
+    E = int(_field(r, f"{arch}.attention.key_length", D // H))
+    if arch == "gemma2":  # every other layer (0, 2, ...) attends through the window; soft-capped scores and logits
+        window = _field(r, "gemma2.attention.sliding_window")
+        kinds = tuple("sliding_attention" if window is not None and l % 2 == 0 else "full_attention" for l in range(L))
+        return Config(
+            **common, d_head=E, n_ctx=int(_field(r, "gemma2.context_length", 8192)), act="gelu_new",
+            attn_scale=float(E) ** -0.5, embedding_multiplier=float(D) ** 0.5,
+            sliding_window=None if window is None else int(window), layer_types=kinds,
+            attn_softcap=float(_field(r, "gemma2.attn_logit_softcapping", 50.0)),
+            final_softcap=float(_field(r, "gemma2.final_logit_softcapping", 30.0)),
+            post_attn_norm=True, post_mlp_norm=True, family="gemma2",
+            default_prepend_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", True)),
+        )  # fmt: skip
     window = _field(r, "gemma3.attention.sliding_window")
     pattern = _field(r, "gemma3.attention.sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
     if isinstance(pattern, (list, tuple)):  # newer converters: per layer, whether it is a sliding-window layer

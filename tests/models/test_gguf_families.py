@@ -1,16 +1,18 @@
-"""GGUF files of the Qwen 2 and Qwen 3 architectures (llama.cpp's "qwen2" / "qwen3") against transformers' own
-load of the same file (`from_pretrained(dir, gguf_file=...)`, which maps and dequantizes it independently).
+"""GGUF files of the Qwen 2, Qwen 3 and Gemma 2 architectures (llama.cpp's "qwen2", "qwen3", "gemma2") against
+transformers' own load of the same file (`from_pretrained(dir, gguf_file=...)`, which maps and dequantizes it
+independently). Gemma 3's is in test_gemma3.py.
 
 The files are written here as llama.cpp's converter writes them (Q and K not permuted, q/k/v biases for
-Qwen 2, q/k norms for Qwen 3), from a tiny random transformers model; the vocabulary is test_gemma3's
-SentencePiece one, which only our loader reads (transformers' model load ignores it).
+Qwen 2, q/k norms for Qwen 3, Gemma's norms as 1 + w, its soft-caps and window), from a tiny random
+transformers model; the vocabulary is test_gemma3's SentencePiece one, which only our loader reads
+(transformers' model load ignores it).
 """
 
 import numpy as np
 import pytest
 
 import circuits_jax as cj
-from test_gemma3 import tiny_vocab, write_hf_as_gguf
+from test_gemma3 import GEMMA3_NAMES, tiny_vocab, write_hf_as_gguf
 
 NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
@@ -18,10 +20,13 @@ NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.
          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
 
 
+GEMMA2_NAMES = {k: v for k, v in GEMMA3_NAMES.items() if not k.endswith(("q_norm", "k_norm"))}
+
+
 @pytest.mark.peers
 @pytest.mark.slow_after_first
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_qwen_gguf_equals_transformers_load_of_it(arch, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2"])
+def test_gguf_equals_transformers_load_of_it(arch, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     tokens, types = tiny_vocab()
@@ -31,19 +36,36 @@ def test_qwen_gguf_equals_transformers_load_of_it(arch, tmp_path):
                   tie_word_embeddings=arch == "qwen3")  # fmt: skip
     if arch == "qwen2":
         hf_cfg = transformers.Qwen2Config(**common)
-    else:  # transformers reads no head size from a Qwen 3 GGUF: its default, 128, is the one written
+    elif arch == "qwen3":  # transformers reads no head size from a Qwen 3 GGUF: its default, 128, is the one written
         hf_cfg = transformers.Qwen3Config(**common, head_dim=128)
+    else:  # transformers reads neither soft-cap nor query scale from the file: its defaults (50, 30, 256) are written
+        common.update(tie_word_embeddings=True)
+        hf_cfg = transformers.Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256, sliding_window=3,
+                                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0)  # fmt: skip
     hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg).float()
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
             if name.endswith(("norm.weight", "bias")):  # make the norms and Qwen 2's biases visible
                 p.normal_(0.5 if name.endswith("weight") else 0.0, 0.5)
+            elif arch == "gemma2":  # large enough weights that the soft-caps bite
+                p.mul_(8.0)
     theta = hf_cfg.rope_parameters["rope_theta"] if hasattr(hf_cfg, "rope_parameters") else hf_cfg.rope_theta
-    write_hf_as_gguf(tmp_path / "m.gguf", arch, hf_model, tokens, types, NAMES, add_bos=False,
-                     metadata=lambda w: w.add_rope_freq_base(theta))
+
+    def metadata(w):
+        w.add_rope_freq_base(theta)
+        if arch == "gemma2":
+            w.add_sliding_window(hf_cfg.sliding_window)
+            w.add_attn_logit_softcapping(hf_cfg.attn_logit_softcapping)
+            w.add_final_logit_softcapping(hf_cfg.final_logit_softcapping)
+
+    gemma = arch == "gemma2"
+    write_hf_as_gguf(tmp_path / "m.gguf", arch, hf_model, tokens, types, GEMMA2_NAMES if gemma else NAMES,
+                     norm_offset=1.0 if gemma else 0.0, add_bos=gemma, metadata=metadata)  # fmt: skip
 
     model, tok = cj.load(tmp_path / "m.gguf")
     assert model.cfg.family == arch and model.cfg.attn_bias == (arch == "qwen2") and model.cfg.qk_norm == (arch == "qwen3")
+    if arch == "gemma2":
+        assert model.cfg.layer_types == ("sliding_attention", "full_attention") and model.cfg.attn_softcap == 50.0
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
     ids = [5, 300, 301, 290, 17, 9, 280, 281, 300]
     with torch.no_grad():
