@@ -44,6 +44,9 @@ class Weights(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         return self._read[name]()
 
+    def __contains__(self, name) -> bool:  # without reading the tensor (Mapping's default would read it)
+        return name in self._read
+
     def __iter__(self):
         return iter(self._read)
 

@@ -99,6 +99,28 @@ def test_sharded_export_and_load(tmp_path):
         cj.load_hf(out)
 
 
+def test_a_sharded_directory_is_read_one_tensor_at_a_time_each_once(monkeypatch):
+    """`load_hf` streams: every tensor of the (sharded) files is read exactly once, as the model's field that
+    needs it is built, and no more than one field's tensors are ever held outside the model (the reads come in
+    field order, not all up front)."""
+    from circuits_jax.models import _hf
+
+    reads = []
+    original = _hf._tensor_reader
+
+    def counting(f, handle, name):
+        read = original(f, handle, name)
+        return lambda: (reads.append(name), read())[1]
+
+    monkeypatch.setattr(_hf, "_tensor_reader", counting)
+    model = cj.load_hf(FIXTURES / "mistral")
+    index = json.loads((FIXTURES / "mistral" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(reads) == sorted(index) and len(reads) == len(set(reads))  # each tensor once
+    L = model.cfg.n_layers
+    first = [n for n in reads if n.startswith("model.layers.")][:L]
+    assert len({n.split(".", 3)[3] for n in first}) == 1  # one field's L tensors first, then the next field's
+
+
 def test_unsupported_model_type_and_rope_type_are_named(tmp_path):
     cfg = json.loads((FIXTURES / "llama3" / "config.json").read_text())
     with pytest.raises(NotImplementedError, match="model_type 'mamba' is not supported; supported: gpt2, llama"):
