@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -55,6 +54,26 @@ class Weights(Mapping):
 
     def reader(self, name: str) -> Callable[[], np.ndarray]:
         return self._read[name]
+
+
+def _split(read: Callable[[], np.ndarray], parts: list[Callable]) -> list[Callable[[], np.ndarray]]:
+    """Readers of the `parts` (functions of the array) of one fused tensor, which is read once: the first part
+    asked for reads it, and it is dropped once every part has been taken."""
+    held: dict = {}
+
+    def reader(fn):
+        def get() -> np.ndarray:
+            if not held:
+                held.update(array=read(), left=len(parts))
+            a = held["array"]
+            held["left"] -= 1
+            if held["left"] == 0:
+                held.clear()
+            return fn(a)
+
+        return get
+
+    return [reader(fn) for fn in parts]
 
 
 class _Unreadable(ValueError):
@@ -243,36 +262,35 @@ def _config_from_hf(hf: dict) -> Config:
     )  # fmt: skip
 
 
-def _stack(ws, fmt: str, L: int, fn=lambda a: a, dtype=None):
-    return jnp.asarray(np.stack([fn(ws[fmt.format(l)]) for l in range(L)]), dtype)
-
-
 def _gpt2(cfg: Config, w: Weights, dtype=None) -> Transformer:
-    w = Weights({k.removeprefix("transformer."): w.reader(k) for k in w})
-    st = partial(_stack, w, L=cfg.n_layers, dtype=dtype)
-    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
-
-    def qkv(i, bias=False):
-        def f(a):
-            part = a[..., i * D : (i + 1) * D]
-            return part.reshape(H, E) if bias else part.reshape(D, H, E).transpose(1, 0, 2)
-
-        return f
-
-    b = Blocks(
-        W_Q=st("h.{}.attn.c_attn.weight", fn=qkv(0)), W_K=st("h.{}.attn.c_attn.weight", fn=qkv(1)),
-        W_V=st("h.{}.attn.c_attn.weight", fn=qkv(2)), b_Q=st("h.{}.attn.c_attn.bias", fn=qkv(0, True)),
-        b_K=st("h.{}.attn.c_attn.bias", fn=qkv(1, True)), b_V=st("h.{}.attn.c_attn.bias", fn=qkv(2, True)),
-        W_O=st("h.{}.attn.c_proj.weight", fn=lambda a: a.reshape(H, E, D)), b_O=st("h.{}.attn.c_proj.bias"),
-        ln1_w=st("h.{}.ln_1.weight"), ln1_b=st("h.{}.ln_1.bias"), ln2_w=st("h.{}.ln_2.weight"), ln2_b=st("h.{}.ln_2.bias"),
-        W_in=st("h.{}.mlp.c_fc.weight"), b_in=st("h.{}.mlp.c_fc.bias"),
-        W_out=st("h.{}.mlp.c_proj.weight"), b_out=st("h.{}.mlp.c_proj.bias"),
-    )  # fmt: skip
+    L, D, H, E = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head
+    read = {}
+    for key in w:  # the fused c_attn [D, 3D] (its bias [3D]) splits into q, k and v, read once
+        k = key.removeprefix("transformer.")
+        if k.endswith((".attn.c_attn.weight", ".attn.c_attn.bias")):
+            split = [lambda a, i=i: a[..., i * D : (i + 1) * D] for i in range(3)]
+            read.update(zip((k.replace("c_attn", n) for n in "qkv"), _split(w.reader(key), split)))
+        else:
+            read[k] = w.reader(key)
+    w = Weights(read)
+    per_head = lambda a: a.reshape(D, H, E).transpose(1, 0, 2)  # noqa: E731
+    head_bias = lambda a: a.reshape(H, E)  # noqa: E731
+    fields = {  # our field -> (its name in `h.{l}.`, the map to our layout)
+        "W_Q": ("attn.q.weight", per_head), "W_K": ("attn.k.weight", per_head), "W_V": ("attn.v.weight", per_head),
+        "b_Q": ("attn.q.bias", head_bias), "b_K": ("attn.k.bias", head_bias), "b_V": ("attn.v.bias", head_bias),
+        "W_O": ("attn.c_proj.weight", lambda a: a.reshape(H, E, D)), "b_O": ("attn.c_proj.bias", None),
+        "ln1_w": ("ln_1.weight", None), "ln1_b": ("ln_1.bias", None), "ln2_w": ("ln_2.weight", None),
+        "ln2_b": ("ln_2.bias", None), "W_in": ("mlp.c_fc.weight", None), "b_in": ("mlp.c_fc.bias", None),
+        "W_out": ("mlp.c_proj.weight", None), "b_out": ("mlp.c_proj.bias", None),
+    }  # fmt: skip
+    b = Blocks(**{field: jnp.asarray(np.stack([(fn or (lambda a: a))(w[f"h.{l}.{name}"]) for l in range(L)]),
+                                     weight_dtype(field, dtype)) for field, (name, fn) in fields.items()})  # fmt: skip
     W_E = jnp.asarray(w["wte.weight"], dtype)
     W_U = jnp.asarray(w["lm_head.weight"].T, dtype) if "lm_head.weight" in w else W_E.T
     return Transformer(
         cfg=cfg, W_E=W_E, blocks=b, W_U=W_U, W_pos=jnp.asarray(w["wpe.weight"], dtype),
-        lnf_w=jnp.asarray(w["ln_f.weight"], dtype), lnf_b=jnp.asarray(w["ln_f.bias"], dtype),
+        lnf_w=jnp.asarray(w["ln_f.weight"], weight_dtype("lnf_w", dtype)),
+        lnf_b=jnp.asarray(w["ln_f.bias"], weight_dtype("lnf_b", dtype)),
     )  # fmt: skip
 
 
@@ -366,12 +384,9 @@ def llama_blocks(cfg: Config, get, norm_offset: float = 0.0, dtype=None) -> Bloc
 
 def _canonical(cfg: Config, w: Weights) -> Weights:
     """HF weights renamed and split into the Llama layout `llama_blocks` reads (no `model.` prefix); still read
-    lazily (a fused tensor is read again for each of its parts)."""
+    lazily (a fused tensor once, `_split`)."""
     H, K, E, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
     out: dict[str, Callable[[], np.ndarray]] = {}
-
-    def part(read, fn):
-        return lambda: fn(read())
 
     if cfg.family == "gpt_neox":
         rename = {"attention.dense.": "self_attn.o_proj.", "mlp.dense_h_to_4h.": "mlp.up_proj.",
@@ -380,9 +395,9 @@ def _canonical(cfg: Config, w: Weights) -> Weights:
         for key in w:
             k = key.removeprefix("gpt_neox.")
             if ".attention.query_key_value." in k:  # per head [q | k | v] rows: [H, 3, E, ...]
-                for i, name in enumerate("qkv"):
-                    out[k.replace("attention.query_key_value", f"self_attn.{name}_proj")] = part(
-                        w.reader(key), lambda v, i=i: v.reshape(H, 3, E, *v.shape[1:])[:, i].reshape(H * E, *v.shape[1:]))
+                split = [lambda v, i=i: v.reshape(H, 3, E, *v.shape[1:])[:, i].reshape(H * E, *v.shape[1:]) for i in range(3)]
+                for name, get in zip("qkv", _split(w.reader(key), split)):
+                    out[k.replace("attention.query_key_value", f"self_attn.{name}_proj")] = get
                 continue
             for a, b in rename.items():
                 k = k.replace(a, b)
@@ -391,12 +406,12 @@ def _canonical(cfg: Config, w: Weights) -> Weights:
     for key in w:
         k = key.removeprefix("model.")
         if k.endswith("self_attn.qkv_proj.weight"):  # Phi-3: rows [q (H*E) | k (K*E) | v (K*E)]
-            for i, name in enumerate("qkv"):
-                out[k.replace("qkv_proj", f"{name}_proj")] = part(
-                    w.reader(key), lambda v, i=i: np.split(v, [H * E, (H + K) * E])[i])
+            split = [lambda v, i=i: np.split(v, [H * E, (H + K) * E])[i] for i in range(3)]
+            for name, get in zip("qkv", _split(w.reader(key), split)):
+                out[k.replace("qkv_proj", f"{name}_proj")] = get
         elif k.endswith("mlp.gate_up_proj.weight"):  # Phi-3: rows [gate (M) | up (M)]
-            out[k.replace("gate_up_proj", "gate_proj")] = part(w.reader(key), lambda v: v[:M])
-            out[k.replace("gate_up_proj", "up_proj")] = part(w.reader(key), lambda v: v[M:])
+            gate, up = _split(w.reader(key), [lambda v: v[:M], lambda v: v[M:]])
+            out[k.replace("gate_up_proj", "gate_proj")], out[k.replace("gate_up_proj", "up_proj")] = gate, up
         else:
             out[k] = w.reader(key)
     return Weights(out)

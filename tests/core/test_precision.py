@@ -6,6 +6,8 @@ The tolerances below are measured on these tiny models (bf16 keeps 8 bits of man
 rounding) with a margin of about 2x; the real-model figures are `benchmarks/precision.py`'s.
 """
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,8 @@ import circuits_jax as cj
 from circuits_jax.app.cli import main
 from circuits_jax.core import DTYPES, KIND, NORM_WEIGHTS
 from conftest import tiny_configs
+
+FAMILIES = Path(__file__).resolve().parents[1] / "models" / "families"
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,14 @@ def test_bfloat16_sweeps_and_gradient_estimates_track_float32(model, pair, site,
     assert spearman(ga.raw, gb.raw) > 0.9
 
 
+@pytest.mark.reference
+def test_gpt2_loads_cast_field_by_field_with_float32_norms(reference):
+    low = cj.load_hf(reference / "tiny_gpt2", dtype="bfloat16")
+    assert low.blocks.W_Q.dtype == jnp.bfloat16 and low.blocks.ln1_w.dtype == low.lnf_b.dtype == jnp.float32
+    ref = cj.cast(cj.load_hf(reference / "tiny_gpt2"), "bfloat16")
+    assert jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype and bool((a == b).all()), low, ref))
+
+
 def test_load_casts_field_by_field_and_the_cli_takes_dtype(model, tmp_path, capsys):
     from test_safety import tiny_hf, tiny_model
 
@@ -97,6 +109,8 @@ def test_load_casts_field_by_field_and_the_cli_takes_dtype(model, tmp_path, caps
     assert low.blocks.W_in.dtype == jnp.bfloat16 and low.lnf_w.dtype == jnp.float32
     ref = cj.cast(cj.load(path)[0], "bfloat16")
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), low, ref))
+    neox = cj.load_hf(FAMILIES / "pythia", dtype="bfloat16")  # fused and LayerNorm weights too
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), neox, cj.cast(cj.load_hf(FAMILIES / "pythia"), "bfloat16")))
     with pytest.raises(ValueError, match="unsupported model dtype 'int4'"):
         cj.load(path, dtype="int4")
     assert main(["predict", "--model", str(path), "--prompt", "a b", "--dtype", "bfloat16"]) == 0

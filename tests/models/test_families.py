@@ -6,6 +6,7 @@ and reload in transformers round-trips the weights exactly and gives HF's logits
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -99,12 +100,15 @@ def test_sharded_export_and_load(tmp_path):
         cj.load_hf(out)
 
 
-def test_a_sharded_directory_is_read_one_tensor_at_a_time_each_once(monkeypatch):
-    """`load_hf` streams: every tensor of the (sharded) files is read exactly once, as the model's field that
-    needs it is built, and no more than one field's tensors are ever held outside the model (the reads come in
-    field order, not all up front)."""
+@pytest.mark.parametrize("family", ["mistral", "pythia", "phi3", "tiny_gpt2"])
+def test_a_directory_is_read_one_tensor_at_a_time_each_once(family, monkeypatch, reference):
+    """`load_hf` streams: every tensor of the files (mistral's are sharded) is read exactly once, fused ones
+    (NeoX's query_key_value, Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn) included, as the model's field
+    that needs it is built: the reads come in field order, not all up front."""
     from circuits_jax.models import _hf
+    from safetensors import safe_open
 
+    path = reference / family if family == "tiny_gpt2" else FIXTURES / family
     reads = []
     original = _hf._tensor_reader
 
@@ -113,12 +117,12 @@ def test_a_sharded_directory_is_read_one_tensor_at_a_time_each_once(monkeypatch)
         return lambda: (reads.append(name), read())[1]
 
     monkeypatch.setattr(_hf, "_tensor_reader", counting)
-    model = cj.load_hf(FIXTURES / "mistral")
-    index = json.loads((FIXTURES / "mistral" / "model.safetensors.index.json").read_text())["weight_map"]
-    assert sorted(reads) == sorted(index) and len(reads) == len(set(reads))  # each tensor once
-    L = model.cfg.n_layers
-    first = [n for n in reads if n.startswith("model.layers.")][:L]
-    assert len({n.split(".", 3)[3] for n in first}) == 1  # one field's L tensors first, then the next field's
+    model = cj.load_hf(path)
+    names = [n for f in sorted(path.glob("*.safetensors")) for n in safe_open(str(f), framework="flax").keys()]
+    assert sorted(reads) == sorted(n for n in names if n != "lm_head.weight" or not model.cfg.tied_embeddings)
+    assert len(reads) == len(set(reads))  # each tensor once
+    per_layer = [m.groups() for m in map(re.compile(r"\.(\d+)\.(.+)$").search, reads) if m]  # (layer, rest of name)
+    assert per_layer[0][1] == per_layer[1][1] and (per_layer[0][0], per_layer[1][0]) == ("0", "1")  # field by field
 
 
 def test_unsupported_model_type_and_rope_type_are_named(tmp_path):
