@@ -1,7 +1,7 @@
 """core."""
 
 from ._checks import (check_chunking as check_chunking, check_metric as check_metric, check_tokens as check_tokens, is_concrete as is_concrete, layer_index as layer_index, positive as positive)
-from ._config import (Normalization as Normalization, Activation as Activation, Positional as Positional, ACTIVATIONS as ACTIVATIONS, NORMALIZATIONS as NORMALIZATIONS, POSITIONALS as POSITIONALS, Config as Config)
+from ._config import (Normalization as Normalization, Activation as Activation, Positional as Positional, ACTIVATIONS as ACTIVATIONS, NORMALIZATIONS as NORMALIZATIONS, POSITIONALS as POSITIONALS, ROPE_TYPES as ROPE_TYPES, Config as Config)
 from ._forward import (Tap as Tap, NO_TAP as NO_TAP, Taps as Taps, HookTap as HookTap, CacheTap as CacheTap, add_bias as add_bias, norm as norm, activation as activation, rope as rope, positions_from_mask as positions_from_mask, embed as embed, final as final, unembed as unembed, block as block, layers as layers, Forward as Forward, forward as forward, HookSpec as HookSpec, normalize_hooks as normalize_hooks, RunOutput as RunOutput, run as run, run_with_cache as run_with_cache)
 from ._generate import (Generation as Generation, KVCacheTap as KVCacheTap, generate as generate)
 from ._graph import (INPUT_KINDS as INPUT_KINDS, Graph as Graph, source_sites as source_sites, source_outputs as source_outputs, dest_kinds as dest_kinds, dest_stack as dest_stack, outputs_of as outputs_of)

@@ -80,6 +80,7 @@ class Config:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX / Pythia)
+    final_norm_eps: float | None = None  # the final norm's epsilon where it differs (penzai's GPT-NeoX); None: norm_eps
 
     def __post_init__(self):
         if self.act not in ACTIVATIONS:
@@ -123,6 +124,8 @@ class Config:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"{name}={v!r}; give a positive cap, or None")
+        if self.final_norm_eps is not None and not self.final_norm_eps > 0:
+            raise ValueError(f"final_norm_eps={self.final_norm_eps!r}; give a positive number, or None for norm_eps")
         if self.parallel_residual and self.attn_only:
             raise ValueError("parallel_residual needs an MLP (d_mlp is None)")
 

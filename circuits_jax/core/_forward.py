@@ -195,7 +195,8 @@ def norm(cfg: Config, x: Array, w, b, prefix: str, tap: Tap, state) -> tuple[Arr
     dtype, x = x.dtype, x.astype(jnp.float32)
     if cfg.normalization == "layernorm":
         x = x - jnp.mean(x, axis=-1, keepdims=True)
-    scale, state = tap(f"{prefix}.hook_scale", jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps), state)
+    eps = cfg.final_norm_eps if prefix == "ln_final" and cfg.final_norm_eps is not None else cfg.norm_eps
+    scale, state = tap(f"{prefix}.hook_scale", jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps), state)
     x, state = tap(f"{prefix}.hook_normalized", x / scale, state)
     x = x * w
     return (x if b is None else x + b).astype(dtype), state

@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp): dequantized weights and the embedded tokenizer.
 
-Five architectures: "llama" (Llama, SmolLM2, Mistral, ...), "gemma2" (soft-caps, alternating sliding-window
-layers), "gemma3" (Gemma 3 text models), "qwen2" (Qwen 2 / 2.5: q, k, v biases) and "qwen3" (Qwen 3: q/k norms). GGUF stores Llama's Q and K projections
+Seven architectures: "llama" (Llama, SmolLM2, Mistral, ...), "gemma" (Gemma 1), "gemma2" (soft-caps, alternating sliding-window
+layers), "gemma3" (Gemma 3 text models), "qwen2" (Qwen 2 / 2.5: q, k, v biases), "qwen3" (Qwen 3: q/k norms)
+and "phi3" (Phi-3 / 3.5 / 4-mini: fused `attn_qkv` rows [q | k | v] and `ffn_up` rows [gate | up], split on
+read; partial rotary from `rope.dimension_count`; the long-context `rope_factors_long` refused). GGUF stores Llama's Q and K projections
 with their rows permuted for llama.cpp's interleaved RoPE; we undo that so the weights use Hugging Face's
 rotate-half convention (which our `_rope` implements). llama.cpp permutes neither Gemma's nor Qwen's Q and
 K, and its converter already stored every Gemma norm weight as `1 + w`, which is how our pytree keeps
@@ -18,7 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import Config, Transformer
+from ..core import ROPE_TYPES, Config, Transformer
 from ._finite import NonFiniteWeights, check_finite
 from ._hf import llama_blocks
 from ._tokenizer import Tokenizer
@@ -54,7 +56,7 @@ def _reader(path: Path):
         raise ValueError(f"{path} is a damaged GGUF file ({type(e).__name__}: {e}); {FETCH_HINT}") from e
 
 
-ARCHITECTURES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi3")
 # Hugging Face's per-layer names (`llama_blocks` asks by them) -> GGUF's, `blk.{l}.` and `.weight` omitted
 _COMMON = {
     "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
@@ -63,6 +65,7 @@ _COMMON = {
 }  # fmt: skip
 GGUF_NAMES = {
     "llama": {**_COMMON, "post_attention_layernorm.weight": "ffn_norm"},
+    "gemma": {**_COMMON, "post_attention_layernorm.weight": "ffn_norm"},
     "gemma3": {**_COMMON, "self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm",
                "post_attention_layernorm.weight": "post_attention_norm",
                "pre_feedforward_layernorm.weight": "ffn_norm",
@@ -72,6 +75,10 @@ GGUF_NAMES = {
     "qwen2": {**_COMMON, "post_attention_layernorm.weight": "ffn_norm"},  # + attn_q/k/v biases (`.bias`)
     "qwen3": {**_COMMON, "post_attention_layernorm.weight": "ffn_norm", "self_attn.q_norm.weight": "attn_q_norm",
               "self_attn.k_norm.weight": "attn_k_norm"},
+    # q/k/v are row blocks of attn_qkv, gate/up of ffn_up (`_phi3_part`)
+    "phi3": {**_COMMON, "self_attn.q_proj.weight": "attn_qkv", "self_attn.k_proj.weight": "attn_qkv",
+             "self_attn.v_proj.weight": "attn_qkv", "mlp.gate_proj.weight": "ffn_up",
+             "post_attention_layernorm.weight": "ffn_norm"},
 }  # fmt: skip
 # the quantisation types we dequantize (through `gguf.quants`) and test
 QUANT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -114,6 +121,9 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     hint = GEMMA3_HINT if arch == "gemma3" else FETCH_HINT
+    if any(t.name == "rope_factors_long.weight" for t in r.tensors):
+        raise ValueError(f"{path}: Phi-3's long-context RoPE (tensors rope_factors_long / rope_factors_short, Hugging "
+                         f"Face's rope_type 'longrope') is not supported; supported RoPE types: {', '.join(ROPE_TYPES)}")
     try:
         tensors = {t.name: t for t in r.tensors}
         cfg = _config(r, arch, tensors)
@@ -123,6 +133,8 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
         def get(l, name):  # `llama_blocks` asks by Hugging Face name (its Llama layout); biases end in `.bias`
             stem, kind = name.rsplit(".", 1)
             w = _tensor(tensors[f"blk.{l}.{names[stem + '.weight']}.{kind}"], str(path))
+            if arch == "phi3":
+                return _phi3_part(w, name, cfg)
             if arch == "llama" and name == "self_attn.q_proj.weight":
                 w = _unpermute(w, H)
             elif arch == "llama" and name == "self_attn.k_proj.weight":
@@ -151,6 +163,20 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
         raise ValueError(f"{path}: {e}") from e
 
 
+def _phi3_part(w: np.ndarray, name: str, cfg: Config) -> np.ndarray:
+    """The rows of Phi-3's fused tensors that `name` asks for: attn_qkv is [q (H*E) | k (K*E) | v (K*E)],
+    ffn_up is [gate (M) | up (M)] (llama.cpp's SwiGLU and transformers' Phi3MLP both take the first half as
+    the gate); any other tensor as it is. A fused tensor is dequantized once per part asked (three reads of a
+    layer's attn_qkv), a cost paid once: the float weights are cached after the first load."""
+    H, K, E, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+    qkv = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 1, "self_attn.v_proj.weight": 2}
+    if name in qkv:
+        return np.split(w, [H * E, (H + K) * E])[qkv[name]]
+    if name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        return w[:M] if name == "mlp.gate_proj.weight" else w[M:]
+    return w
+
+
 def _config(r, arch: str, tensors: dict) -> Config:
     """The `Config` a GGUF file's `{arch}.*` metadata describes."""
     D = int(_field(r, f"{arch}.embedding_length"))
@@ -166,11 +192,25 @@ def _config(r, arch: str, tensors: dict) -> Config:
         bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"), eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(r, "tokenizer.ggml.padding_token_id"),
     )  # fmt: skip
+    if arch == "phi3":
+        E, window = D // H, _field(r, "phi3.attention.sliding_window")
+        rot = int(_field(r, "phi3.rope.dimension_count", E))
+        return Config(
+            **common, d_head=E, act="silu", family="phi3", n_ctx=int(_field(r, "phi3.context_length", 4096)),
+            rotary_dim=None if rot == E else rot, sliding_window=None if not window else int(window),
+            default_prepend_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
+        )  # fmt: skip
     if arch in ("llama", "qwen2", "qwen3"):
         return Config(
             **common, d_head=int(_field(r, f"{arch}.attention.key_length", D // H)), act="silu", family=arch,
             n_ctx=int(_field(r, f"{arch}.context_length", 2048)), attn_bias=arch == "qwen2", qk_norm=arch == "qwen3",
             default_prepend_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
+        )  # fmt: skip
+    if arch == "gemma":  # Gemma 1: GeGLU (tanh), sqrt(d_model) embedding scale, (1 + w) norms, 1/sqrt(head size)
+        return Config(
+            **common, d_head=int(_field(r, "gemma.attention.key_length", D // H)), act="gelu_new",
+            n_ctx=int(_field(r, "gemma.context_length", 8192)), embedding_multiplier=float(D) ** 0.5, family="gemma",
+            default_prepend_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", True)),
         )  # fmt: skip
     # gemma2 / gemma3: head size from key_length; scores scaled by query_pre_attn_scalar ** -0.5, which llama.cpp and
     # transformers take to be the head size (256 in Gemma 2 2B / 9B and Gemma 3 270M-12B; the file does not say)

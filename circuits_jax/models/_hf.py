@@ -20,11 +20,13 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
 from ..core import Blocks, Config, Transformer, model_dtype, weight_dtype
+from ..scale import field_sharding
 from ._files import atomic_path, write_text
 from ._finite import NonFiniteWeights, check_finite
 
@@ -262,7 +264,21 @@ def _config_from_hf(hf: dict) -> Config:
     )  # fmt: skip
 
 
-def _gpt2(cfg: Config, w: Weights, dtype=None) -> Transformer:
+def placer(dtype=None, mesh=None) -> Callable[[str, np.ndarray], jax.Array]:
+    """`place(field, array)`: one model weight as a jax array in its dtype (`weight_dtype`), on `mesh`
+    straight into its shards (`field_sharding`: each device receives its part only) when a mesh is given."""
+
+    def place(field: str, a) -> jax.Array:
+        d = weight_dtype(field, dtype)
+        if mesh is None:
+            return jnp.asarray(a, d)
+        a = a if isinstance(a, jax.Array) else np.asarray(a, d)
+        return jax.device_put(a if d is None else a.astype(d), field_sharding(field, a.shape, mesh))
+
+    return place
+
+
+def _gpt2(cfg: Config, w: Weights, place) -> Transformer:
     L, D, H, E = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head
     read = {}
     for key in w:  # the fused c_attn [D, 3D] (its bias [3D]) splits into q, k and v, read once
@@ -283,14 +299,13 @@ def _gpt2(cfg: Config, w: Weights, dtype=None) -> Transformer:
         "ln2_b": ("ln_2.bias", None), "W_in": ("mlp.c_fc.weight", None), "b_in": ("mlp.c_fc.bias", None),
         "W_out": ("mlp.c_proj.weight", None), "b_out": ("mlp.c_proj.bias", None),
     }  # fmt: skip
-    b = Blocks(**{field: jnp.asarray(np.stack([(fn or (lambda a: a))(w[f"h.{l}.{name}"]) for l in range(L)]),
-                                     weight_dtype(field, dtype)) for field, (name, fn) in fields.items()})  # fmt: skip
-    W_E = jnp.asarray(w["wte.weight"], dtype)
-    W_U = jnp.asarray(w["lm_head.weight"].T, dtype) if "lm_head.weight" in w else W_E.T
+    b = Blocks(**{field: place(field, np.stack([(fn or (lambda a: a))(w[f"h.{l}.{name}"]) for l in range(L)]))
+                  for field, (name, fn) in fields.items()})  # fmt: skip
+    W_E = place("W_E", w["wte.weight"])
+    W_U = place("W_U", w["lm_head.weight"].T if "lm_head.weight" in w else W_E.T)
     return Transformer(
-        cfg=cfg, W_E=W_E, blocks=b, W_U=W_U, W_pos=jnp.asarray(w["wpe.weight"], dtype),
-        lnf_w=jnp.asarray(w["ln_f.weight"], weight_dtype("lnf_w", dtype)),
-        lnf_b=jnp.asarray(w["ln_f.bias"], weight_dtype("lnf_b", dtype)),
+        cfg=cfg, W_E=W_E, blocks=b, W_U=W_U, W_pos=place("W_pos", w["wpe.weight"]),
+        lnf_w=place("lnf_w", w["ln_f.weight"]), lnf_b=place("lnf_b", w["ln_f.bias"]),
     )  # fmt: skip
 
 
@@ -363,22 +378,23 @@ def _to_hf(cfg: Config, field: str):
     return lambda m: m
 
 
-def llama_blocks(cfg: Config, get, norm_offset: float = 0.0, dtype=None) -> Blocks:
+def llama_blocks(cfg: Config, get, norm_offset: float = 0.0, dtype=None, mesh=None) -> Blocks:
     """Blocks from `get(layer, name)` returning HF `[out, in]` matrices under their Llama-layout names
     (`layer_names(cfg)`: q/k norms, Gemma's pre/post feed-forward norms, OLMo-2's post-norms included).
     `norm_offset` is added to every RMSNorm weight (1 for Gemma's `1 + w` norms). With `dtype`, each field is
-    cast as it is made (`weight_dtype`), so a float32 copy of the whole model never exists."""
+    cast as it is made (`weight_dtype`), so a float32 copy of the whole model never exists; with `mesh`, each
+    field goes straight into its shards (`placer`)."""
     L, D = cfg.n_layers, cfg.d_model
-    parts = {}
+    place, parts = placer(dtype, mesh), {}
     for field, name in layer_names(cfg).items():
         fn = _to_ours(cfg, field)
         arr = np.stack([fn(np.asarray(get(l, name), np.float32)) for l in range(L)])
         if norm_offset and field in _RMS_FIELDS:
             arr = arr + np.float32(norm_offset)
-        parts[field] = jnp.asarray(arr, weight_dtype(field, dtype))
+        parts[field] = place(field, arr)
         del arr
     if cfg.attn_bias and cfg.family == "qwen2":
-        parts["b_O"] = jnp.zeros((L, D), dtype or jnp.float32)
+        parts["b_O"] = place("b_O", np.zeros((L, D), np.float32))
     return Blocks(**parts)
 
 
@@ -417,20 +433,22 @@ def _canonical(cfg: Config, w: Weights) -> Weights:
     return Weights(out)
 
 
-def _llama(cfg: Config, w: Weights, dtype=None) -> Transformer:
-    w = _canonical(cfg, w)
+def _llama(cfg: Config, w: Weights, dtype=None, mesh=None) -> Transformer:
+    w, place = _canonical(cfg, w), placer(dtype, mesh)
     off = np.float32(1.0 if cfg.family in GEMMA else 0.0)
-    blocks = llama_blocks(cfg, lambda l, name: w[f"layers.{l}.{name}"], norm_offset=off, dtype=dtype)
-    W_E = jnp.asarray(w["embed_tokens.weight"], dtype)
-    W_U = W_E.T if cfg.tied_embeddings or "lm_head.weight" not in w else jnp.asarray(w["lm_head.weight"].T, dtype)
-    lnf_b = jnp.asarray(w["norm.bias"]) if cfg.normalization == "layernorm" else None
-    return Transformer(cfg=cfg, W_E=W_E, blocks=blocks, W_U=W_U, lnf_w=jnp.asarray(w["norm.weight"] + off), lnf_b=lnf_b)
+    blocks = llama_blocks(cfg, lambda l, name: w[f"layers.{l}.{name}"], norm_offset=off, dtype=dtype, mesh=mesh)
+    W_E = place("W_E", w["embed_tokens.weight"])
+    W_U = place("W_U", W_E.T if cfg.tied_embeddings or "lm_head.weight" not in w else w["lm_head.weight"].T)
+    lnf_b = place("lnf_b", w["norm.bias"]) if cfg.normalization == "layernorm" else None
+    return Transformer(cfg=cfg, W_E=W_E, blocks=blocks, W_U=W_U, lnf_w=place("lnf_w", w["norm.weight"] + off), lnf_b=lnf_b)
 
 
-def load_hf(path: str | Path, dtype=None) -> Transformer:
+def load_hf(path: str | Path, dtype=None, *, mesh=None) -> Transformer:
     """Load a Hugging Face directory (`config.json` + `*.safetensors`, or shards listed in
     `model.safetensors.index.json`) of any family in `FAMILIES`, weights in float32 or `dtype` (norm weights
-    stay float32, see `weight_dtype`). Tensors are read one at a time, straight into the model's arrays."""
+    stay float32, see `weight_dtype`). Tensors are read one at a time, straight into the model's arrays; with
+    `mesh` (`make_mesh`), each weight goes straight into its shards on the mesh's devices, laid out as
+    `shard_model` lays them (tensor-parallel over `model`), so no device ever holds a whole copy."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory")
@@ -438,7 +456,9 @@ def load_hf(path: str | Path, dtype=None) -> Transformer:
     weights = _read_weights(path)
     dtype = None if dtype is None else model_dtype(dtype)
     try:
-        return _gpt2(cfg, weights, dtype) if cfg.family == "gpt2" else _llama(cfg, weights, dtype)
+        if cfg.family == "gpt2":
+            return _gpt2(cfg, weights, placer(dtype, mesh))
+        return _llama(cfg, weights, dtype, mesh)
     except (NonFiniteWeights, _Unreadable):
         raise  # already names the file and the tensor
     except KeyError as e:
@@ -474,7 +494,6 @@ def export_hf(model: Transformer, path: str | Path, tokenizer=None, *, shard_siz
     `model-0000i-of-0000n.safetensors` shards listed in `model.safetensors.index.json`."""
     cfg, b = model.cfg, model.blocks
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     L, D, H = cfg.n_layers, cfg.d_model, cfg.n_heads
     w: dict[str, np.ndarray] = {}
     if cfg.family == "gpt2":
@@ -508,6 +527,7 @@ def export_hf(model: Transformer, path: str | Path, tokenizer=None, *, shard_siz
         if getattr(cfg, key) is not None:
             hf[key] = getattr(cfg, key)
     hf["torch_dtype"] = "float32"
+    path.mkdir(parents=True, exist_ok=True)  # only now: a refused model leaves no directory behind
     # each file is written whole (temporary name, then rename): an interrupted export leaves no half file
     write_text(path / "config.json", json.dumps(hf, indent=2))
     _write_weights(path, w, shard_size)
@@ -566,7 +586,7 @@ def _check_exportable(cfg: Config) -> None:
         post_attn_norm=post, post_mlp_norm=post, pre_norm=f != "olmo2",
         qk_norm=f in ("qwen3", "gemma3_text", "olmo2"), qk_norm_scope="all" if f == "olmo2" else "head",
         normalization="layernorm" if f == "gpt_neox" else "rmsnorm", gated_mlp=f != "gpt_neox",
-        positional="rotary", causal=True, unembed_bias=False,
+        positional="rotary", causal=True, unembed_bias=False, final_norm_eps=None,
     )
     if f != "gpt_neox":
         want["parallel_residual"] = False

@@ -1,20 +1,24 @@
-"""penzai models: import a transformer built by penzai's llama-like builder.
+"""penzai models: import a transformer built by penzai's builders.
 
-penzai (`penzai.models.transformer`) builds Llama, Mistral and Gemma 1 from one
-family (`llamalike_common.build_llamalike_transformer`): RMSNorm, rotary
-embeddings, grouped-query attention, gated MLPs, no biases. Its `ApplyRoPE`
+penzai (`penzai.models.transformer`) builds Llama, Mistral and Gemma 1 / 2 from
+one family (`llamalike_common.build_llamalike_transformer`: RMSNorm, rotary
+embeddings, grouped-query attention, gated MLPs; Gemma 2 adds attention and
+final-logit soft-caps, alternating sliding-window layers, norms after attention
+and MLP and its own query scale) and GPT-NeoX / Pythia from another
+(`gpt_neox`: parallel attention + MLP, LayerNorm, biases, partial rotary). Both
+map onto `Config`'s family options; no second forward. penzai's `ApplyRoPE`
 splits each head into halves (Hugging Face's rotate-half convention, the one
-`_model._rope` uses) with the same frequencies, so Q/K weights are copied as
-they are, with no permutation. Queries are scaled by `1/sqrt(projection_dim)`,
-as ours are.
+`_forward.rope` uses) with the same frequencies, and `ApplyRoPEToSubset`
+rotates a prefix of each head the same way (`Config.rotary_dim`), so Q/K
+weights are copied as they are. penzai stores Gemma's norm scales as `1 + w`,
+as we do.
 
 The conversion walks the model's structure with `pz.select` rather than trusting
-parameter labels (users rename them), and refuses, naming the penzai config
-field, anything `Config` cannot express exactly: attention or final-logit
-soft-capping, sliding-window attention, Gemma 2's post-attention /
-post-feedforward norms, a non-default query scale, GPT-NeoX's parallel
-attention + MLP blocks and partial rotary embeddings. Layers a user inserted
-(probes, interventions) are refused too: convert the plain model.
+parameter labels (users rename them), and refuses, naming it, anything `Config`
+cannot express exactly: settings that differ between layers where `Config` has
+one (activation, RoPE wavelength, soft cap, query scale, window size, norm
+epsilon), and layers a user inserted (probes, interventions): convert the plain
+model.
 """
 
 from __future__ import annotations
@@ -47,18 +51,14 @@ class _Problems(list):
             raise NotImplementedError(f"this penzai model cannot be expressed exactly by circuits_jax.Config:\n{lines}")
 
 
-# Layer types the llama-like family is built from. Anything else (a user's probe,
-# an intervention, another family's layer) is refused by name.
-_LLAMALIKE_LAYERS = {
+# Layer types penzai's llama-like and GPT-NeoX builders use. Anything else (a user's
+# probe, an intervention, another family's layer) is refused by name.
+_KNOWN_LAYERS = {
     "TransformerLM", "Sequential", "TransformerBlock", "TransformerFeedForward", "NamedGroup", "Residual",
     "LayerStack", "EmbeddingLookup", "EmbeddingDecode", "CastToDType", "ConstantRescale", "RMSLayerNorm",
     "RMSStandardize", "Linear", "Attention", "ApplyRoPE", "NamedEinsum", "ApplyCausalAttentionMask", "Softmax",
-    "BranchAndMultiplyTogether", "Elementwise",
-}  # fmt: skip
-# Layers with a specific message below.
-_EXPLAINED = {
-    "TanhSoftCap", "ApplyCausalSlidingWindowAttentionMask", "ApplyRoPEToSubset", "BranchAndAddTogether",
-    "KVCachingAttention", "LayerNorm", "Standardize", "Affine", "AddBias", "Identity",
+    "BranchAndMultiplyTogether", "Elementwise", "TanhSoftCap", "ApplyCausalSlidingWindowAttentionMask",
+    "ApplyRoPEToSubset", "BranchAndAddTogether", "LayerNorm", "Standardize", "Affine", "AddBias", "Identity",
 }  # fmt: skip
 
 
@@ -67,10 +67,13 @@ def _scalar(x) -> float:
     pz, _ = _pz()
     if isinstance(x, pz.nx.NamedArrayBase):
         x = x.unwrap(*x.named_shape)
-    a = np.asarray(x, np.float64).reshape(-1)
+    a = np.asarray(x)
+    narrow = a.dtype.kind == "f" and a.dtype.itemsize < 8
+    a = a.astype(np.float64).reshape(-1)
     if a.size == 0 or not np.all(a == a[0]):
         raise NotImplementedError(f"a constant that differs between stacked layers ({a}) is not supported")
-    return float(a[0])
+    # a float32 constant as the shortest decimal that is the same float32 (1e-06, not 9.99999997e-07)
+    return float(str(np.float32(a[0]))) if narrow else float(a[0])
 
 
 def _value(param, axes: tuple[str, ...], stack_axis: str | None) -> np.ndarray:
@@ -116,131 +119,169 @@ def _activation(fn) -> str | None:
     return None
 
 
-def _model_wide_problems(body, E: int) -> _Problems:
-    """Unsupported features visible anywhere in the model, by layer type."""
+def _dense(layer):
+    """(weights, bias or None) of a `Linear` or an `Affine` (Linear + AddBias); None for anything else."""
     pz, _ = _pz()
-    problems = _Problems()
-    sel = pz.select(body)
-    names = {type(l).__name__ for l in _all_layers(body)}
-    foreign = sorted(names - _LLAMALIKE_LAYERS - _EXPLAINED)
-    if foreign:
-        problems.append(f"penzai layer types {foreign} (strip probes / interventions and convert the plain model)")
-    attn_caps = sel.at_instances_of(pz.nn.Attention).at_instances_of(pz.nn.TanhSoftCap).get_sequence()
-    for cap in attn_caps:
-        problems.append(f"attn_logits_soft_cap={_scalar(cap.soft_cap):g} (attention logit soft-capping)")
-    if sel.at_instances_of(pz.nn.TanhSoftCap).count() > len(attn_caps):
-        caps = sel.at_instances_of(pz.nn.TanhSoftCap).get_sequence()[-1]
-        problems.append(f"final_logit_softcap={_scalar(caps.soft_cap):g} (final logit soft-capping)")
-    for win in sel.at_instances_of(pz.nn.ApplyCausalSlidingWindowAttentionMask).get_sequence():
-        problems.append(
-            f"attention_type=AttentionTypeSlidingWindowCausal(window_size={win.sliding_window_size})"
-            " (sliding-window attention)"
-        )
-    if sel.at_instances_of(pz.nn.BranchAndAddTogether).count():
-        problems.append(
-            "parallel attention + MLP blocks (GPT-NeoX: y = x + attn(ln1(x)) + mlp(ln2(x)));"
-            " Config runs them in sequence"
-        )
-    for sub in sel.at_instances_of(pz.nn.ApplyRoPEToSubset).get_sequence():
-        if sub.rope_subset_size != E:
-            problems.append(
-                f"partial rotary embeddings (rope_subset_size={sub.rope_subset_size} of projection_dim={E})"
-            )
-    for res in sel.at_instances_of(pz.nn.Residual).get_sequence():
-        if pz.select(res).at_instances_of(pz.nn.RMSLayerNorm).count() > 1:
-            attn = pz.select(res).at_instances_of(pz.nn.Attention).count()
-            field, what = ("use_post_attn_norm", "attention") if attn else ("use_post_ffw_norm", "feedforward")
-            problems.append(f"{field}=True (an extra norm after the {what} branch, as in Gemma 2)")
-    for attn in sel.at_instances_of(pz.nn.Attention).get_sequence():
-        for rescale in pz.select(attn.input_to_query).at_instances_of(pz.nn.ConstantRescale).get_sequence():
-            scale = _scalar(rescale.by)
-            if not np.isclose(scale, E**-0.5, rtol=1e-6, atol=0):
-                default = f"only the default 1/sqrt(projection_dim) = {E**-0.5:g}"
-                problems.append(f"query_scaling_factor={scale:g} ({default})")
-    if sel.at_instances_of(pz.nn.KVCachingAttention).count():
-        problems.append("KVCachingAttention (a sampling-mode model; convert the plain TransformerLM)")
-    if names & {"LayerNorm", "Standardize", "Affine", "AddBias"}:
-        problems.append("LayerNorm / biases (only penzai's bias-free RMSNorm llama-like family is imported)")
-    eps = {_scalar(s.epsilon) for s in sel.at_instances_of(pz.nn.RMSStandardize | pz.nn.Standardize).get_sequence()}
-    if len(eps) > 1:
-        problems.append(f"different norm epsilons {sorted(eps)} (Config has a single norm_eps)")
-    return problems
+    if type(layer) is pz.nn.Linear:
+        return layer.weights, None
+    if type(layer) is pz.nn.Affine and _types(layer) == ("Linear", "AddBias"):
+        return layer.sublayers[0].weights, layer.sublayers[1].bias
+    return None
 
 
-def _block_parts(block, problems: _Problems):
-    """Check one pre-norm llama-like block; return (attention, ln1 scale, ln2 scale, MLP linears, act, theta)."""
+def _norm(layer, where: str, problems: _Problems):
+    """(kind, epsilon, scale, shift or None) of penzai's RMSLayerNorm or LayerNorm; None (and a problem) otherwise."""
+    pz, _ = _pz()
+    subs = _types(layer)
+    if type(layer) is pz.nn.RMSLayerNorm and subs == ("RMSStandardize", "Linear"):
+        return "rmsnorm", _scalar(layer.sublayers[0].epsilon), layer.sublayers[1].weights, None
+    if type(layer) is pz.nn.LayerNorm and subs == ("Standardize", "Linear", "AddBias"):
+        return "layernorm", _scalar(layer.sublayers[0].epsilon), layer.sublayers[1].weights, layer.sublayers[2].bias
+    problems.append(f"{where} is {type(layer).__name__} of {subs}; expected penzai's RMSLayerNorm or LayerNorm")
+    return None
+
+
+def _attention(attn, E: int, problems: _Problems) -> dict | None:
+    """Projections and settings of one `pz.nn.Attention`: q = rope(W_Q x + b) * scale, k = rope(W_K x + b),
+    v = W_V x + b, scores -> [soft cap] -> causal [sliding-window] mask -> softmax, then W_O."""
+    pz, _ = _pz()
+    if type(attn) is not pz.nn.Attention:
+        problems.append(f"{type(attn).__name__} (a sampling-mode or foreign attention; convert the plain TransformerLM)")
+        return None
+    rope = ("ApplyRoPE", "ApplyRoPEToSubset")
+    parts = {}
+    for name, shape in [("input_to_query", ("dense", rope, "ConstantRescale")), ("input_to_key", ("dense", rope)),
+                        ("input_to_value", ("dense",)), ("attn_value_to_output", ("NamedEinsum", "dense"))]:  # fmt: skip
+        seq = getattr(attn, name)
+        subs = list(seq.sublayers) if type(seq) is pz.nn.Sequential else [seq]
+        ok = len(subs) == len(shape) and all(
+            _dense(sub) is not None if want == "dense" else type(sub).__name__ in (want if isinstance(want, tuple) else (want,))
+            for sub, want in zip(subs, shape)
+        )
+        if not ok:
+            expected = tuple("Linear|Affine" if w == "dense" else "|".join(w) if isinstance(w, tuple) else w for w in shape)
+            problems.append(f"attention {name} is {_types(seq)}; expected {expected}")
+            return None
+        parts[name] = subs
+    q, k = parts["input_to_query"][1], parts["input_to_key"][1]
+    if (q.max_wavelength, getattr(q, "rope_subset_size", E)) != (k.max_wavelength, getattr(k, "rope_subset_size", E)):
+        problems.append("different RoPE settings for queries and keys")
+    qk = list(attn.query_key_to_attn.sublayers) if type(attn.query_key_to_attn) is pz.nn.Sequential else []
+    names = tuple(type(x).__name__ for x in qk)
+    cap = None
+    if len(names) == 4 and names[1] == "TanhSoftCap":
+        cap = _scalar(qk.pop(1).soft_cap)
+        names = names[:1] + names[2:]
+    masks = ("ApplyCausalAttentionMask", "ApplyCausalSlidingWindowAttentionMask")
+    if len(names) != 3 or names[0] != "NamedEinsum" or names[1] not in masks or names[2] != "Softmax":
+        problems.append(f"attention query_key_to_attn is {_types(attn.query_key_to_attn)}; expected "
+                        "(NamedEinsum, [TanhSoftCap], ApplyCausal[SlidingWindow]AttentionMask, Softmax)")  # fmt: skip
+        return None
+    return dict(
+        q=_dense(parts["input_to_query"][0]), k=_dense(parts["input_to_key"][0]),
+        v=_dense(parts["input_to_value"][0]), o=_dense(parts["attn_value_to_output"][1]),
+        theta=float(q.max_wavelength), rot=int(getattr(q, "rope_subset_size", E)),
+        scale=_scalar(parts["input_to_query"][2].by), cap=cap,
+        window=int(qk[1].sliding_window_size) if names[1] == masks[1] else None,
+    )  # fmt: skip
+
+
+def _feedforward(ffw, problems: _Problems) -> dict | None:
+    """A gated MLP, out(act(gate(x)) * value(x)) (penzai's llama-like), or a plain one, out(act(in(x)))
+    (GPT-NeoX); each projection a Linear or an Affine."""
     pz, model_parts = _pz()
-    subs = block.sublayers if isinstance(block, pz.nn.Sequential) else []
-    if len(subs) != 2 or not all(isinstance(s, pz.nn.Residual) for s in subs):
-        problems.append(f"transformer block of {_types(block)}; expected two pre-norm Residual branches")
+    subs = list(ffw.sublayers) if isinstance(ffw, model_parts.TransformerFeedForward) else []
+    names = _types(ffw)
+    if len(subs) == 3 and names[1] == "Elementwise" and _dense(subs[0]) and _dense(subs[2]):
+        gate, up, act_fn, out = None, _dense(subs[0]), subs[1].fn, _dense(subs[2])
+    elif len(subs) == 2 and names[0] == "BranchAndMultiplyTogether" and _dense(subs[1]):
+        gate = up = act_fn = None
+        for branch in subs[0].branches:
+            if _dense(branch):
+                up = _dense(branch)
+            elif _types(branch)[-1:] == ("Elementwise",) and len(branch.sublayers) == 2 and _dense(branch.sublayers[0]):
+                gate, act_fn = _dense(branch.sublayers[0]), branch.sublayers[1].fn
+        if gate is None or up is None or len(subs[0].branches) != 2:
+            problems.append("a gated feedforward without one (Linear, Elementwise) gate and one Linear value branch")
+            return None
+        out = _dense(subs[1])
+    else:
+        problems.append(f"feedforward of {names}; expected (Linear, Elementwise, Linear) or a gated MLP "
+                        "(BranchAndMultiplyTogether, Linear)")  # fmt: skip
         return None
-    branches = []
-    for res, core in [(subs[0], pz.nn.Attention), (subs[1], model_parts.TransformerFeedForward)]:
-        items = list(res.delta.sublayers) if isinstance(res.delta, pz.nn.Sequential) else [res.delta]
-        if len(items) != 2 or type(items[0]) is not pz.nn.RMSLayerNorm or not isinstance(items[1], core):
-            problems.append(f"residual branch of {_types(res.delta)}; expected (RMSLayerNorm, {core.__name__})")
-            return None
-        if _types(items[0]) != ("RMSStandardize", "Linear"):
-            problems.append(f"RMSLayerNorm of {_types(items[0])}; expected (RMSStandardize, Linear)")
-            return None
-        branches.append(items)
-    (norm1, attn), (norm2, ffw) = branches
+    act = _activation(act_fn)
+    if act is None:
+        problems.append(f"MLP activation {act_fn!r} (supported: silu, tanh-approximate gelu, exact gelu, relu)")
+        return None
+    return dict(gate=gate, up=up, out=out, act=act)
 
-    # Attention: q = rope(W_Q x) * scale, k = rope(W_K x), v = W_V x, causal softmax, W_O.
-    for name, expected in [
-        ("input_to_query", ("Linear", "ApplyRoPE", "ConstantRescale")),
-        ("input_to_key", ("Linear", "ApplyRoPE")),
-        ("input_to_value", ("Linear",)),
-        ("attn_value_to_output", ("NamedEinsum", "Linear")),
-    ]:
-        got = _types(getattr(attn, name))
-        if got != expected or not isinstance(getattr(attn, name), pz.nn.Sequential):
-            problems.append(f"attention {name} is {got}; expected {expected}")
-            return None
-    qk = _types(attn.query_key_to_attn)  # soft caps and sliding windows were refused model-wide
-    if qk != ("NamedEinsum", "ApplyCausalAttentionMask", "Softmax"):
-        expected = "(NamedEinsum, ApplyCausalAttentionMask, Softmax)"
-        problems.append(f"attention query_key_to_attn is {qk}; expected {expected}")
-    thetas = {attn.input_to_query.sublayers[1].max_wavelength, attn.input_to_key.sublayers[1].max_wavelength}
-    if len(thetas) > 1:
-        problems.append(f"different RoPE wavelengths for queries and keys {sorted(thetas)}")
 
-    # Gated MLP: out(act(gate(x)) * value(x)).
-    if _types(ffw) != ("BranchAndMultiplyTogether", "Linear") or len(ffw.sublayers[0].branches) != 2:
-        problems.append(f"feedforward block of {_types(ffw)}; expected a gated MLP (BranchAndMultiplyTogether, Linear)")
+def _branch(seq, core: str, where: str, problems: _Problems):
+    """(pre-norm, core layer, post-norm or None) of a `Sequential(norm, core[, norm])` residual branch."""
+    pz, _ = _pz()
+    items = list(seq.sublayers) if type(seq) is pz.nn.Sequential else [seq]
+    if len(items) not in (2, 3) or type(items[1]).__name__ != core:
+        problems.append(f"{where} branch of {_types(seq)}; expected (norm, {core}[, norm])")
         return None
-    gate = value = act = None
-    for branch in ffw.sublayers[0].branches:
-        if isinstance(branch, pz.nn.Linear):
-            value = branch
-        elif _types(branch) == ("Linear", "Elementwise"):
-            gate, act = branch.sublayers[0], _activation(branch.sublayers[1].fn)
-            if act is None:
-                supported = "silu, tanh-approximate gelu, exact gelu, relu"
-                problems.append(f"MLP activation {branch.sublayers[1].fn!r} (supported: {supported})")
-    if gate is None or value is None:
-        problems.append("feedforward without one (Linear, Elementwise) gate branch and one Linear value branch")
+    pre = _norm(items[0], f"{where} norm", problems)
+    post = _norm(items[2], f"{where} post-norm", problems) if len(items) == 3 else None
+    return pre, items[1], post
+
+
+def _block(block, E: int, problems: _Problems) -> dict | None:
+    """One block, sequential (two pre-norm `Residual`s, llama-like) or parallel (GPT-NeoX's
+    `BranchAndAddTogether(Identity, norm -> attention, norm -> MLP)`), as a flat dict of parts and settings."""
+    pz, _ = _pz()
+    subs = list(block.sublayers) if isinstance(block, pz.nn.Sequential) else []
+    if len(subs) == 2 and all(type(s) is pz.nn.Residual for s in subs):
+        parallel, (a_seq, m_seq) = False, (subs[0].delta, subs[1].delta)
+    elif len(subs) == 1 and type(subs[0]) is pz.nn.BranchAndAddTogether and len(subs[0].branches) == 3 \
+            and type(subs[0].branches[0]) is pz.nn.Identity:  # fmt: skip
+        parallel, (a_seq, m_seq) = True, subs[0].branches[1:]
+    else:
+        problems.append(f"transformer block of {_types(block)}; expected two Residual branches, or GPT-NeoX's "
+                        "BranchAndAddTogether(Identity, attention, MLP)")  # fmt: skip
         return None
-    mlp = (gate, value, ffw.sublayers[1])
-    return attn, norm1.sublayers[1].weights, norm2.sublayers[1].weights, mlp, act, thetas.pop()
+    a, m = _branch(a_seq, "Attention", "attention", problems), _branch(m_seq, "TransformerFeedForward", "MLP", problems)
+    if a is None or m is None or None in (a[0], m[0]):
+        return None
+    attn, ffw = _attention(a[1], E, problems), _feedforward(m[1], problems)
+    if attn is None or ffw is None:
+        return None
+    return dict(parallel=parallel, ln1=a[0], ln2=m[0], post1=a[2], post2=m[2], **attn, **ffw)
+
+
+def _signature(p: dict) -> dict:
+    """What must be the same in every layer (Config holds it once)."""
+    has = lambda x: x is not None  # noqa: E731
+    return dict(
+        parallel=p["parallel"], norm=p["ln1"][0], eps=sorted({n[1] for n in (p["ln1"], p["ln2"], p["post1"], p["post2"]) if n}),
+        post_attn_norm=has(p["post1"]), post_mlp_norm=has(p["post2"]), act=p["act"], gated=has(p["gate"]),
+        rope_wavelength=p["theta"], rope_subset_size=p["rot"], query_scale=p["scale"], attn_soft_cap=p["cap"],
+        biases=tuple(has(p[n][1]) for n in ("q", "k", "v", "o", "gate", "up", "out") if p[n] is not None),
+        norm_shift=has(p["ln1"][3]),
+    )  # fmt: skip
 
 
 def from_penzai(pz_model, *, n_ctx: int = 2048) -> Transformer:
-    """Convert a penzai llama-like `TransformerLM` (Llama, Mistral without sliding windows, Gemma 1).
+    """Convert a penzai `TransformerLM`: Llama, Mistral, Gemma 1 and 2 (the llama-like builder) or GPT-NeoX /
+    Pythia (`gpt_neox`).
 
     Weights are copied into our TransformerLens layout as float32 (bfloat16
     parameters are upcast; penzai's `activation_dtype` is not kept). Blocks
     built one by one or as a `LayerStack` both work; parameters may be bound
-    `pz.Parameter`s or frozen `pz.ParameterValue`s. Gemma's tied embeddings,
-    scaled by sqrt(d_model) on the way in, become a pre-scaled `W_E` and an
-    unscaled `W_U`, so the result has `tied_embeddings=False`. penzai records
-    no context length; `n_ctx` only fills in `Config.n_ctx` (rotary models
-    have no learned positions to bound it).
+    `pz.Parameter`s or frozen `pz.ParameterValue`s. Gemma's tied embedding,
+    scaled by sqrt(d_model) on the way in, becomes `embedding_multiplier`;
+    Gemma 2's per-layer attention types become `layer_types`; GPT-NeoX's final
+    norm, which penzai builds with its default epsilon whatever the blocks
+    use, keeps it (`final_norm_eps`). `Config.family` names the Hugging Face
+    layout the model matches ("llama", "mistral", "gemma", "gemma2",
+    "gpt_neox"), so `save_hf` exports it. penzai records no context length;
+    `n_ctx` only fills in `Config.n_ctx`.
 
-    Raises NotImplementedError naming each feature `Config` cannot express
-    (soft-capping, sliding windows, post norms, a non-default query scale,
-    GPT-NeoX's parallel blocks or partial rotary, foreign layers), TypeError
-    for anything but a penzai `TransformerLM`, and `NonFiniteWeights` (a ValueError) naming the first
+    Raises NotImplementedError naming each structure or per-layer difference
+    `Config` cannot express, TypeError for anything but a penzai
+    `TransformerLM`, and `NonFiniteWeights` (a ValueError) naming the first
     weight that holds a NaN or an Inf.
     """
     pz, model_parts = _pz()
@@ -253,25 +294,29 @@ def from_penzai(pz_model, *, n_ctx: int = 2048) -> Transformer:
     D, E, M, V = md.embedding_dim, md.projection_dim, md.mlp_hidden_dim, md.vocab_size
     body = pz_model.body
 
-    problems = _model_wide_problems(body, E)
+    problems = _Problems()
+    foreign = sorted({type(layer).__name__ for layer in _all_layers(body)} - _KNOWN_LAYERS)
+    if foreign:
+        problems.append(f"penzai layer types {foreign} (strip probes / interventions and convert the plain model)")
     if len(common) > 1 or len(qonly) > 1:
         problems.append(f"head axes {common + qonly}; expected at most one kv-head and one query-head axis")
     problems.check()
 
-    # Top level: lookup, [cast], [scale], blocks | LayerStack, final norm, unembed.
-    layers = list(body.sublayers) if isinstance(body, pz.nn.Sequential) else []
+    # Top level: lookup, [cast], [scale], blocks | LayerStack, final norm, unembed, [final soft cap].
+    layers = list(body.sublayers) if type(body) is pz.nn.Sequential else []
     if not layers or not isinstance(layers[0], pz.nn.EmbeddingLookup):
         raise NotImplementedError(f"expected a Sequential body starting with EmbeddingLookup, got {_types(body)}")
     table = layers.pop(0).table
-    embed_scale = np.float32(1.0)
+    embed_scale = 1.0
     while layers and isinstance(layers[0], pz.nn.CastToDType | pz.nn.ConstantRescale):
         layer = layers.pop(0)
         if isinstance(layer, pz.nn.ConstantRescale):  # Gemma's sqrt(d_model) embedding scale
-            embed_scale = embed_scale * np.float32(_scalar(layer.by))
-    final_ok = len(layers) >= 3 and type(layers[-2]) is pz.nn.RMSLayerNorm
-    if not final_ok or _types(layers[-2]) != ("RMSStandardize", "Linear"):
-        raise NotImplementedError(f"expected (..., TransformerBlocks, RMSLayerNorm, unembedding), got {_types(body)}")
+            embed_scale *= _scalar(layer.by)
+    final_cap = _scalar(layers.pop().soft_cap) if layers and type(layers[-1]) is pz.nn.TanhSoftCap else None
+    if len(layers) < 3:
+        raise NotImplementedError(f"expected (..., TransformerBlocks, final norm, unembedding), got {_types(body)}")
     *block_layers, final_norm, unembed = layers
+    final = _norm(final_norm, "final norm", problems)
     if len(block_layers) == 1 and isinstance(block_layers[0], pz.nn.LayerStack):
         stack = block_layers[0]
         blocks, stack_axis, L = [stack.stacked_sublayers], stack.stack_axis, stack.stack_axis_size
@@ -286,57 +331,98 @@ def from_penzai(pz_model, *, n_ctx: int = 2048) -> Transformer:
         problems.append("no transformer blocks")
     problems.check()
 
-    per_block = [_block_parts(b, problems) for b in blocks]
+    per_block = [_block(b, E, problems) for b in blocks]
     problems.check()
-    acts = {p[4] for p in per_block}
-    thetas = {p[5] for p in per_block}
-    if len(acts) > 1:
-        problems.append(f"different MLP activations across layers {sorted(acts)}")
-    if len(thetas) > 1:
-        problems.append(f"different RoPE wavelengths across layers {sorted(thetas)}")
+    first = _signature(per_block[0])
+    for i, p in enumerate(per_block[1:], 1):
+        for key, value in _signature(p).items():
+            if value != first[key]:
+                problems.append(f"{key} differs between layers ({first[key]} in block 0, {value} in block {i})")
+    windows = [p["window"] for p in per_block]
+    if len({w for w in windows if w is not None}) > 1:
+        problems.append(f"different sliding-window sizes {sorted({w for w in windows if w is not None})}"
+                        " (Config has one sliding_window)")  # fmt: skip
+    if len(first["eps"]) > 1:
+        problems.append(f"different norm epsilons {first['eps']} within a block (Config has one norm_eps)")
+    if final[0] != first["norm"] or (final[3] is not None) != first["norm_shift"]:
+        problems.append(f"final norm {final[0]} differs from the blocks' {first['norm']}")
     problems.check()
 
     def stacked(get, axes, shape):
-        """One weight for every layer, [L, *shape], from the LayerStack's axis or the block list."""
+        """One weight for every layer, [L, *shape], from the LayerStack's axis or the block list; None where
+        the model has none."""
+        if get(per_block[0]) is None:
+            return None
         if stack_axis is not None:
             return jnp.asarray(_value(get(per_block[0]), axes, stack_axis).reshape(L, *shape))
         return jnp.asarray(np.stack([_value(get(p), axes, None).reshape(shape) for p in per_block]))
 
     # Query heads flatten as (kv head, query head within its group): kv head k serves
     # query heads k*G .. k*G+G-1, the order Config's grouped-query attention assumes.
-    q_heads = common + qonly
-    H = K * G
-
-    def attn_w(path):
-        return lambda p: getattr(p[0], path[0]).sublayers[path[1]].weights
-
+    q_heads, H = common + qonly, K * G
+    w, b = (lambda name: lambda p: p[name][0]), (lambda name: lambda p: p[name][1])  # noqa: E731
+    post = lambda name: lambda p: p[name] and p[name][2]  # noqa: E731
     blocks_out = Blocks(
-        W_Q=stacked(attn_w(("input_to_query", 0)), (*q_heads, "embedding", "projection"), (H, D, E)),
-        W_K=stacked(attn_w(("input_to_key", 0)), (*common, "embedding", "projection"), (K, D, E)),
-        W_V=stacked(attn_w(("input_to_value", 0)), (*common, "embedding", "projection"), (K, D, E)),
-        W_O=stacked(attn_w(("attn_value_to_output", 1)), (*q_heads, "projection", "embedding"), (H, E, D)),
-        ln1_w=stacked(lambda p: p[1], ("embedding",), (D,)),
-        ln2_w=stacked(lambda p: p[2], ("embedding",), (D,)),
-        W_gate=stacked(lambda p: p[3][0].weights, ("embedding", "neurons"), (D, M)),
-        W_in=stacked(lambda p: p[3][1].weights, ("embedding", "neurons"), (D, M)),
-        W_out=stacked(lambda p: p[3][2].weights, ("neurons", "embedding"), (M, D)),
+        W_Q=stacked(w("q"), (*q_heads, "embedding", "projection"), (H, D, E)),
+        W_K=stacked(w("k"), (*common, "embedding", "projection"), (K, D, E)),
+        W_V=stacked(w("v"), (*common, "embedding", "projection"), (K, D, E)),
+        W_O=stacked(w("o"), (*q_heads, "projection", "embedding"), (H, E, D)),
+        b_Q=stacked(b("q"), (*q_heads, "projection"), (H, E)),
+        b_K=stacked(b("k"), (*common, "projection"), (K, E)),
+        b_V=stacked(b("v"), (*common, "projection"), (K, E)),
+        b_O=stacked(b("o"), ("embedding",), (D,)),
+        ln1_w=stacked(lambda p: p["ln1"][2], ("embedding",), (D,)),
+        ln1_b=stacked(lambda p: p["ln1"][3], ("embedding",), (D,)),
+        ln2_w=stacked(lambda p: p["ln2"][2], ("embedding",), (D,)),
+        ln2_b=stacked(lambda p: p["ln2"][3], ("embedding",), (D,)),
+        ln1_post_w=stacked(post("post1"), ("embedding",), (D,)),
+        ln2_post_w=stacked(post("post2"), ("embedding",), (D,)),
+        W_gate=stacked(lambda p: p["gate"] and p["gate"][0], ("embedding", "neurons"), (D, M)),
+        b_gate=stacked(lambda p: p["gate"] and p["gate"][1], ("neurons",), (M,)),
+        W_in=stacked(w("up"), ("embedding", "neurons"), (D, M)),
+        b_in=stacked(b("up"), ("neurons",), (M,)),
+        W_out=stacked(w("out"), ("neurons", "embedding"), (M, D)),
+        b_out=stacked(b("out"), ("embedding",), (D,)),
     )  # fmt: skip
     W_E = _value(table.embeddings, (table.vocabulary_axis, "embedding"), None)
-    if isinstance(unembed, pz.nn.EmbeddingDecode):
+    tied = isinstance(unembed, pz.nn.EmbeddingDecode)
+    if tied:
         W_U = _value(unembed.table.embeddings, (unembed.table.vocabulary_axis, "embedding"), None).T
     else:
         W_U = _value(unembed.weights, ("embedding", "vocabulary"), None)
+
+    sliding = [w is not None for w in windows]
+    window = next((w for w in windows if w is not None), None)
+    gemma = embed_scale != 1.0
+    if np.float32(embed_scale) == np.float32(D**0.5):
+        embed_scale = D**0.5  # penzai holds it in float32; Config (and Hugging Face's Gemma) in float64
+    if first["parallel"]:
+        family = "gpt_neox"
+    elif gemma:
+        family = "gemma2" if first["post_attn_norm"] or first["attn_soft_cap"] or final_cap or window else "gemma"
+    else:
+        family = "mistral" if all(sliding) else "llama"
+    eps = first["eps"][0]
     cfg = Config(
         d_model=D, n_layers=L, n_heads=H, n_kv_heads=K, d_head=E, d_vocab=V, n_ctx=n_ctx, d_mlp=M,
-        normalization="rmsnorm", norm_eps=_scalar(final_norm.sublayers[0].epsilon), act=acts.pop(), gated_mlp=True,
-        positional="rotary", rope_theta=float(thetas.pop()), tied_embeddings=False, family="llama",
+        normalization=first["norm"], norm_eps=eps, final_norm_eps=None if final[1] == eps else final[1],
+        act=first["act"], gated_mlp=first["gated"], positional="rotary", rope_theta=first["rope_wavelength"],
+        rotary_dim=None if first["rope_subset_size"] == E else first["rope_subset_size"],
+        attn_scale=None if np.isclose(first["query_scale"], E**-0.5, rtol=1e-6, atol=0) else first["query_scale"],
+        embedding_multiplier=embed_scale, attn_bias=blocks_out.b_Q is not None or blocks_out.b_O is not None,
+        mlp_bias=blocks_out.b_in is not None or blocks_out.b_out is not None, tied_embeddings=tied, family=family,
+        sliding_window=window, layer_types=None if all(sliding) or not any(sliding)
+        else tuple("sliding_attention" if s else "full_attention" for s in sliding),
+        post_attn_norm=first["post_attn_norm"], post_mlp_norm=first["post_mlp_norm"],
+        attn_softcap=first["attn_soft_cap"], final_softcap=final_cap, parallel_residual=first["parallel"],
     )  # fmt: skip
     model = Transformer(
         cfg=cfg,
-        W_E=jnp.asarray(W_E * embed_scale),
+        W_E=jnp.asarray(W_E),
         blocks=blocks_out,
         W_U=jnp.asarray(np.ascontiguousarray(W_U)),
-        lnf_w=jnp.asarray(_value(final_norm.sublayers[1].weights, ("embedding",), None)),
+        lnf_w=jnp.asarray(_value(final[2], ("embedding",), None)),
+        lnf_b=None if final[3] is None else jnp.asarray(_value(final[3], ("embedding",), None)),
     )
     check_finite(model, "penzai model")  # named as our fields (blocks.W_in, layer ...)
     return model

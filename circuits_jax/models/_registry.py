@@ -168,7 +168,7 @@ def assemble_gguf(folder: Path, target: Path, n_parts: int = GEMMA3_PARTS) -> Pa
     return target
 
 
-def _load_gguf_cached(path: Path, dtype=None) -> tuple[Transformer, Tokenizer]:
+def _load_gguf_cached(path: Path, dtype=None, mesh=None) -> tuple[Transformer, Tokenizer]:
     """GGUF load with a float32 checkpoint of the dequantized weights kept beside the cache (read back straight
     into `dtype` when one is given)."""
     from ._checkpoint import load_model, save_model
@@ -178,7 +178,7 @@ def _load_gguf_cached(path: Path, dtype=None) -> tuple[Transformer, Tokenizer]:
     ckpt = cache_dir() / "converted" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (ckpt / "tokenizer.json").exists():  # written last, so its presence means the entry is whole
         try:
-            model = load_model(ckpt, dtype=dtype)  # checks its weights are finite
+            model = load_model(ckpt, dtype=dtype, mesh=mesh)  # checks its weights are finite
             return model, _hf_tokenizer(ckpt, model)
         except Exception as e:  # a half-written or damaged cache entry: rebuild it from the GGUF
             print(f"ignoring unreadable converted cache {ckpt}: {_first_line(e)}", file=sys.stderr)
@@ -189,7 +189,16 @@ def _load_gguf_cached(path: Path, dtype=None) -> tuple[Transformer, Tokenizer]:
             tok.tok.save(str(tmp))
     except Exception as e:  # read-only cache: loading still works, just slower next time
         print(f"could not cache converted weights at {ckpt}: {e}", file=sys.stderr)
-    return model, tok
+    return _on_mesh(model, dtype, mesh), tok
+
+
+def _on_mesh(model: Transformer, dtype, mesh) -> Transformer:
+    """A model built whole on the host (a GGUF's), in `dtype` and placed on `mesh` when they are given."""
+    if mesh is None:
+        return model
+    from ..scale import shard_model
+
+    return shard_model(model if dtype is None else cast(model, dtype), mesh)
 
 
 def _hf_tokenizer(path: Path, model: Transformer) -> Tokenizer | None:
@@ -216,7 +225,7 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def load_checkpoint(path: Path, dtype=None) -> Transformer:
+def load_checkpoint(path: Path, dtype=None, mesh=None) -> Transformer:
     """A `save_model` checkpoint, its weights checked finite; a damaged one raises ValueError naming it.
 
     orbax and tensorstore report a truncated or missing array file with their own exception types
@@ -227,7 +236,7 @@ def load_checkpoint(path: Path, dtype=None) -> Transformer:
 
     read_json(path / "config.json")  # a damaged config.json is named as such, not as orbax's error
     try:
-        model = load_model(path, dtype=dtype)
+        model = load_model(path, dtype=dtype, mesh=mesh)
     except Exception as e:
         if isinstance(e, NonFiniteWeights):
             raise  # already names the weight
@@ -236,37 +245,41 @@ def load_checkpoint(path: Path, dtype=None) -> Transformer:
     return model
 
 
-def load(name: str | os.PathLike = "smollm2", *, dtype=None) -> tuple[Transformer, Tokenizer | None]:
+def load(name: str | os.PathLike = "smollm2", *, dtype=None, mesh=None) -> tuple[Transformer, Tokenizer | None]:
     """`(model, tokenizer)` for `smollm2`, `gemma3-270m`, a `.gguf` file, an HF directory or a `save_model` checkpoint.
 
     `dtype` ("bfloat16", "float16" or "float32"; default: as stored, float32 for GGUF) is the dtype of the
-    weights and activations; norms, attention softmax, logits and metrics stay float32 (`cast`).
+    weights and activations; norms, attention softmax, logits and metrics stay float32 (`cast`). With `mesh`
+    (`make_mesh`), each weight of a checkpoint or a Hugging Face directory is read straight into its shards
+    (tensor-parallel over `model`, as `shard_model` lays it out), so no device holds the whole model; a
+    `.gguf` file is dequantized on the host and then sharded.
     A missing model raises FileNotFoundError; a damaged one (truncated or garbled weights, config.json or
     tokenizer.json) raises ValueError naming the file, and weights holding NaN or Inf raise
     `NonFiniteWeights` (a ValueError) naming the tensor."""
     if dtype is not None:
         model_dtype(dtype)  # an unsupported dtype is refused before anything loads
-    model, tok = _load(name, dtype)
+    model, tok = _load(name, dtype, mesh)
     return (model if dtype is None else cast(model, dtype)), tok
 
 
-def _load(name, dtype) -> tuple[Transformer, Tokenizer | None]:
+def _load(name, dtype, mesh) -> tuple[Transformer, Tokenizer | None]:
     from ._hf import load_hf
 
     if str(name) == "smollm2":
-        return _load_gguf_cached(smollm2_path(), dtype)
+        return _load_gguf_cached(smollm2_path(), dtype, mesh)
     if str(name) == "gemma3-270m":
-        return _load_gguf_cached(gemma3_path(), dtype)
+        return _load_gguf_cached(gemma3_path(), dtype, mesh)
     path = Path(name)
     if path.suffix == ".gguf":
         from ._gguf import load_gguf
 
-        return load_gguf(path)
+        model, tok = load_gguf(path)
+        return _on_mesh(model, dtype, mesh), tok
     if path.is_dir() and (path / "params").is_dir():
-        model = load_checkpoint(path, dtype)
+        model = load_checkpoint(path, dtype, mesh)
         return model, _hf_tokenizer(path, model)
     if path.is_dir():
-        model = load_hf(path, dtype=dtype)
+        model = load_hf(path, dtype=dtype, mesh=mesh)
         return model, _hf_tokenizer(path, model)
     what = "does not exist" if not path.exists() else "is not a model"
     raise FileNotFoundError(

@@ -126,14 +126,18 @@ def layout(tree: Any, mesh: Mesh, rules: dict[str, tuple[int, ...]] | None = Non
     """`{field: (shape, PartitionSpec)}`: where each weight of a model (or dictionary) goes on `mesh`."""
     if rules is None:
         rules = _WIDTH_RULES if hasattr(tree, "W_enc") else _MODEL_RULES
+    return {name: (tuple(a.shape), _field_spec(name, a.shape, mesh, rules)) for name, a in _named(tree).items()}
+
+
+def _field_spec(name: str, shape, mesh: Mesh, rules) -> P:
     size = axis_size(mesh, "model")
-    out = {}
-    for name, a in _named(tree).items():
-        spec = P()
-        if size > 1 and name in rules:
-            spec, _ = _spec_for(a.shape, rules[name], size)
-        out[name] = (tuple(a.shape), spec)
-    return out
+    return _spec_for(shape, rules[name], size)[0] if size > 1 and name in rules else P()
+
+
+def field_sharding(name: str, shape, mesh: Mesh) -> NamedSharding:
+    """Where the model weight `name` (a `Transformer` / `Blocks` field) of `shape` goes on `mesh`, as `layout`
+    places it: for loaders that build a model one field at a time straight into its shards."""
+    return NamedSharding(mesh, _field_spec(name, tuple(shape), mesh, _MODEL_RULES))
 
 
 def _map_fields(tree, mesh, specs, fn):

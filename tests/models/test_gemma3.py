@@ -112,7 +112,7 @@ def _write_gguf(path: Path, arch: str, embedding: np.ndarray) -> Path:
 
 def test_unknown_gguf_architecture_is_named_with_the_supported_ones(tmp_path):
     _write_gguf(tmp_path / "m.gguf", "mamba", np.zeros((4, 4), np.float32))
-    with pytest.raises(ValueError, match=r"GGUF architecture 'mamba' is not supported; supported: llama, gemma2, gemma3, qwen2, qwen3$"):
+    with pytest.raises(ValueError, match=r"GGUF architecture 'mamba' is not supported; supported: llama, gemma, gemma2, gemma3, qwen2, qwen3, phi3$"):
         cj.load(tmp_path / "m.gguf")
 
 

@@ -1,4 +1,6 @@
-"""`from_penzai` against penzai's own forward pass on tiny random llama-like models (float32, CPU)."""
+"""`from_penzai` against penzai's own forward pass on tiny random llama-like (Llama, Mistral, Gemma 1 / 2) and
+GPT-NeoX models (float32, CPU), and the imported models exported to transformers, which must compute penzai's
+logits too."""
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +19,34 @@ BASE = dict(
 )  # fmt: skip
 
 
-def _build(seed=0, **changes):
-    """A random penzai llama-like model drawn from an explicit key.
+NEOX = dict(
+    num_attention_heads=4, embedding_dim=32, projection_dim=8, mlp_hidden_dim=48, num_decoder_blocks=2,
+    vocab_size=61, activation_fn="gelu_exact", rope_subset_size=4, rope_wavelength=10_000.0,
+    layernorm_epsilon=1e-5, parameter_dtype=jnp.float32, activation_dtype=jnp.float32,
+)  # fmt: skip
+GEMMA2 = dict(
+    tie_embedder_and_logits=True, mlp_variant="geglu_approx", use_post_attn_norm=True, use_post_ffw_norm=True,
+    attn_logits_soft_cap=1.5, final_logit_softcap=2.0, query_scaling_factor=0.2,
+    attention_type=(llamalike_common.AttentionTypeSlidingWindowCausal(4), llamalike_common.AttentionTypeGlobalCausal()),
+)  # soft caps small enough to bend random scores, a window shorter than the prompts
+
+
+def _build(seed=0, neox=False, **changes):
+    """A random penzai llama-like (or, with `neox`, GPT-NeoX) model drawn from an explicit key.
 
     penzai's own initializers run eagerly and compile per parameter (seconds per
     model), so the parameter shapes come from `jax.eval_shape` of its builder and
     the values are drawn here; norm scales are random too, so ln1 / ln2 / final
     mix-ups show.
     """
-    cfg = llamalike_common.LlamalikeTransformerConfig(**{**BASE, **changes})
+    if neox:
+        cfg, build = gpt_neox.GPTNeoXTransformerConfig(**{**NEOX, **changes}), gpt_neox.build_gpt_neox_transformer
+    else:
+        cfg = llamalike_common.LlamalikeTransformerConfig(**{**BASE, **changes})
+        build = llamalike_common.build_llamalike_transformer
 
     def init(key):
-        model = llamalike_common.build_llamalike_transformer(cfg, init_base_rng=key)
+        model = build(cfg, init_base_rng=key)
         return [p.freeze() for p in pz.unbind_params(model)[1]]
 
     shapes = jax.eval_shape(init, jax.random.key(seed))
@@ -49,8 +67,7 @@ def _build(seed=0, **changes):
         start += size
         value = jnp.asarray(value.reshape(tuple(named.values())))
         params.append(pz.Parameter(value=pz.nx.wrap(value).tag(*named), label=shape.label))
-    model = llamalike_common.build_llamalike_transformer(cfg, init_base_rng=None)
-    return pz.bind_variables(model, params)
+    return pz.bind_variables(build(cfg, init_base_rng=None), params)
 
 
 @jax.jit
@@ -96,31 +113,58 @@ def test_frozen_parameters_convert_the_same():
     assert cj.tree_allclose(a, b)
 
 
-@pytest.mark.parametrize(
-    "changes, field",
-    [
-        ({"attn_logits_soft_cap": 50.0}, "attn_logits_soft_cap=50"),
-        ({"final_logit_softcap": 30.0}, "final_logit_softcap=30"),
-        ({"attention_type": llamalike_common.AttentionTypeSlidingWindowCausal(4)}, "window_size=4"),
-        ({"use_post_attn_norm": True, "use_post_ffw_norm": True}, "use_post_ffw_norm"),
-        ({"query_scaling_factor": 0.125}, "query_scaling_factor"),
-    ],
-)
-def test_unsupported_llamalike_config_is_named(changes, field):
-    with pytest.raises(NotImplementedError, match=field):
-        from_penzai(_build(**changes))
+def test_gemma2_and_sliding_windows_match_penzai():
+    """Soft caps, post norms, a query scale and alternating local / global layers (Gemma 2), and a LayerStack of
+    sliding-window layers (Mistral) become Config's family options."""
+    gemma2 = _build(**GEMMA2)
+    ours = from_penzai(gemma2)
+    cfg = ours.cfg
+    assert (cfg.family, cfg.attn_softcap, cfg.final_softcap, cfg.sliding_window) == ("gemma2", 1.5, 2.0, 4)
+    assert cfg.layer_types == ("sliding_attention", "full_attention") and cfg.post_attn_norm and cfg.post_mlp_norm
+    assert cfg.attn_scale == pytest.approx(0.2) and cfg.embedding_multiplier == 32**0.5 and cfg.tied_embeddings
+    np.testing.assert_allclose(cj.run(ours, TOKENS).logits, _penzai_logits(gemma2, TOKENS), atol=1e-4, rtol=0)
+
+    mistral = _build(use_layer_stack=True, attention_type=llamalike_common.AttentionTypeSlidingWindowCausal(3))
+    ours = from_penzai(mistral)
+    assert (ours.cfg.family, ours.cfg.sliding_window, ours.cfg.layer_types) == ("mistral", 3, None)
+    np.testing.assert_allclose(cj.run(ours, TOKENS).logits, _penzai_logits(mistral, TOKENS), atol=1e-4, rtol=0)
 
 
-def test_gpt_neox_is_refused_with_reasons():
-    cfg = gpt_neox.GPTNeoXTransformerConfig(
-        num_attention_heads=4, embedding_dim=32, projection_dim=8, mlp_hidden_dim=48, num_decoder_blocks=2,
-        vocab_size=61, activation_fn="gelu_exact", rope_subset_size=2, rope_wavelength=10_000.0,
-        layernorm_epsilon=1e-5, parameter_dtype=jnp.float32, activation_dtype=jnp.float32,
-    )  # fmt: skip
-    model = gpt_neox.build_gpt_neox_transformer(cfg, init_base_rng=None)  # the structure alone is refused
-    with pytest.raises(NotImplementedError, match="parallel attention") as err:
-        from_penzai(model)
-    assert "rope_subset_size=2" in str(err.value)
+def test_gpt_neox_matches_penzai():
+    """Parallel attention + MLP, LayerNorm with shifts, biases everywhere, rotary on half of each head, and
+    penzai's final norm, built with epsilon 1e-6 whatever the blocks use."""
+    model = _build(neox=True)
+    ours = from_penzai(model)
+    cfg = ours.cfg
+    assert (cfg.family, cfg.parallel_residual, cfg.normalization, cfg.rotary_dim, cfg.act) == (
+        "gpt_neox", True, "layernorm", 4, "gelu")
+    assert (cfg.norm_eps, cfg.final_norm_eps, cfg.attn_bias, cfg.mlp_bias) == (1e-5, 1e-6, True, True)
+    np.testing.assert_allclose(cj.run(ours, TOKENS).logits, _penzai_logits(model, TOKENS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow_after_first
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_neox"])
+def test_imported_models_export_to_transformers(kind, tmp_path):
+    """A third implementation: transformers, given the exported weights, computes penzai's logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = _build(**GEMMA2) if kind == "gemma2" else _build(neox=True, layernorm_epsilon=1e-6)
+    path = cj.export_hf(from_penzai(model), tmp_path / kind)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor(TOKENS.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(logits, _penzai_logits(model, TOKENS), atol=1e-4, rtol=0)
+
+
+def test_what_config_cannot_hold_is_named(tmp_path):
+    windows = (llamalike_common.AttentionTypeSlidingWindowCausal(4), llamalike_common.AttentionTypeSlidingWindowCausal(6))
+    with pytest.raises(NotImplementedError, match=r"different sliding-window sizes \[4, 6\]"):
+        from_penzai(_build(attention_type=windows))
+    neox = _build(neox=True)
+    final_export = from_penzai(neox)
+    with pytest.raises(NotImplementedError, match="final_norm_eps=1e-06"):
+        cj.export_hf(final_export, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 @pz.pytree_dataclass

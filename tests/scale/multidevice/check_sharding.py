@@ -127,6 +127,28 @@ def test_load_model_reads_each_weight_straight_into_its_shards(tmp_path):
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "pythia"])
+def test_a_sharded_hf_directory_is_read_straight_into_shards(family, tmp_path):
+    """Safetensors shards (an index and several files) into mesh-sharded arrays: every weight lands where
+    `shard_model` would put it, and the logits equal the single-device load's."""
+    src = Path(__file__).resolve().parents[2] / "models" / "families" / family
+    single = cj.load_hf(src)
+    path = cj.export_hf(single, tmp_path / family, shard_size=20_000)
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 1
+    mesh = sh.make_mesh(1, 2, 4)
+    got = cj.load_hf(path, mesh=mesh)
+    want = {name: jax.sharding.NamedSharding(mesh, spec) for name, (_, spec) in sh.layout(single, mesh).items()}
+    for name, a in sh._named(got).items():
+        assert a.sharding.is_equivalent_to(want[name], a.ndim), name
+    assert any(a.sharding.spec != jax.sharding.PartitionSpec() for a in sh._named(got).values())
+    tokens = np.arange(1, 15, dtype=np.int32).reshape(2, 7) % single.cfg.d_vocab
+    np.testing.assert_allclose(np.asarray(cj.run(got, tokens).logits), np.asarray(cj.run(single, tokens).logits),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    half = cj.load(path, dtype="bfloat16", mesh=mesh)[0]
+    assert half.blocks.W_Q.dtype == jnp.bfloat16 and half.blocks.ln1_w.dtype == jnp.float32
+    assert half.W_U.sharding.is_equivalent_to(want["W_U"], 2) and half.blocks.W_in.sharding == got.blocks.W_in.sharding
+
+
 # ---------------------------------------------------------------- training
 
 
