@@ -60,6 +60,7 @@ from .dictionaries import (
     init_sae as init_sae, load_dictionary as load_dictionary, LossConfig as LossConfig, open_store as open_store,
     pack_contexts as pack_contexts, plan_training as plan_training, read_corpus as read_corpus,
     RunFolderError as RunFolderError, RunLocked as RunLocked, RunMismatch as RunMismatch, SAE as SAE,
+    save_saelens as save_saelens, save_sparsify as save_sparsify,
     save_dictionary as save_dictionary, train_dictionary as train_dictionary, train as train_sae,
     train_transcoders as train_transcoders, TrainConfig as TrainConfig, write_dashboards as write_dashboards,
 )
@@ -306,6 +307,8 @@ __all__ = [
     'save',
     'save_circuit',
     'save_dictionary',
+    'save_saelens',
+    'save_sparsify',
     'save_model',
     'Scale',
     'scrub',

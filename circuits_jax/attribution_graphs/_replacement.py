@@ -88,6 +88,11 @@ def mlp_sites(layer: int) -> tuple[str, str]:
 
 def stack_transcoders(dicts: list[SAE], *, model_name: str = "") -> Transcoders:
     """Stack per-layer transcoders, `dicts[l]` for layer l, checking each one's sites."""
+    skips = [l for l, d in enumerate(dicts) if d.W_skip is not None]
+    if skips:
+        raise NotImplementedError(f"the transcoders of layers {skips} have a skip connection (W_skip); attribution "
+                                  "graphs take plain transcoders only for now (the skip path would be counted as "
+                                  "error)")  # fmt: skip
     for l, d in enumerate(dicts):
         want = mlp_sites(l)
         if (d.in_site, d.out_site) != want and (d.in_site or d.out_site):

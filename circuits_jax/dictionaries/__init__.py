@@ -2,6 +2,7 @@
 
 from ._activations import (PYTHON_DOCS as PYTHON_DOCS, CORPORA as CORPORA, read_corpus as read_corpus, pack_contexts as pack_contexts, ActivationStore as ActivationStore, open_store as open_store, check_sites as check_sites, build_store as build_store, site_dim as site_dim, memory_check as memory_check)
 from ._dashboard import (feature_activations as feature_activations, FeatureStats as FeatureStats, feature_stats as feature_stats, select_features as select_features, direct_logit_effects as direct_logit_effects, dashboard_data as dashboard_data, write_dashboards as write_dashboards)
+from ._formats import (FORMATS as FORMATS, save_saelens as save_saelens, save_sparsify as save_sparsify, read_saelens as read_saelens, read_sparsify as read_sparsify, read_gemma_scope_2 as read_gemma_scope_2, read_circuit_tracer as read_circuit_tracer)
 from ._eval import (Evaluation as Evaluation, evaluate as evaluate, density_histogram as density_histogram)
 from ._io import (save_dictionary as save_dictionary, dictionary_info as dictionary_info, load_dictionary as load_dictionary)
 from ._pipeline import (dictionary_spec as dictionary_spec, n_parameters as n_parameters, train_dictionary as train_dictionary, transcoder_sites as transcoder_sites, train_transcoders as train_transcoders, split_contexts as split_contexts)

@@ -70,7 +70,7 @@ def _eval_batch(model: Transformer, d, tokens):
     mask = jnp.broadcast_to((jnp.arange(T) > 0)[None, :, None], (B, T, 1))  # non-BOS positions
     clt = isinstance(d, CrossLayerTranscoder)
     acts = d.encode(x)
-    y_hat = d.decode(acts)
+    y_hat = d.decode(acts) if clt else d.decode(acts) + d.skip(x)
     logp = jax.nn.log_softmax(out.logits[:, :-1])
 
     def ce_kl(logits):

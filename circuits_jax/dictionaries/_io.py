@@ -2,9 +2,10 @@
 
 Ours: a directory with `dictionary.json` (class, architecture, k, sites, shapes, and any
 `info` such as the model and the training run) and `params/` written by the orbax module
-(`_checkpoint`). External: a `.npz` or `.safetensors` file in the Gemma Scope layout
-(`W_enc [D, F]`, `b_enc [F]`, `W_dec [F, D]`, `b_dec [D]`, optional `threshold [F]`), which
-loads as a JumpReLU SAE when a threshold is present and a ReLU SAE otherwise.
+(`_checkpoint`). External formats (`_formats`): SAELens, EleutherAI sparsify, Gemma Scope 2,
+circuit-tracer, and Gemma Scope 1's `.npz` / `.safetensors` layout (`W_enc [D, F]`, `b_enc [F]`,
+`W_dec [F, D]`, `b_dec [D]`, optional `threshold [F]`), which loads as a JumpReLU SAE when a
+threshold is present and a ReLU SAE otherwise. `load_dictionary` recognises each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import restore, save
+from ._formats import FORMATS, detect, read_circuit_tracer, read_gemma_scope_2, read_saelens, read_sparsify
 from ._run import write_json
 from ._sae import ARCHS, SAE, CrossLayerTranscoder, init_clt, init_sae
 
@@ -37,7 +39,7 @@ def save_dictionary(path: str | os.PathLike, d, info: dict | None = None) -> Pat
                     d_model=int(d.W_enc.shape[1]), width=d.width)  # fmt: skip
     else:
         spec = dict(kind="sae", arch=d.arch, k=d.k, in_site=d.in_site, out_site=d.out_site, d_in=int(d.W_enc.shape[0]),
-                    d_out=int(d.W_dec.shape[1]), width=d.width)  # fmt: skip
+                    d_out=int(d.W_dec.shape[1]), width=d.width, skip=d.W_skip is not None)  # fmt: skip
     save(path / "params", d)
     write_json(path / "dictionary.json", dict(spec, info=info or {}), indent=1)
     return path
@@ -49,7 +51,7 @@ def _like(spec: dict):
         return jax.eval_shape(lambda: init_clt(spec["d_model"], spec["width"], tuple(spec["layers"]), key=key, arch=spec["arch"],
                                                k=spec["k"], in_kind=spec["in_kind"], out_kind=spec["out_kind"]))  # fmt: skip
     return jax.eval_shape(lambda: init_sae(spec["d_in"], spec["width"], key=key, arch=spec["arch"], k=spec["k"], d_out=spec["d_out"],
-                                           in_site=spec["in_site"], out_site=spec["out_site"]))  # fmt: skip
+                                           in_site=spec["in_site"], out_site=spec["out_site"], skip=spec.get("skip", False)))  # fmt: skip
 
 
 def dictionary_info(path: str | os.PathLike) -> dict:
@@ -68,16 +70,25 @@ def load_dictionary(
     arch: str | None = None,
     k: int | None = None,
 ):
-    """Load a dictionary saved by `save_dictionary` (a directory), or an external `.npz` /
-    `.safetensors` file in the Gemma Scope layout (then `site` names where it reads, `out_site`
-    where it writes if it is a transcoder, and `arch` defaults to jumprelu/relu by whether a
-    threshold is present)."""
+    """Load a dictionary in any format `_formats.FORMATS` lists: saved by `save_dictionary` (a
+    directory), SAELens's or sparsify's folders, a Gemma Scope 2 folder, a circuit-tracer layer
+    file, or a Gemma Scope 1 `.npz` / `.safetensors` file. `site` / `out_site` name where it reads
+    and writes when the files do not say (or to override them); for Gemma Scope 1, `arch` defaults
+    to jumprelu/relu by whether a threshold is present."""
     path = Path(path)
-    if path.is_dir():
-        spec = dictionary_info(path)
-        return restore(path / "params", _like(spec))
     if not path.exists():
         raise FileNotFoundError(f"no dictionary at {path}")
+    kind = detect(path)
+    if kind == "circuits_jax" or (kind is None and (path / "params").is_dir()):  # the latter: an interrupted save
+        return restore(path / "params", _like(dictionary_info(path)))
+    readers = {"saelens": read_saelens, "sparsify": read_sparsify, "gemma_scope_2": read_gemma_scope_2,
+               "gemma_scope_2_file": read_gemma_scope_2, "circuit_tracer": read_circuit_tracer}  # fmt: skip
+    if kind in readers:
+        return readers[kind](path, site=site, out_site=out_site)
+    if kind is None:
+        raise ValueError(f"{path} is in no dictionary format known here; checked: " + "; ".join(FORMATS))
+    if path.is_dir():
+        path = path / "params.npz"
     if path.suffix == ".npz":
         with np.load(path) as f:
             arrays = {k: np.asarray(f[k]) for k in f.files}

@@ -215,6 +215,7 @@ class SAE(eqx.Module):
     k: int | None = eqx.field(static=True, default=None)
     in_site: str = eqx.field(static=True, default="")
     out_site: str = eqx.field(static=True, default="")
+    W_skip: Array | None = None  # [D_in, D_out]: a skip transcoder's affine path, x @ W_skip added to the output
 
     @property
     def width(self) -> int:
@@ -249,8 +250,15 @@ class SAE(eqx.Module):
         """Raw-unit output `[..., D_out]` of latent activations."""
         return (acts @ self.W_dec + self.b_dec) / self.out_scale
 
+    def skip(self, x: Array) -> Array:
+        """The skip path's raw-unit output `x @ W_skip` (zero without one): linear in the raw input, so
+        it is part of the reconstruction, not of the error."""
+        if self.W_skip is None:
+            return jnp.zeros((*x.shape[:-1], self.W_dec.shape[1]), self.W_dec.dtype)
+        return x.astype(self.W_skip.dtype) @ self.W_skip
+
     def __call__(self, x: Array) -> Array:
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x)) + self.skip(x)
 
     def loss(self, x: Array, y: Array, dead: Array, hp: LossConfig) -> tuple[Array, Stats]:
         """Training loss on a batch `x [N, D_in]`, target `y [N, D_out]` (raw units), with `dead [F]`
@@ -259,6 +267,8 @@ class SAE(eqx.Module):
         y_n = y * self.out_scale
         acts, min_kept = _sparsify(self.arch, self.k, self.threshold, pre, hp)
         y_hat = acts @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            y_hat = y_hat + self.skip(x) * self.out_scale
         mse = jnp.mean(jnp.sum((y_n - y_hat) ** 2, -1))
         if self.arch == "relu":
             w = _safe_norm(self.W_dec) if hp.l1 == "weighted" else 1.0
@@ -329,11 +339,13 @@ def init_sae(
     out_scale: float = 1.0,
     threshold: float = 1e-3,
     dec_norm: float | None = None,
+    skip: bool = False,
 ) -> SAE:
     """A new dictionary: decoder rows of norm `dec_norm` in random directions, the encoder their
     transpose (tied initialisation), `b_dec` the target mean if given. `dec_norm` defaults to 1
     for topk/batchtopk (whose latents need no L1 pressure to stay small; unit rows make the
-    initial codes of normalised inputs the right size) and 0.1 for relu/jumprelu."""
+    initial codes of normalised inputs the right size) and 0.1 for relu/jumprelu. `skip` adds a
+    skip transcoder's `W_skip` path, started at zero."""
     if dec_norm is None:
         dec_norm = 1.0 if arch in ("topk", "batchtopk") else 0.1
     check_arch(arch, k)
@@ -357,6 +369,7 @@ def init_sae(
         k=k,
         in_site=in_site,
         out_site=out_site,
+        W_skip=jnp.zeros((d_in, d_out), jnp.float32) if skip else None,
     )
 
 
