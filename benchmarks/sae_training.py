@@ -280,6 +280,52 @@ def _diffs(a: dict, b: dict, a0: dict) -> dict:
     return dict(max_abs=max(per.values()), rel_norm=rel_norm, per_param=per, rel_per_param=rel)
 
 
+def topk_variants(args, batches_np) -> dict:
+    """TopK only: our step with the dense decoder (`LossConfig(sparse=False)`) and with the sparse one (the
+    default), and EleutherAI sparsify's own training step (`SparseCoder` forward, its FVU + AuxK loss, backward,
+    torch Adam, unit-norm decoder rows), timed on the same batches from the same weights."""
+    out = {}
+    sae = init_sae(args.d, args.width, key=jax.random.key(args.seed), arch="topk", k=args.k)
+    xs_j = [jnp.asarray(b) for b in batches_np]
+    for sparse in (False, True):
+        cfg = dataclasses.replace(train_config(args), loss=LossConfig(sparse=sparse))
+        step_fn, state = make_step(cfg), init_state(sae, cfg)
+        times = []
+        for i in range(args.warmup + args.steps):
+            x = xs_j[i % len(xs_j)]
+            t0 = time.perf_counter()
+            state, stats = step_fn(state, x, x)
+            jax.block_until_ready((state, stats))
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        out["ours_sparse" if sparse else "ours_dense"] = statistics.median(times)
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return out
+    sc = SparseCoder(args.d, SparseCoderConfig(num_latents=args.width, k=args.k))
+    with torch.no_grad():
+        sc.encoder.weight.copy_(torch.from_numpy(np.array(sae.W_enc.T)))
+        sc.encoder.bias.copy_(torch.from_numpy(np.array(sae.b_enc)))
+        sc.W_dec.copy_(torch.from_numpy(np.array(sae.W_dec)))
+        sc.b_dec.copy_(torch.from_numpy(np.array(sae.b_dec)))
+    opt = torch.optim.Adam(sc.parameters(), lr=args.lr, eps=1e-8)
+    dead = torch.zeros(args.width, dtype=torch.bool)
+    times = []
+    for i in range(args.warmup + args.steps):
+        x = torch.from_numpy(batches_np[i % len(batches_np)])
+        t0 = time.perf_counter()
+        o = sc(x, dead_mask=dead)
+        (o.fvu + o.auxk_loss / 32).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sc.set_decoder_norm_to_unit_norm()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    out["sparsify"] = statistics.median(times)
+    return out
+
+
 def bench_arch(arch: str, args, batches_np) -> dict:
     cfg = train_config(args)
     k = args.k if arch in ("topk", "batchtopk") else None
@@ -471,6 +517,15 @@ def main(argv=None) -> dict:
             + f"), ‖Δp‖/‖p−p0‖ {dN['rel_norm']:.1e}",
             flush=True,
         )
+
+    if "topk" in args.archs:
+        v = topk_variants(args, batches)
+        torch_ms = next(r["torch_median_ms"] for r in rows if r["arch"] == "topk")
+        print(f"\ntopk step, median ms: ours dense {1e3 * v['ours_dense']:.1f}, ours sparse {1e3 * v['ours_sparse']:.1f}"
+              + (f", eai-sparsify {1e3 * v['sparsify']:.1f}" if "sparsify" in v else " (eai-sparsify not installed)")
+              + f", torch dense {torch_ms:.1f}; ours sparse is {torch_ms / (1e3 * v['ours_sparse']):.2f}x torch dense"
+              + (f" and {v['sparsify'] / v['ours_sparse']:.2f}x eai-sparsify" if "sparsify" in v else ""))
+        env["topk_variants_s"] = v
 
     print()
     print(table(rows, COLUMNS, left=("arch",)))

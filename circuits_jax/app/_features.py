@@ -30,6 +30,7 @@ def run_features(args) -> int:
     from pathlib import Path
 
     from ..dictionaries import (
+        DEFAULT_CORPUS,
         dashboard_data,
         dictionary_info,
         feature_stats,
@@ -55,7 +56,7 @@ def run_features(args) -> int:
     meta = info.get("info", {})
     model_name = args.model or meta.get("model") or "smollm2"
     model, tok = load_with_tokenizer(model_name, args.dtype)
-    corpus = args.corpus or meta.get("corpus") or "python-docs"
+    corpus = args.corpus or meta.get("corpus") or DEFAULT_CORPUS
     ctx = pack_contexts(tok, read_corpus(corpus), args.ctx_len, max_contexts=args.contexts)
     stats = feature_stats(model, d, ctx)
     feats = select_features(stats, args.how, n=args.n, seed=args.seed, width=d.width)

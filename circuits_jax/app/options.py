@@ -77,6 +77,19 @@ def finite(text: str) -> float:
     return v
 
 
+def listof(parse):
+    """argparse `type`: comma-separated values, each read by `parse` (`count(1)`, `finite`, `str`), as a tuple:
+    `--k 16,32,64` is three values, `--k 32` one."""
+
+    def read(text: str) -> tuple:
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"need comma-separated values, got {text!r}")
+        return tuple(parse(p) for p in parts)
+
+    return read
+
+
 def number_list(text: str, flag: str) -> list[float]:
     """'-5,0,5' -> [-5.0, 0.0, 5.0]: comma-separated finite numbers; errors name `flag`."""
     try:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import Result, Transformer
+from ..core import Result, Transformer, run
 from ..models import write_text
 from ._replacement import Trace, Transcoders, token_embeddings, linear_forward, trace
 
@@ -177,11 +177,47 @@ def _influence_estimate(rows_abs: np.ndarray, target_src: np.ndarray, w: np.ndar
     return total
 
 
+def _targets(model: Transformer, tokens: np.ndarray, logits_last: np.ndarray, target, logit_mass: float,
+             max_logits: int, decode) -> tuple:  # fmt: skip
+    """The graph's target nodes: `(read-out directions [K, D] in the unembedding's space (a column of W_U is one),
+    ids [K] (-1 for a target that is not one token), labels, weights [K] (summing to 1 where they are
+    probabilities), values [K])`. `target`: None (the top logits covering `logit_mass`), a token id, a pair of
+    token ids (the logit difference), or a `[D]` direction."""
+    W_U = np.asarray(model.W_U, np.float64)
+    dm = logits_last - logits_last.mean()
+    V, D = W_U.shape[1], W_U.shape[0]
+    if target is None:
+        ids, probs = _logit_targets(logits_last, logit_mass, max_logits)
+        dirs = W_U[:, ids].T - W_U.mean(1)[None]
+        return dirs, np.asarray(ids, np.int64), [decode(int(t)) for t in ids], probs[ids], dm[ids]
+    if isinstance(target, (int, np.integer)) or (isinstance(target, tuple) and len(target) == 2):
+        pair = target if isinstance(target, tuple) else (int(target),)
+        bad = [t for t in pair if not (isinstance(t, (int, np.integer)) and 0 <= t < V)]
+        if bad:
+            raise ValueError(f"target token ids {bad} are outside the vocabulary of {V}")
+        if len(pair) == 1:
+            t = pair[0]
+            return (W_U[:, [t]].T - W_U.mean(1)[None], np.asarray([t], np.int64), [decode(int(t))], np.ones(1),
+                    dm[[t]])  # fmt: skip
+        a, b = pair
+        return ((W_U[:, a] - W_U[:, b])[None], np.asarray([-1], np.int64), [f"{decode(int(a))} - {decode(int(b))}"],
+                np.ones(1), np.asarray([logits_last[a] - logits_last[b]]))  # fmt: skip
+    v = np.asarray(target, np.float64)
+    if v.shape != (D,):
+        raise ValueError(f"target must be None, a token id, a pair of token ids or a direction of shape ({D},); got "
+                         f"{type(target).__name__} of shape {v.shape}")  # fmt: skip
+    h = np.asarray(run(model, jnp.asarray(tokens)[None], cache=["ln_final.hook_normalized"]).cache["ln_final.hook_normalized"])
+    lnf = np.ones(D) if model.lnf_w is None else np.asarray(model.lnf_w, np.float64)
+    shift = 0.0 if model.lnf_b is None else np.asarray(model.lnf_b, np.float64)
+    return v[None], np.asarray([-1], np.int64), ["direction"], np.ones(1), np.asarray([(h[0, -1] * lnf + shift) @ v])
+
+
 def attribute(
     model: Transformer,
     ts: Transcoders,
     tokens,
     *,
+    target=None,
     prompt: str = "",
     token_strs: list[str] | None = None,
     decode=None,
@@ -194,6 +230,11 @@ def attribute(
 ) -> AttributionGraph:
     """The attribution graph of `tokens` `[T]` (BOS first) under transcoders `ts`.
 
+    target: what the graph explains: None, the top logits (those covering `logit_mass` of the
+        probability, at most `max_logits`, each weighted by its probability); a token id (its logit,
+        demeaned over the vocabulary); a pair of token ids `(a, b)` (the logit difference a - b); or a
+        `[d_model]` direction read from the final norm's output as a column of W_U is. Each
+        target is a read-out vector through the same frozen final norm, so all share one path.
     max_feature_nodes: feature rows to compute (default: every active feature). With a budget,
         after the logit rows the pending features are visited in order of their influence on
         the logits estimated from the rows so far (re-estimated every `update_every` batches);
@@ -206,7 +247,8 @@ def attribute(
     L = model.cfg.n_layers
     tr: Trace = trace(model, ts, jnp.asarray(tokens)[None])
     logits_last = np.asarray(tr.logits[0, -1], np.float64)
-    targets, probs = _logit_targets(logits_last, logit_mass, max_logits)
+    decode = decode or (lambda i: str(i))
+    t_dirs, targets, t_labels, w, t_values = _targets(model, tokens, logits_last, target, logit_mass, max_logits, decode)
     K_log = len(targets)
 
     # active features, arranged in per-(layer, position) slots
@@ -232,9 +274,8 @@ def attribute(
     n_src = S + L * T + T
 
     enc = ts.encode_vectors()  # [L, D, F]
-    W_U = model.W_U
     lnf = jnp.ones(model.cfg.d_model) if model.lnf_w is None else model.lnf_w
-    logit_dirs = lnf[None] * (W_U[:, targets].T - jnp.mean(W_U, 1)[None])  # [K, D]: demeaned logit read-outs
+    logit_dirs = lnf[None] * jnp.asarray(t_dirs, jnp.float32)  # [K, D]: the targets' read-outs of the normalised stream
     D = model.cfg.d_model
     n_calls = row_layers = 0
 
@@ -264,7 +305,6 @@ def attribute(
     feat_rows = np.zeros((S, n_src), np.float32)
     visited = np.zeros(S, bool)
     order: list[int] = []
-    w = probs[targets]
     # all of them: any order, so layer by layer (a batch's backward pass stops at its highest layer)
     pending_rank = np.argsort(feat_lpf[:, 0], kind="stable")[::-1] if budget == S else None
     n_batches = 0
@@ -301,13 +341,11 @@ def attribute(
     A = np.zeros((N, N), np.float32)
     A[:Sk, : Sk + L * T + T] = feat_rows[kept][:, keep_cols]
     A[N - K_log :, : Sk + L * T + T] = logit_rows[:, keep_cols]
-    dm = logits_last - logits_last.mean()
-    decode = decode or (lambda i: str(i))
     graph = AttributionGraph(
         prompt=prompt, tokens=tokens, token_strs=token_strs or [decode(int(t)) for t in tokens], features=feat_lpf[kept],
         activations=acts[feat_lpf[kept, 0], feat_lpf[kept, 1], feat_lpf[kept, 2]].astype(np.float32),
-        logit_tokens=np.asarray(targets, np.int64), logit_strs=[decode(int(t)) for t in targets],
-        logit_probs=probs[targets].astype(np.float32), logit_values=dm[targets].astype(np.float32), adjacency=A, n_layers=L,
+        logit_tokens=targets, logit_strs=t_labels, logit_probs=np.asarray(w, np.float32),
+        logit_values=np.asarray(t_values, np.float32), adjacency=A, n_layers=L,
         error_norms=np.linalg.norm(np.asarray(tr.errors[:, 0]), axis=-1),
         info=dict(active_features=S, visited_features=Sk, backward_passes=n_calls, batch_size=batch_size, row_layers=row_layers,
                   seconds=time.perf_counter() - t_start, model=ts.model_name),

@@ -142,14 +142,14 @@ def _unscaled(d: SAE) -> tuple[np.ndarray, ...]:
 
 
 def save_saelens(d: SAE, path, *, model_name: str = "") -> Path:
-    """Write `d` as SAELens saves an inference SAE (`SAE.load_from_disk` reads it). Our batchtopk runs as
-    JumpReLU at inference, which is how SAELens stores its own; a topk transcoder has no SAELens form."""
+    """Write `d` as SAELens saves an inference SAE (`SAE.load_from_disk` reads it). Our batchtopk and matryoshka
+    run as JumpReLU at inference, which is how SAELens stores its own; a topk transcoder has no SAELens form."""
     from safetensors.numpy import save_file
 
     if not isinstance(d, SAE):
         raise TypeError(f"save_saelens writes an SAE or per-layer transcoder, got {type(d).__name__}")
     transcoder, skip = d.is_transcoder or d.W_skip is not None, d.W_skip is not None
-    jump = d.arch in ("jumprelu", "batchtopk")
+    jump = d.arch in ("jumprelu", "batchtopk", "matryoshka")
     if d.arch == "topk" and transcoder:
         raise NotImplementedError("SAELens has no topk transcoder architecture; export refused")
     if transcoder:

@@ -30,6 +30,7 @@ from ..scale import gather
 from ._run import corpus_identity, model_identity, open_run, plain, save_array, tokenizer_identity, write_json
 from ._activations import (
     site_dim,
+    DEFAULT_CORPUS,
     build_store,
     check_sites,
     memory_check,
@@ -40,7 +41,7 @@ from ._activations import (
 )
 from ._eval import evaluate
 from ._io import save_dictionary
-from ._sae import check_arch, init_clt, init_sae
+from ._sae import LossConfig, Stacked, check_arch, init_clt, init_sae
 from ._train import TrainConfig, train
 
 
@@ -83,7 +84,7 @@ def train_dictionary(
     width: int = 4608,
     n_tokens: int = 1_000_000,
     epochs: int = 1,
-    corpus: str = "python-docs",
+    corpus: str = DEFAULT_CORPUS,
     ctx_len: int = 128,
     n_eval_contexts: int = 64,
     store_dir: str | os.PathLike | None = None,
@@ -95,8 +96,14 @@ def train_dictionary(
     mesh=None,
     resume: bool = False,
     overwrite: bool = False,
+    variants: list[dict] | None = None,
 ) -> dict:
     """Train one dictionary end to end and return its summary (also written to `out/eval.json`).
+
+    `variants`: train several SAEs / transcoders together, in one compiled step from one pass of the model
+    (`Stacked`): each a dict overriding any of `k`, `seed`, `l1_coeff` and `site` (an SAE's) of the call's
+    own; each member is evaluated and saved in `out/<label>/` (its label names what varies, e.g. `k16`), and
+    `out/eval.json` lists them with the shared training throughput.
 
     `n_tokens` activations are stored; training sees them `epochs` times (reshuffled each time).
     `mesh`: train on a device mesh (`_sae_train.train`'s `mesh`); not part of the run's settings
@@ -108,17 +115,30 @@ def train_dictionary(
     `resume=True` requires a run to continue. Another process using `out` raises `RunLocked`."""
     out = Path(out)
     ins, outs = dictionary_spec(model, site=site, target=target, clt_layers=clt_layers)
-    check_arch(arch, k)
-    if k is not None and arch in ("topk", "batchtopk") and k > width:
-        raise ValueError(f"k={k} exceeds the width {width}")
+    specs = None
+    if variants is not None and len(variants) > 1:
+        if clt_layers is not None:
+            raise ValueError("several dictionaries at once are SAEs or per-layer transcoders, not cross-layer transcoders")
+        if mesh is not None:
+            raise ValueError("several dictionaries at once train on one device for now; drop --mesh, or train them "
+                             "one by one on the mesh")  # fmt: skip
+        l1 = (train_cfg or {}).get("loss", LossConfig()).l1_coeff
+        specs = _member_specs(model, variants, site=ins[0], target=outs[0], k=k, seed=seed, l1_coeff=l1)
+        ins = list(dict.fromkeys(m["site"] for m in specs))
+        outs = list(dict.fromkeys(m["target"] for m in specs))
+    for kk in [k] if specs is None else [m["k"] for m in specs]:
+        check_arch(arch, kk)
+        if kk is not None and arch in ("topk", "batchtopk", "matryoshka") and kk > width:
+            raise ValueError(f"k={kk} exceeds the width {width}")
 
     D = [int(np.prod(site_dim(model, parse_site(s, model.cfg)))) for s in ins + outs]
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     tc = TrainConfig(n_tokens=n_tokens * epochs, seed=seed, **(train_cfg or {}))
     L = None if clt_layers is None else len(ins)
-    memory_check(n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1), width,
-                   what="cross-layer transcoder" if L else "dictionary")  # fmt: skip
+    n_dicts = 1 if specs is None else len(specs)
+    memory_check(n_dicts * n_parameters(D[0], D[-1], width, L), tc.batch_size * (L or 1) * n_dicts, width * n_dicts,
+                   what="cross-layer transcoder" if L else "dictionary" if specs is None else f"{n_dicts} dictionaries")  # fmt: skip
     docs = read_corpus(corpus)
     if model.cfg.positional == "learned" and ctx_len > model.cfg.n_ctx:
         raise ValueError(f"ctx_len={ctx_len} exceeds the model's context of {model.cfg.n_ctx}")
@@ -127,8 +147,11 @@ def train_dictionary(
     identity = dict(model_fingerprint=model_identity(model), tokenizer_sha256=tokenizer_identity(tok), corpus_sha256=corpus_identity(docs))
     settings = dict(model_config=_config(model), **identity, in_sites=ins, out_sites=outs, arch=arch, k=k, width=width,
                     n_tokens=n_tokens, epochs=epochs, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts, seed=seed, train=_train_settings(tc))  # fmt: skip
+    if specs is not None:
+        settings["variants"] = specs
     labels = dict(model=model_name, corpus=str(corpus), store=None if store_dir is None else str(store_path.absolute()))
     outputs = ("checkpoints", "dictionary", "eval.json", "history.json", "density.npy", "density.png") + (("store",) * (store_dir is None))
+    outputs += tuple(m["label"] for m in specs or ())
     with open_run(out, "train_dictionary", settings, labels=labels, outputs=outputs, resume=resume, overwrite=overwrite, log=log) as run:
         train_ctx, held_out = split_contexts(tok, docs, n_tokens=n_tokens, ctx_len=ctx_len, n_eval_contexts=n_eval_contexts)
         store_info = dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len, **identity)
@@ -143,6 +166,12 @@ def train_dictionary(
             store = build_store(model, train_ctx, sites, store_path, n_tokens=n_tokens, progress=progress, chunk_tokens=chunk,
                                 info=store_info)  # fmt: skip
         t_store = time.perf_counter() - t0
+        if specs is not None:
+            summary = _train_members(model, run_dir=out, store=store, specs=specs, D=D, width=width, arch=arch, tc=tc,
+                                     held_out=held_out, progress=progress, log=log, t_store=t_store,
+                                     info=dict(model=model_name, corpus=str(corpus), ctx_len=ctx_len, **identity))  # fmt: skip
+            write_json(out / "eval.json", summary, indent=1)  # last: its presence says the run finished
+            return summary
         d = _new_dictionary(store, ins, outs, D, width=width, arch=arch, k=k, seed=seed, clt_layers=clt_layers)
         log(f"training {arch} {'CLT' if L else ('transcoder' if ins != outs else 'SAE')} of width {width} on {store.n_tokens:,} "
             f"tokens of {', '.join(sites)} ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
@@ -162,6 +191,57 @@ def train_dictionary(
         save_array(out / "density.npy", ev.density)
         write_json(out / "eval.json", summary, indent=1)  # last: its presence says the run finished
     return summary
+
+
+def _member_specs(model, variants, **base) -> list[dict]:
+    """Each variant completed from `base` (site, target, k, seed, l1_coeff), its sites checked, and labelled by
+    the settings that vary between them (`k16`, `seed1`, `l1-0.5`, a site name)."""
+    known = {"site", "target", "k", "seed", "l1_coeff"}
+    specs = []
+    for v in variants:
+        bad = sorted(set(v) - known)
+        if bad:
+            raise ValueError(f"variant {v} sets {bad}; a variant may set {sorted(known)}")
+        m = {**base, **v}
+        if "site" in v and "target" not in v:
+            m["target"] = v["site"]  # an SAE at that site
+        check_sites(model, [m["site"], m["target"]])
+        specs.append(m)
+    varying = [key for key in ("site", "target", "k", "l1_coeff", "seed") if len({str(m[key]) for m in specs}) > 1]
+    short = {"site": "", "target": "to-", "k": "k", "l1_coeff": "l1-", "seed": "seed"}
+    for m in specs:
+        m["label"] = "_".join(f"{short[key]}{m[key]}" for key in varying) or "member"
+    labels = [m["label"] for m in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"variants repeat one another: {labels}")
+    return specs
+
+
+def _train_members(model, *, run_dir: Path, store, specs, D, width, arch, tc, held_out, progress, log, t_store,
+                   info) -> dict:  # fmt: skip
+    """Train `specs`' dictionaries together (`Stacked`), then evaluate and save each in `run_dir/<label>/`."""
+    dicts = [_new_dictionary(store, [m["site"]], [m["target"]], D, width=width, arch=arch, k=m["k"], seed=m["seed"])
+             for m in specs]  # fmt: skip
+    log(f"training {len(specs)} {arch} dictionaries of width {width} together ({', '.join(m['label'] for m in specs)}) on "
+        f"{store.n_tokens:,} tokens ({tc.steps} steps of {tc.batch_size})")  # fmt: skip
+    res = train(Stacked.of(dicts, [m["l1_coeff"] for m in specs]), store, tc, checkpoint_dir=run_dir / "checkpoints",
+                progress=progress)  # fmt: skip
+    members = res.dictionary.unstack()
+    rows = []
+    for i, (m, d) in enumerate(zip(specs, members)):
+        t0 = time.perf_counter()
+        ev = evaluate(model, d, held_out, progress=progress)
+        folder = run_dir / m["label"]
+        save_dictionary(folder / "dictionary", d, dict(info, n_tokens=store.n_tokens, train=_jsonable(tc), variant=m))
+        history = [{key: (v[i] if isinstance(v, list) else v) for key, v in row.items()} for row in res.history]
+        write_json(folder / "history.json", history)
+        save_array(folder / "density.npy", ev.density)
+        row = dict(ev.summary(), **m, eval_tokens=ev.n_tokens, eval_seconds=time.perf_counter() - t0)
+        write_json(folder / "eval.json", row, indent=1)
+        rows.append(row)
+    return dict(members=rows, arch=arch, width=width, n_tokens=store.n_tokens, resumed_from=res.resumed_from,
+                seconds=dict(store=t_store, train=res.seconds),
+                tokens_per_second=(tc.steps - res.resumed_from) * tc.batch_size / max(res.seconds, 1e-9))  # fmt: skip
 
 
 def _new_dictionary(store, ins, outs, D, *, width, arch, k, seed, clt_layers=None):
@@ -192,7 +272,7 @@ def train_transcoders(
     k: int | None = 16,
     width: int = 2304,
     n_tokens: int = 400_000,
-    corpus: str = "python-docs",
+    corpus: str = DEFAULT_CORPUS,
     ctx_len: int = 128,
     n_eval_contexts: int = 64,
     train_cfg: dict | None = None,

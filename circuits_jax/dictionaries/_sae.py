@@ -29,6 +29,7 @@ optax loop for all of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -37,7 +38,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+K_ARCHS = ("topk", "batchtopk", "matryoshka")  # the ones with k active latents per token
+BATCH_K = ("batchtopk", "matryoshka")  # k per token on average over a batch; a learned threshold at inference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,12 @@ class LossConfig:
     bandwidth: float = 1e-3  # jumprelu: width of the rectangle kernel of the pseudo-derivative
     aux_coeff: float = 1 / 32  # topk / batchtopk: weight of the AuxK loss
     k_aux: int = 256  # topk / batchtopk: dead latents used by AuxK
-    threshold_decay: float = 0.99  # batchtopk: EMA of the smallest kept activation
+    threshold_decay: float = 0.99  # batchtopk, matryoshka: EMA of the smallest kept activation
+    prefixes: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2)  # matryoshka: the nested dictionaries (shares of the width)
+    # topk: decode the k active rows only, with a sparse backward into the encoder (`_topk_codes`). Off by default:
+    # on XLA's CPU backend the gather and scatter-add cost more than the dense matmuls they replace at k/F = 32/4608
+    # (26 and 28 ms against 18 and 19 ms, benchmarks/sae_training.py); equal results either way (tested)
+    sparse: bool = False
 
     def __post_init__(self):
         if self.l1 not in ("weighted", "unit"):
@@ -145,6 +153,33 @@ def _batch_topk(pre: Array, k: int) -> tuple[Array, Array]:
     return jnp.zeros_like(pre).at[rows, idx].set(vals), jnp.maximum(cut, 0.0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _topk_codes(x: Array, W_enc: Array, b_enc: Array, k: int) -> tuple[Array, Array]:
+    """A TopK encoder's `(values [N, k], indices [N, k])` of `x [N, D]`, ReLU'd: the forward is the dense
+    `x @ W_enc + b_enc` and its top k; the backward touches only the k chosen columns of each row (a scatter-add of
+    N*k columns into dW_enc instead of the dense `x.T @ dpre`), as EleutherAI sparsify's fused encoder does."""
+    vals, idx = lax.top_k(x @ W_enc + b_enc, k)
+    return jax.nn.relu(vals), idx
+
+
+def _topk_codes_fwd(x, W_enc, b_enc, k):
+    vals, idx = _topk_codes(x, W_enc, b_enc, k)
+    return (vals, idx), (x, W_enc, idx, vals > 0)
+
+
+def _topk_codes_bwd(k, res, cts):
+    x, W_enc, idx, live = res
+    g = cts[0] * live.astype(cts[0].dtype)  # [N, k]; the indices carry no gradient
+    flat = idx.reshape(-1)
+    d_b = jnp.zeros(W_enc.shape[1], g.dtype).at[flat].add(g.reshape(-1))
+    d_W = jnp.zeros(W_enc.shape[::-1], g.dtype).at[flat].add((g[..., None] * x[:, None, :]).reshape(-1, x.shape[-1])).T
+    d_x = jnp.einsum("nk,nkd->nd", g, W_enc.T[idx])
+    return d_x, d_W, d_b
+
+
+_topk_codes.defvjp(_topk_codes_fwd, _topk_codes_bwd)
+
+
 def _sparsify(arch: str, k: int | None, threshold: Array, pre: Array, hp: LossConfig | None) -> tuple[Array, Array]:
     """Activations of pre-activations `[..., F]` (every leading row a token, or a token at one
     CLT layer), and batchtopk's smallest kept activation (0 otherwise). With `hp` the training
@@ -157,7 +192,7 @@ def _sparsify(arch: str, k: int | None, threshold: Array, pre: Array, hp: LossCo
     rows = pre.reshape(-1, pre.shape[-1])
     if arch == "topk":
         return _topk(rows, k)[0].reshape(pre.shape), none
-    if arch == "batchtopk" and hp is not None:
+    if arch in BATCH_K and hp is not None:
         acts, cut = _batch_topk(rows, k)
         return acts.reshape(pre.shape), cut
     if arch == "jumprelu" and hp is not None:
@@ -189,8 +224,23 @@ def _aux_k(pre: Array, dead: Array, err: Array, W_dec: Array, k_aux: int) -> Arr
 def check_arch(arch: str, k: int | None):
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    if arch in ("topk", "batchtopk") and (k is None or k < 1):
+    if arch in K_ARCHS and (k is None or k < 1):
         raise ValueError(f"arch={arch!r} needs k >= 1 (active latents per token)")
+
+
+def _nested_mse(acts: Array, W_dec: Array, y: Array, y_hat: Array, prefixes: tuple[float, ...]) -> Array:
+    """Matryoshka's reconstruction loss: the mean of the MSEs of the nested dictionaries made of the first
+    `prefix * F` latents (and of the whole one, `y_hat`), so early latents learn general features on their own
+    (Bussmann et al. 2025, Nabeshima 2024). Each prefix's reconstruction is the whole one minus the later
+    latents' share, so the cost is one more decode of the latents past the smallest prefix."""
+    F = acts.shape[-1]
+    ends = sorted({min(F, max(1, round(p * F))) for p in prefixes} - {F})
+    mses = [jnp.mean(jnp.sum((y - y_hat) ** 2, -1))]
+    rest = y_hat
+    for lo, hi in zip(ends[::-1], [F] + ends[::-1][:-1]):  # peel the latents [lo, hi) off, largest prefix first
+        rest = rest - acts[:, lo:hi] @ W_dec[lo:hi]
+        mses.append(jnp.mean(jnp.sum((y - rest) ** 2, -1)))
+    return sum(mses) / len(mses)
 
 
 def _fve(y, y_hat):
@@ -265,11 +315,18 @@ class SAE(eqx.Module):
         the latents that have not fired for a while (used by AuxK only)."""
         pre = self.pre(x)
         y_n = y * self.out_scale
-        acts, min_kept = _sparsify(self.arch, self.k, self.threshold, pre, hp)
-        y_hat = acts @ self.W_dec + self.b_dec
+        if self.arch == "topk" and hp.sparse:  # the k active decoder rows only, gathered: k/F of a dense decode
+            vals, idx = _topk_codes(x.astype(self.W_enc.dtype) * self.in_scale, self.W_enc, self.b_enc, self.k)
+            rows = jnp.arange(x.shape[0])[:, None]
+            acts, min_kept = jnp.zeros_like(pre).at[rows, idx].set(lax.stop_gradient(vals)), jnp.zeros((), pre.dtype)
+            y_hat = jnp.einsum("nk,nkd->nd", vals, self.W_dec[idx]) + self.b_dec
+        else:
+            acts, min_kept = _sparsify(self.arch, self.k, self.threshold, pre, hp)
+            y_hat = acts @ self.W_dec + self.b_dec
         if self.W_skip is not None:
             y_hat = y_hat + self.skip(x) * self.out_scale
         mse = jnp.mean(jnp.sum((y_n - y_hat) ** 2, -1))
+        recon = mse if self.arch != "matryoshka" else _nested_mse(acts, self.W_dec, y_n, y_hat, hp.prefixes)
         if self.arch == "relu":
             w = _safe_norm(self.W_dec) if hp.l1 == "weighted" else 1.0
             sparsity = jnp.mean(jnp.sum(acts * w, -1))
@@ -279,7 +336,7 @@ class SAE(eqx.Module):
             loss = mse + hp.l0_coeff * sparsity
         else:
             sparsity = _aux_k(pre, dead, y_n - y_hat, self.W_dec, hp.k_aux)
-            loss = mse + hp.aux_coeff * sparsity
+            loss = recon + hp.aux_coeff * sparsity
         active = acts > 0
         stats = Stats(loss, mse, sparsity, jnp.mean(jnp.sum(active, -1)), _fve(y_n, y_hat), jnp.any(active, 0), min_kept)
         return loss, stats
@@ -298,16 +355,82 @@ def _project_threshold(d, hp: LossConfig, stats: Stats):
     kept activation (started at the first batch's)."""
     if d.arch == "jumprelu":
         return eqx.tree_at(lambda s: s.threshold, d, jnp.maximum(d.threshold, 1e-6))
-    if d.arch == "batchtopk":
+    if d.arch in BATCH_K:
         r = hp.threshold_decay
         t = jnp.where(d.threshold > 0, r * d.threshold + (1 - r) * stats.min_kept, stats.min_kept)
         return eqx.tree_at(lambda s: s.threshold, d, t)
     return d
 
 
+class Stacked(eqx.Module):
+    """N dictionaries of one shape trained as one: `members` is an `SAE` whose arrays carry a leading axis of
+    N (what is checkpointed and sharded); `ks`, `l1s` and `sites` are each member's k, L1 coefficient and
+    (in, out) sites. `_train.make_step` trains all N in one compiled step, each member with its own k, L1
+    coefficient, gradient clipping and Adam state, as in separate runs; when the sites differ, each member
+    reads its own input (`own_inputs`)."""
+
+    members: SAE
+    ks: tuple[int | None, ...] = eqx.field(static=True)
+    l1s: tuple[float, ...] = eqx.field(static=True)
+    sites: tuple[tuple[str, str], ...] = eqx.field(static=True)
+
+    @classmethod
+    def of(cls, dicts: list[SAE], l1s=None) -> Stacked:
+        """Stack `dicts` (SAEs or transcoders of one architecture and shape, any k / site / values)."""
+        if not dicts or not all(isinstance(d, SAE) for d in dicts):
+            raise TypeError("Stacked.of takes a non-empty list of SAEs / per-layer transcoders")
+        kinds = {(d.arch, d.W_enc.shape, d.W_dec.shape, d.W_skip is None) for d in dicts}
+        if len(kinds) != 1:
+            raise ValueError(f"dictionaries trained together need one architecture and shape; got {sorted(kinds, key=str)}")
+        same = [dataclasses.replace(d, k=dicts[0].k, in_site=dicts[0].in_site, out_site=dicts[0].out_site) for d in dicts]
+        l1s = (LossConfig().l1_coeff,) * len(dicts) if l1s is None else tuple(float(v) for v in l1s)
+        if len(l1s) != len(dicts):
+            raise ValueError(f"{len(l1s)} L1 coefficients for {len(dicts)} dictionaries")
+        return cls(jax.tree.map(lambda *a: jnp.stack(a), *same), tuple(d.k for d in dicts), l1s,
+                   tuple((d.in_site, d.out_site) for d in dicts))  # fmt: skip
+
+    @property
+    def n(self) -> int:
+        return len(self.sites)
+
+    @property
+    def arch(self) -> str:
+        return self.members.arch
+
+    @property
+    def threshold(self) -> Array:
+        return self.members.threshold
+
+    @property
+    def own_inputs(self) -> bool:
+        return len(set(self.sites)) > 1
+
+    @property
+    def in_sites(self) -> list[str]:
+        return list(dict.fromkeys(s for s, _ in self.sites))
+
+    @property
+    def out_sites(self) -> list[str]:
+        return list(dict.fromkeys(s for _, s in self.sites))
+
+    def member(self, i: int, members: SAE | None = None) -> SAE:
+        """Member i (of `members`, default this stack's), with its own k and sites."""
+        one = jax.tree.map(lambda a: a[i], self.members if members is None else members)
+        return dataclasses.replace(one, k=self.ks[i], in_site=self.sites[i][0], out_site=self.sites[i][1])
+
+    def unstack(self) -> list[SAE]:
+        """The N dictionaries, each with its own k and sites."""
+        return [self.member(i) for i in range(self.n)]
+
+
 def gather_xy(d, acts) -> tuple[Array, Array]:
     """A dictionary's `(x, y)` from activations keyed by site name (a store batch, a model cache);
-    a cross-layer transcoder stacks its layers on axis -2 (`[..., L, D]`)."""
+    a cross-layer transcoder stacks its layers on axis -2 (`[..., L, D]`); a `Stacked` whose members
+    read different sites stacks theirs on a leading axis (`[N, ..., D]`)."""
+    if isinstance(d, Stacked):
+        if not d.own_inputs:
+            return acts[d.sites[0][0]], acts[d.sites[0][1]]
+        return jnp.stack([acts[s] for s, _ in d.sites]), jnp.stack([acts[s] for _, s in d.sites])
     x = [acts[s] for s in d.in_sites]
     y = [acts[s] for s in d.out_sites]
     if isinstance(d, CrossLayerTranscoder):
@@ -347,11 +470,11 @@ def init_sae(
     initial codes of normalised inputs the right size) and 0.1 for relu/jumprelu. `skip` adds a
     skip transcoder's `W_skip` path, started at zero."""
     if dec_norm is None:
-        dec_norm = 1.0 if arch in ("topk", "batchtopk") else 0.1
+        dec_norm = 1.0 if arch in K_ARCHS else 0.1
     check_arch(arch, k)
     d_out = d_in if d_out is None else d_out
     out_site = in_site if out_site is None else out_site
-    if arch in ("topk", "batchtopk") and k > width:
+    if arch in K_ARCHS and k > width:
         raise ValueError(f"k={k} exceeds the width {width}")
     w = jax.random.normal(key, (width, d_out), jnp.float32)
     W_dec = dec_norm * _unit_rows(w)
@@ -493,6 +616,9 @@ def init_clt(
     """A new CLT over contiguous `layers`; decoder norms shrink with the number of layers a
     feature writes to, so the initial output has the scale of one SAE's."""
     check_arch(arch, k)
+    if arch == "matryoshka":
+        raise ValueError("matryoshka is an SAE / per-layer transcoder architecture; a cross-layer transcoder takes "
+                         "relu, topk, batchtopk or jumprelu")  # fmt: skip
     layers = tuple(int(l) for l in layers)
     if not layers:
         raise ValueError("a cross-layer transcoder needs at least one layer")

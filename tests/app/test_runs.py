@@ -294,3 +294,26 @@ def test_ctrl_c_at_each_stage_stops_with_one_line_and_resumes_to_the_same_result
     ev, ev0 = (json.loads((p / "eval.json").read_text()) for p in (out, baseline))
     assert {k: ev[k] for k in METRICS} == {k: ev0[k] for k in METRICS}
     assert ev["resumed_from"] == 16 and ev0["resumed_from"] == 0
+
+
+def test_comma_lists_train_every_combination_in_one_run_equal_to_separate_runs(model_dir, tmp_path, capsys):
+    """`--k 2,4 --seed 0,1`: four dictionaries from one program, each saved in OUT/<label>, each what its own run
+    with that k gives (same seed 0: the batch order is the first seed's)."""
+    from circuits_jax.app.cli import main
+
+    many = tmp_path / "many"
+    base = args(model_dir, many)
+    k_at = base.index("--k") + 1
+    assert main(base[:k_at] + ["2,4"] + base[k_at + 1 :] + ["--seed", "0,1"]) == 0
+    out = capsys.readouterr().out
+    labels = ["k2_seed0", "k2_seed1", "k4_seed0", "k4_seed1"]
+    assert [line.split(":")[0] for line in out.splitlines() if line.split(":")[0] in labels] == labels
+    summary = json.loads((many / "eval.json").read_text())
+    assert [m["label"] for m in summary["members"]] == labels and summary["tokens_per_second"] > 0
+    alone = tmp_path / "alone"
+    assert main(args(model_dir, alone)[:k_at] + ["2"] + args(model_dir, alone)[k_at + 1 :]) == 0
+    a, b = cj.load_dictionary(alone / "dictionary"), cj.load_dictionary(many / "k2_seed0" / "dictionary")
+    assert (a.k, b.k) == (2, 2) and cj.tree_allclose(a, b, rtol=1e-4, atol=1e-5)
+    ev = json.loads((alone / "eval.json").read_text())
+    assert summary["members"][0]["fve"] == pytest.approx(ev["fve"], rel=1e-3, abs=1e-4)
+    assert cj.load_dictionary(many / "k4_seed1" / "dictionary").k == 4

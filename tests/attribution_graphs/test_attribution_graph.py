@@ -115,6 +115,34 @@ def test_incoming_edges_sum_to_each_nodes_linear_decomposition(setup):
     assert np.abs(g.adjacency[:, g.error_slice]).sum() > 0
 
 
+def test_graphs_from_a_token_a_logit_difference_and_a_direction(setup):
+    """Every target is a read-out through the same frozen final norm, so a row is linear in it: the logit
+    difference's row is token a's row minus token b's, a direction's row is the W_U-weighted sum of the token
+    rows, and each row (with its constant) sums to the target's value."""
+    model, ts = setup
+    a, b = 4, 9
+    g_a, g_b = (cj.attribution_graph(model, ts, TOKENS, target=t, batch_size=8, progress=False) for t in (a, b))
+    g_ab = cj.attribution_graph(model, ts, TOKENS, target=(a, b), batch_size=8, progress=False)
+    assert (g_ab.logit_tokens.tolist(), g_ab.logit_probs.tolist()) == ([-1], [1.0]) and g_a.logit_tokens.tolist() == [a]
+    row = lambda g: g.adjacency[g.logit_slice][0]  # noqa: E731
+    assert g_a.n_nodes == g_ab.n_nodes  # every active feature visited in each
+    np.testing.assert_allclose(row(g_ab), row(g_a) - row(g_b), atol=1e-5)
+    logits = np.asarray(cj.run(model, TOKENS[None]).logits[0, -1])
+    assert float(g_ab.logit_values[0]) == pytest.approx(float(logits[a] - logits[b]), abs=1e-5)
+    tr = cj.trace_replacement(model, ts, TOKENS[None])
+    c_a = _constants(model, ts, tr, g_a)[1]
+    np.testing.assert_allclose(row(g_a).sum() + c_a[0], g_a.logit_values[0], atol=1e-4)
+
+    v = np.asarray(model.W_U[:, a] - model.W_U[:, b])  # the same read-out, given as a direction
+    g_v = cj.attribution_graph(model, ts, TOKENS, target=v, batch_size=8, progress=False)
+    np.testing.assert_allclose(row(g_v), row(g_ab), atol=1e-5)
+    assert float(g_v.logit_values[0]) == pytest.approx(float(g_ab.logit_values[0]), abs=1e-4)
+    with pytest.raises(ValueError, match=r"target must be None, a token id, a pair of token ids or a direction"):
+        cj.attribution_graph(model, ts, TOKENS, target=np.ones(3), progress=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        cj.attribution_graph(model, ts, TOKENS, target=(a, 10**6), progress=False)
+
+
 @pytest.mark.slow
 def test_rows_do_not_depend_on_batching(setup):
     model, ts = setup
@@ -329,6 +357,13 @@ def test_graph_command_end_to_end(word_model_dir, tmp_path, capsys):
     assert js["nodes"][0]["node_id"] in page
     g = G.AttributionGraph.load(out / "graph.npz")
     assert g.n_nodes == len(g.adjacency)
+    # a logit difference as the target (words of the tiny vocabulary)
+    assert main(args[:-1] + ["--target", "diff: value| class", "--examples", "0", "--quiet"]) == 0
+    assert "target: 'value - class' 1.000" in capsys.readouterr().out
+    g = G.AttributionGraph.load(out / "graph.npz")
+    assert g.logit_tokens.tolist() == [-1] and g.logit_strs == ["value - class"]
+    assert main(args[:-1] + ["--target", "token: no such words", "--quiet"]) == 2
+    assert "a target names one token" in capsys.readouterr().err
 
     # bad input exits 2 with the mismatch named
     assert main(["graph", "--model", str(d), "--transcoders", str(tmp_path / "tc"), "--prompt", "the", "--out", str(out),

