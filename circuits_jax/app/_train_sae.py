@@ -156,8 +156,10 @@ def _train_sae(args) -> int:
     import itertools
 
     combos = list(itertools.product(sites, args.k, args.l1_coeff, args.seed))
-    if len(combos) > 1 and (layers is not None or (args.transcoder is not None and len(sites) > 1)):
+    if len(combos) > 1 and layers is not None:
         raise ValueError("comma lists train SAEs or per-layer transcoders together; not with --clt-layers")
+    if len(sites) > 1 and (args.target or args.transcoder is not None):
+        raise ValueError("several --site values train an SAE at each; with --target or --transcoder give one --site")
     variants = None if len(combos) == 1 else [
         {**({"site": s} if len(sites) > 1 else {}), "k": k, "l1_coeff": l1, "seed": seed} for s, k, l1, seed in combos]
     mesh = mesh_of(args)

@@ -371,19 +371,20 @@ class Stacked(eqx.Module):
 
     members: SAE
     ks: tuple[int | None, ...] = eqx.field(static=True)
-    l1s: tuple[float, ...] = eqx.field(static=True)
+    l1s: tuple[float | None, ...] = eqx.field(static=True)  # None: the training config's
     sites: tuple[tuple[str, str], ...] = eqx.field(static=True)
 
     @classmethod
     def of(cls, dicts: list[SAE], l1s=None) -> Stacked:
-        """Stack `dicts` (SAEs or transcoders of one architecture and shape, any k / site / values)."""
+        """Stack `dicts` (SAEs or transcoders of one architecture and shape, any k / site / values); `l1s`: each
+        member's L1 coefficient (relu), default the training config's."""
         if not dicts or not all(isinstance(d, SAE) for d in dicts):
             raise TypeError("Stacked.of takes a non-empty list of SAEs / per-layer transcoders")
         kinds = {(d.arch, d.W_enc.shape, d.W_dec.shape, d.W_skip is None) for d in dicts}
         if len(kinds) != 1:
             raise ValueError(f"dictionaries trained together need one architecture and shape; got {sorted(kinds, key=str)}")
         same = [dataclasses.replace(d, k=dicts[0].k, in_site=dicts[0].in_site, out_site=dicts[0].out_site) for d in dicts]
-        l1s = (LossConfig().l1_coeff,) * len(dicts) if l1s is None else tuple(float(v) for v in l1s)
+        l1s = (None,) * len(dicts) if l1s is None else tuple(None if v is None else float(v) for v in l1s)
         if len(l1s) != len(dicts):
             raise ValueError(f"{len(l1s)} L1 coefficients for {len(dicts)} dictionaries")
         return cls(jax.tree.map(lambda *a: jnp.stack(a), *same), tuple(d.k for d in dicts), l1s,

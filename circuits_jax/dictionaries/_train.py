@@ -139,7 +139,7 @@ def make_step(cfg: TrainConfig) -> Callable[[TrainState, Any, Any], tuple[TrainS
     step runs the one dictionary's step for each member (its own k, L1 coefficient, gradient clipping and Adam
     state, as in separate runs) and `stats` carry the member axis. The members are unrolled in the program,
     not vmapped: under vmap, AuxK's `lax.cond` becomes a select that computes both branches (measured 1.65x
-    slower than the members one after another on CPU; unrolled, 0.93x)."""
+    slower than the members one after another on CPU; unrolled, 1.01x: benchmarks/many_dictionaries.py)."""
     opt = optimizer(cfg)
     hp = cfg.loss
 
@@ -159,7 +159,7 @@ def make_step(cfg: TrainConfig) -> Callable[[TrainState, Any, Any], tuple[TrainS
         with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes float and int32
             updates, opt_state = opt.update(grads, state.opt_state, diff)
         d = eqx.combine(eqx.apply_updates(diff, updates), static).project(hp_d, stats)
-        since = jnp.where(stats.fired, 0, jnp.minimum(state.since_fired + x.shape[-2], 2**30))
+        since = jnp.where(stats.fired, 0, jnp.minimum(state.since_fired + x.shape[0], 2**30))
         return TrainState(d, opt_state, since, state.step + 1), stats
 
     @eqx.filter_jit

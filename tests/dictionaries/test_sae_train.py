@@ -138,6 +138,12 @@ def test_since_fired_counter_resets_when_a_latent_fires(store):
         since = np.asarray(state.since_fired)
     assert not fired[PLANTED].any() and np.all(since[PLANTED] == 3 * 64)
     assert int(state.step) == 3
+    # a cross-layer transcoder's batch is [tokens, layers, D]: its counters advance by tokens, not layers
+    clt = init_clt(D, 32, (0, 1), key=_key(1), arch="topk", k=2)
+    state = init_state(clt, cfg)
+    xs = np.stack([np.asarray(store.chunk(0)[i][:64]) for i in (1, 2)], 1)  # [64, 2, D]
+    state, stats = step(state, xs, xs)
+    np.testing.assert_array_equal(np.asarray(state.since_fired), np.where(np.asarray(stats.fired), 0, 64))
 
 
 # ---------------------------------------------------------------- resume, determinism
