@@ -41,7 +41,7 @@ def add_train_sae(sub) -> None:
     ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
     ts.add_argument("--transcoder", type=count(0), metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
     ts.add_argument("--clt-layers", metavar="A-B", help="a cross-layer transcoder over layers A..B")
-    ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
+    ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "matryoshka", "gated"])
     ts.add_argument("--k", type=listof(int), default=(32,), help="active latents per token (topk, batchtopk); a comma list "
                                                                  "trains one dictionary per value")  # fmt: skip
     ts.add_argument("--width", type=count(1), default=4608, help="number of latents")

@@ -88,6 +88,9 @@ def mlp_sites(layer: int) -> tuple[str, str]:
 
 def stack_transcoders(dicts: list[SAE], *, model_name: str = "") -> Transcoders:
     """Stack per-layer transcoders, `dicts[l]` for layer l, checking each one's sites."""
+    if any(d.arch == "gated" for d in dicts):
+        raise NotImplementedError("attribution graphs take transcoders whose active features equal their "
+                                  "pre-activations (relu, topk, batchtopk, jumprelu, matryoshka); gated ones do not")
     skips = [l for l, d in enumerate(dicts) if d.W_skip is not None]
     if skips:
         raise NotImplementedError(f"the transcoders of layers {skips} have a skip connection (W_skip); attribution "

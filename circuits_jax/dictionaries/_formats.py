@@ -3,7 +3,7 @@
 Each reader maps a format's parameters onto `SAE`'s one layout (`W_enc [D_in, F]`, `b_enc`, `W_dec [F, D_out]`,
 `b_dec`, `threshold`, optional `W_skip [D_in, D_out]`) by exact algebra, never by a second forward:
 
-- **SAELens** (`cfg.json` + `sae_weights.safetensors`; architectures standard, topk, jumprelu, transcoder,
+- **SAELens** (`cfg.json` + `sae_weights.safetensors`; architectures standard, topk, jumprelu, gated, transcoder,
   skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder, and batchtopk / matryoshka_batchtopk, which
   SAELens runs as JumpReLU at inference). `apply_b_dec_to_input` (x - b_dec before encoding) is folded into
   `b_enc`; a topk SAE's `rescale_acts_by_decoder_norm` into the encoder and decoder columns. Sites are its
@@ -23,6 +23,7 @@ A JumpReLU threshold below zero is stored as zero: `relu(z) * [z > t]` (theirs) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -44,7 +45,7 @@ FORMATS = (
 SAELENS_ARCHS = {
     "standard": ("relu", False, False), "topk": ("topk", False, False), "jumprelu": ("jumprelu", False, False),
     "batchtopk": ("jumprelu", False, False), "matryoshka_batchtopk": ("jumprelu", False, False),
-    "transcoder": ("relu", True, False), "skip_transcoder": ("relu", True, True),
+    "gated": ("gated", False, False), "transcoder": ("relu", True, False), "skip_transcoder": ("relu", True, True),
     "jumprelu_transcoder": ("jumprelu", True, False), "jumprelu_skip_transcoder": ("jumprelu", True, True),
 }  # fmt: skip
 _NORMALIZATIONS = ("none", "expected_average_only_in")  # no effect on a dictionary loaded from disk
@@ -119,19 +120,30 @@ def read_saelens(path: Path, *, site: str | None = None, out_site: str | None = 
             raise ValueError(f"{path}: SAELens {key}={cfg[key]!r} is not supported; supported: {', '.join(ok)}")
     if "topk_threshold" in w and "threshold" not in w:  # a batchtopk training checkpoint: its inference threshold
         w["threshold"] = np.full(w["b_enc"].shape, float(np.asarray(w["topk_threshold"]).reshape(-1)[0]), np.float32)
+    gated = arch == "gated"
+    if gated:  # the gate's bias is our b_enc
+        _need(w, ["b_gate", "r_mag", "b_mag"], path / "sae_weights.safetensors", "SAELens 'gated'")
+        w["b_enc"] = w["b_gate"]
     _need(w, ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if arch == "jumprelu" else []) +
           (["W_skip"] if skip else []), path / "sae_weights.safetensors", f"SAELens {kind!r}")  # fmt: skip
     W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
+    b_mag = w.get("b_mag")
     if not transcoder and cfg.get("apply_b_dec_to_input", True):  # (x - b_dec) @ W_enc + b_enc
-        b_enc = b_enc - b_dec @ W_enc
+        shift = b_dec @ W_enc
+        b_enc = b_enc - shift
+        if gated:  # the magnitude path reads x - b_dec through W_enc * exp(r_mag)
+            b_mag = b_mag - shift * np.exp(w["r_mag"])
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):  # pre * |W_dec[f]|, decoded by W_dec[f] / |.|
         n = np.linalg.norm(W_dec, axis=-1)
         W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
     meta = cfg.get("metadata") or {}
     in_site = site or meta.get("hook_name") or cfg.get("hook_name") or ""
     out = out_site or (meta.get("hook_name_out") or cfg.get("hook_name_out") if transcoder else None) or in_site
-    return _sae(W_enc, b_enc, W_dec, b_dec, arch=arch, threshold=w.get("threshold"), k=cfg.get("k"),
-                W_skip=w["W_skip"].T if skip else None, in_site=in_site, out_site=out, where=path)  # fmt: skip
+    d = _sae(W_enc, b_enc, W_dec, b_dec, arch=arch, threshold=w.get("threshold"), k=cfg.get("k"),
+             W_skip=w["W_skip"].T if skip else None, in_site=in_site, out_site=out, where=path)  # fmt: skip
+    if gated:
+        d = dataclasses.replace(d, r_mag=jnp.asarray(w["r_mag"]), b_mag=jnp.asarray(b_mag, jnp.float32))
+    return d
 
 
 def _unscaled(d: SAE) -> tuple[np.ndarray, ...]:
@@ -155,9 +167,14 @@ def save_saelens(d: SAE, path, *, model_name: str = "") -> Path:
     if transcoder:
         kind = ("jumprelu_" if jump else "") + ("skip_transcoder" if skip else "transcoder")
     else:
-        kind = {"relu": "standard", "topk": "topk"}.get(d.arch, "jumprelu")
+        kind = {"relu": "standard", "topk": "topk", "gated": "gated"}.get(d.arch, "jumprelu")
+    if d.arch == "gated" and transcoder:
+        raise NotImplementedError("SAELens has no gated transcoder architecture; export refused")
     W_enc, b_enc, W_dec, b_dec, t = _unscaled(d)
     weights = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if d.arch == "gated":  # in_scale is folded into W_enc, and with it into both paths
+        weights = {"W_enc": W_enc, "b_gate": b_enc, "r_mag": np.asarray(d.r_mag, np.float32),
+                   "b_mag": np.asarray(d.b_mag, np.float32), "W_dec": W_dec, "b_dec": b_dec}  # fmt: skip
     if jump:
         weights["threshold"] = t
     if skip:

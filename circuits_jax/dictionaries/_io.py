@@ -115,6 +115,9 @@ def load_dictionary(
     arch = arch or ("jumprelu" if has_t else "relu")
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch == "gated":
+        raise ValueError(f"{path}: the Gemma Scope layout holds no gated parameters (b_gate, r_mag, b_mag); give "
+                         "another arch, or a SAELens folder of a gated SAE")  # fmt: skip
     threshold = np.asarray(arrays["threshold"], np.float32) if has_t else np.zeros(width, np.float32)
     if threshold.shape not in ((), (1,), (width,)):
         raise ValueError(f"{path}: threshold has shape {threshold.shape}; expected [{width}] (one per latent) or a scalar")

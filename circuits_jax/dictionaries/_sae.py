@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka", "gated")
 K_ARCHS = ("topk", "batchtopk", "matryoshka")  # the ones with k active latents per token
 BATCH_K = ("batchtopk", "matryoshka")  # k per token on average over a batch; a learned threshold at inference
 
@@ -47,7 +47,7 @@ BATCH_K = ("batchtopk", "matryoshka")  # k per token on average over a batch; a 
 class LossConfig:
     """Hyperparameters of the sparsity terms (which apply depends on `arch`)."""
 
-    l1_coeff: float = 5.0  # relu
+    l1_coeff: float = 5.0  # relu, gated
     l1: str = "weighted"  # relu: "weighted" (norm-weighted L1) or "unit" (unit-norm decoder rows)
     l0_coeff: float = 1e-3  # jumprelu: coefficient of the (straight-through) L0 penalty
     bandwidth: float = 1e-3  # jumprelu: width of the rectangle kernel of the pseudo-derivative
@@ -266,6 +266,10 @@ class SAE(eqx.Module):
     in_site: str = eqx.field(static=True, default="")
     out_site: str = eqx.field(static=True, default="")
     W_skip: Array | None = None  # [D_in, D_out]: a skip transcoder's affine path, x @ W_skip added to the output
+    # gated (Rajamanoharan et al. 2024): b_enc is the gate's bias; the magnitude path shares W_enc, scaled per
+    # latent by exp(r_mag), with its own bias b_mag
+    r_mag: Array | None = None  # [F]
+    b_mag: Array | None = None  # [F]
 
     @property
     def width(self) -> int:
@@ -287,9 +291,16 @@ class SAE(eqx.Module):
         """Pre-activations; `x` is read in the dictionary's dtype (a bfloat16 model's activations, float32 weights)."""
         return (x.astype(self.W_enc.dtype) * self.in_scale) @ self.W_enc + self.b_enc
 
+    def magnitude(self, pre: Array) -> Array:
+        """A gated SAE's magnitudes, `relu(x' @ (W_enc * exp(r_mag)) + b_mag)`, from the gate's pre-activations
+        (`x' @ W_enc` is `pre - b_enc`, so the shared encoder is applied once)."""
+        return jax.nn.relu((pre - self.b_enc) * jnp.exp(self.r_mag) + self.b_mag)
+
     def activate(self, pre: Array) -> Array:
         """Inference activations (batchtopk uses its threshold, so one token's code does not
-        depend on the rest of the batch)."""
+        depend on the rest of the batch; gated: the magnitude where the gate is open)."""
+        if self.arch == "gated":
+            return (pre > 0).astype(pre.dtype) * self.magnitude(pre)
         return _sparsify(self.arch, self.k, self.threshold, pre, None)[0]
 
     def encode(self, x: Array) -> Array:
@@ -320,6 +331,9 @@ class SAE(eqx.Module):
             rows = jnp.arange(x.shape[0])[:, None]
             acts, min_kept = jnp.zeros_like(pre).at[rows, idx].set(lax.stop_gradient(vals)), jnp.zeros((), pre.dtype)
             y_hat = jnp.einsum("nk,nkd->nd", vals, self.W_dec[idx]) + self.b_dec
+        elif self.arch == "gated":
+            acts, min_kept = self.activate(pre), jnp.zeros((), pre.dtype)  # the gate passes no gradient
+            y_hat = acts @ self.W_dec + self.b_dec
         else:
             acts, min_kept = _sparsify(self.arch, self.k, self.threshold, pre, hp)
             y_hat = acts @ self.W_dec + self.b_dec
@@ -334,6 +348,11 @@ class SAE(eqx.Module):
         elif self.arch == "jumprelu":
             sparsity = jnp.mean(jnp.sum(step(pre, self.threshold, hp.bandwidth), -1))
             loss = mse + hp.l0_coeff * sparsity
+        elif self.arch == "gated":  # L1 on the gate's ReLU (decoder-norm weighted) and the gate's own reconstruction
+            gate = jax.nn.relu(pre)  # through a frozen decoder, so the gate learns to reconstruct, not to shrink
+            sparsity = jnp.mean(jnp.sum(gate * _safe_norm(self.W_dec), -1))
+            frozen = gate @ lax.stop_gradient(self.W_dec) + lax.stop_gradient(self.b_dec)
+            loss = mse + hp.l1_coeff * sparsity + jnp.mean(jnp.sum((y_n - frozen) ** 2, -1))
         else:
             sparsity = _aux_k(pre, dead, y_n - y_hat, self.W_dec, hp.k_aux)
             loss = recon + hp.aux_coeff * sparsity
@@ -494,6 +513,8 @@ def init_sae(
         in_site=in_site,
         out_site=out_site,
         W_skip=jnp.zeros((d_in, d_out), jnp.float32) if skip else None,
+        r_mag=jnp.zeros(width, jnp.float32) if arch == "gated" else None,
+        b_mag=jnp.zeros(width, jnp.float32) if arch == "gated" else None,
     )
 
 
@@ -617,8 +638,8 @@ def init_clt(
     """A new CLT over contiguous `layers`; decoder norms shrink with the number of layers a
     feature writes to, so the initial output has the scale of one SAE's."""
     check_arch(arch, k)
-    if arch == "matryoshka":
-        raise ValueError("matryoshka is an SAE / per-layer transcoder architecture; a cross-layer transcoder takes "
+    if arch in ("matryoshka", "gated"):
+        raise ValueError(f"{arch} is an SAE / per-layer transcoder architecture; a cross-layer transcoder takes "
                          "relu, topk, batchtopk or jumprelu")  # fmt: skip
     layers = tuple(int(l) for l in layers)
     if not layers:

@@ -96,7 +96,7 @@ BAD = {
     "train-sae site kind": ([*SAE, "--site", "blocks.0.hook_resid_postt"], "--site"),
     "train-sae site form": ([*SAE, "--site", "resid_post"], "--site"),
     "train-sae transcoder negative": ([*SAE, "--transcoder", "-1"], "--transcoder"),
-    "train-sae arch": ([*SAE, "--transcoder", "1", "--arch", "gated"], "--arch"),
+    "train-sae arch": ([*SAE, "--transcoder", "1", "--arch", "gate"], "--arch"),
     "train-sae lr": ([*SAE, "--transcoder", "1", "--lr", "0"], "--lr"),
     "train-sae k list": ([*SAE, "--site", "blocks.0.hook_resid_post", "--k", "16,,32"], "--k"),
     "train-sae sites with target": ([*SAE, "--site", "blocks.0.hook_resid_post,blocks.1.hook_resid_post", "--target",

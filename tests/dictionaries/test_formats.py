@@ -14,9 +14,9 @@ import circuits_jax as cj
 from circuits_jax.dictionaries import SAE
 
 HERE = Path(__file__).parent / "formats"
-SAELENS = ["standard", "topk", "topk_rescaled", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
+SAELENS = ["standard", "topk", "topk_rescaled", "jumprelu", "gated", "transcoder", "skip_transcoder", "jumprelu_transcoder",
            "jumprelu_skip_transcoder"]  # fmt: skip
-OURS = ["relu", "topk", "jumprelu", "batchtopk", "relu_transcoder", "jumprelu_skip_transcoder"]
+OURS = ["relu", "topk", "jumprelu", "batchtopk", "gated", "relu_transcoder", "jumprelu_skip_transcoder"]
 TOL = 1e-5
 
 
@@ -35,6 +35,7 @@ def fixture_dictionary(name: str) -> SAE:
         k=5 if arch in ("topk", "batchtopk") else None, in_site="blocks.1.ln2.hook_normalized" if transcoder
         else "blocks.1.hook_resid_post", out_site="blocks.1.hook_mlp_out" if transcoder else "blocks.1.hook_resid_post",
         W_skip=r(d_in, d_out) if "skip" in name else None,
+        r_mag=r(f) if arch == "gated" else None, b_mag=r(f) if arch == "gated" else None,
     )  # fmt: skip
 
 

@@ -438,7 +438,7 @@ def test_gemma_scope_files_with_problems(tmp_path):
             load_dictionary(tmp_path / "bad.npz")
     np.savez(tmp_path / "ok.npz", **a)
     with pytest.raises(ValueError, match="unknown architecture"):
-        load_dictionary(tmp_path / "ok.npz", arch="gated")
+        load_dictionary(tmp_path / "ok.npz", arch="gatedd")
     (tmp_path / "w.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"w\.pt is in no dictionary format known here; checked: .*Gemma Scope 1 \(a \.npz"):
         load_dictionary(tmp_path / "w.pt")

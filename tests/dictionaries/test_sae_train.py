@@ -243,7 +243,7 @@ def test_batches_refuse_a_batch_larger_than_the_buffer(id_store):
 # ---------------------------------------------------------------- every architecture learns
 
 
-ARCH_CASES = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None), ("matryoshka", 4)]
+ARCH_CASES = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None), ("matryoshka", 4), ("gated", None)]
 
 
 @pytest.mark.slow_after_first

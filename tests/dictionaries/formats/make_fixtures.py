@@ -50,7 +50,7 @@ def _randomise(module, seed):
 
 def saelens_fixtures():
     from sae_lens import SAE
-    from sae_lens.saes import (JumpReLUSAE, JumpReLUSAEConfig, JumpReLUSkipTranscoderConfig,
+    from sae_lens.saes import (GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, JumpReLUSkipTranscoderConfig,
                                JumpReLUTranscoderConfig, SkipTranscoderConfig, StandardSAE, StandardSAEConfig,
                                TopKSAE, TopKSAEConfig, TranscoderConfig)  # fmt: skip
     from sae_lens.saes.sae import SAEMetadata
@@ -63,6 +63,7 @@ def saelens_fixtures():
         "topk": (TopKSAE, TopKSAEConfig(d_in=D_IN, d_sae=F, k=K, metadata=meta)),
         "topk_rescaled": (TopKSAE, TopKSAEConfig(d_in=D_IN, d_sae=F, k=K, rescale_acts_by_decoder_norm=True, metadata=meta)),
         "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig(d_in=D_IN, d_sae=F, metadata=meta)),
+        "gated": (GatedSAE, GatedSAEConfig(d_in=D_IN, d_sae=F, metadata=meta)),
         "transcoder": (Transcoder, TranscoderConfig(d_in=D_IN, d_out=D_OUT, d_sae=F, apply_b_dec_to_input=False, metadata=tmeta)),
         "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig(d_in=D_IN, d_out=D_OUT, d_sae=F, apply_b_dec_to_input=False, metadata=tmeta)),
         "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig(d_in=D_IN, d_out=D_OUT, d_sae=F, apply_b_dec_to_input=False, metadata=tmeta)),
