@@ -131,7 +131,7 @@ class _Sources(eqx.Module):
 
 
 @eqx.filter_jit
-def _rows(model: Transformer, frozen, src: _Sources, ct_layer, ct_pos, ct_vec, ct_final, stop):
+def _rows(model: Transformer, frozen, src: _Sources, ct_layer, ct_pos, ct_vec, ct_final, stop, skips=None):
     """Edges into `B` targets from every source, by one batched VJP of the frozen linear model.
 
     Target b reads `ct_vec[b]` at transcoder input (`ct_layer[b]`, `ct_pos[b]`) plus `ct_final[b]`
@@ -141,7 +141,7 @@ def _rows(model: Transformer, frozen, src: _Sources, ct_layer, ct_pos, ct_vec, c
     B = ct_vec.shape[0]
     inj0 = jnp.zeros((L, 1, T, D), src.errors.dtype)
     emb0 = src.embed[None]
-    _, vjp = jax.vjp(lambda inj, emb: linear_forward(model, frozen, inj, emb, stop), inj0, emb0)
+    _, vjp = jax.vjp(lambda inj, emb: linear_forward(model, frozen, inj, emb, stop, skips), inj0, emb0)
     ct_reads = jnp.zeros((B, L, 1, T, D), ct_vec.dtype).at[jnp.arange(B), ct_layer, 0, ct_pos].set(ct_vec)
     ct_fin = jnp.zeros((B, 1, T, D), ct_vec.dtype).at[:, 0, T - 1].set(ct_final)
     g_inj, g_emb = jax.vmap(vjp)((ct_reads, ct_fin))
@@ -286,7 +286,8 @@ def attribute(
         ct_l, ct_p = np.pad(ct_l, (0, pad)), np.pad(ct_p, (0, pad))
         ct_v = jnp.pad(ct_v, ((0, pad), (0, 0)))
         ct_f = jnp.pad(ct_f, ((0, pad), (0, 0)))
-        fe, ee, te = _rows(model, tr.frozen, src, jnp.asarray(ct_l), jnp.asarray(ct_p), ct_v, ct_f, jnp.int32(stop))
+        fe, ee, te = _rows(model, tr.frozen, src, jnp.asarray(ct_l), jnp.asarray(ct_p), ct_v, ct_f, jnp.int32(stop),
+                           ts.W_skip)  # fmt: skip
         n_calls += 1
         row_layers += batch_size * stop
         fe = np.asarray(fe).reshape(batch_size, -1)[:n, feat_slot]

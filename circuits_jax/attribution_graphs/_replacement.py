@@ -59,6 +59,7 @@ class Transcoders(eqx.Module):
     arch: str = eqx.field(static=True)
     k: int | None = eqx.field(static=True, default=None)
     model_name: str = eqx.field(static=True, default="")
+    W_skip: Array | None = None  # [L, D, D]: skip transcoders' affine paths (a linear path of the graph, not error)
 
     @property
     def n_layers(self) -> int:
@@ -71,7 +72,8 @@ class Transcoders(eqx.Module):
     def at(self, layer) -> SAE:
         """Layer `layer`'s transcoder (`layer` may be traced)."""
         return SAE(self.W_enc[layer], self.b_enc[layer], self.W_dec[layer], self.b_dec[layer], self.threshold[layer],
-                   self.in_scale[layer], self.out_scale[layer], arch=self.arch, k=self.k)  # fmt: skip
+                   self.in_scale[layer], self.out_scale[layer], arch=self.arch, k=self.k,
+                   W_skip=None if self.W_skip is None else self.W_skip[layer])  # fmt: skip
 
     def encode_vectors(self) -> Array:
         """`[L, D, F]`: feature f at layer l's pre-activation is `x @ W[l][:, f] + b_enc[l, f]` for raw input x."""
@@ -92,10 +94,9 @@ def stack_transcoders(dicts: list[SAE], *, model_name: str = "") -> Transcoders:
         raise NotImplementedError("attribution graphs take transcoders whose active features equal their "
                                   "pre-activations (relu, topk, batchtopk, jumprelu, matryoshka); gated ones do not")
     skips = [l for l, d in enumerate(dicts) if d.W_skip is not None]
-    if skips:
-        raise NotImplementedError(f"the transcoders of layers {skips} have a skip connection (W_skip); attribution "
-                                  "graphs take plain transcoders only for now (the skip path would be counted as "
-                                  "error)")  # fmt: skip
+    if skips and len(skips) != len(dicts):
+        raise ValueError(f"the transcoders of layers {skips} have a skip connection (W_skip) and the others do not; "
+                         "a replacement model takes all with or all without")  # fmt: skip
     for l, d in enumerate(dicts):
         want = mlp_sites(l)
         if (d.in_site, d.out_site) != want and (d.in_site or d.out_site):
@@ -105,7 +106,8 @@ def stack_transcoders(dicts: list[SAE], *, model_name: str = "") -> Transcoders:
         raise ValueError(f"the transcoders differ in (arch, k, width, d_in, d_out): {sorted(kinds, key=str)}")
     st = lambda name: jnp.stack([getattr(d, name) for d in dicts])  # noqa: E731
     return Transcoders(st("W_enc"), st("b_enc"), st("W_dec"), st("b_dec"), st("threshold"), st("in_scale"), st("out_scale"),
-                       arch=dicts[0].arch, k=dicts[0].k, model_name=model_name)  # fmt: skip
+                       arch=dicts[0].arch, k=dicts[0].k, model_name=model_name,
+                       W_skip=st("W_skip") if skips else None)  # fmt: skip
 
 
 def load_transcoders(path: str | os.PathLike, *, model: Transformer | None = None, model_name: str | None = None) -> Transcoders:
@@ -183,7 +185,8 @@ class ReplacementTap(Tap):
     Per-layer inputs: `(frozen, error)` (`frozen` = this layer's `(ln1 scale, ln2 scale, pattern)`,
     entries None where absent; in the linear form `error` is the injected MLP output). Frozen values
     replace the computed ones where asked; each MLP output becomes `transcoder(ln2.hook_normalized)`,
-    edited, plus the error (or, linear, the injected output). Per-layer outputs: the feature
+    edited, plus the error (or, linear, the injected output); a skip transcoder's `read @ W_skip` is added
+    in both forms (`skips`), so its skip path is a linear path of the graph, never error. Per-layer outputs: the feature
     activations (linear form: the transcoder inputs). At the final norm, `frozen_final` replaces the
     scale when norms are frozen, and the carry returns `ln_final.hook_normalized`."""
 
@@ -193,6 +196,7 @@ class ReplacementTap(Tap):
     freeze_attention: bool = eqx.field(static=True)
     freeze_norms: bool = eqx.field(static=True)
     linear: bool = eqx.field(static=True, default=False)
+    skips: Array | None = None  # [L, D_in, D_out] skip transcoders' W_skip
 
     def enter(self, layer, carry, xs):
         return dict(layer=layer, xs=xs, read=carry if layer is None else None, acts=None)
@@ -219,14 +223,15 @@ class ReplacementTap(Tap):
         if kind == "ln2.hook_normalized":
             return x, {**st, "read": x}
         if kind == "hook_mlp_out":
-            if self.linear:  # the MLP output is an input of the linear map
-                return inject, st
+            skip = 0.0 if self.skips is None else st["read"] @ self.skips[st["layer"]]
+            if self.linear:  # the MLP output is an input of the linear map (plus the skip path, linear in the read)
+                return inject + skip, st
             l, T = st["layer"], x.shape[1]
             sae = self.ts.at(l)
             acts = sae.encode(st["read"]) * (jnp.arange(T) > 0).astype(x.dtype)[None, :, None]  # no features at BOS
             if self.edit is not None:
                 acts = self.edit(l, acts)
-            out = sae.decode(acts)
+            out = sae.decode(acts) + skip
             return (out if inject is None else out + inject), {**st, "acts": acts}
         return x, st
 
@@ -259,12 +264,13 @@ def replacement_forward(
     if (freeze_attention or freeze_norms) and frozen is None:
         raise ValueError("freezing attention or norms needs `frozen` from the real run (trace)")
     sf = None if frozen is None else frozen.scale_final
-    tap = ReplacementTap(ts, edit, sf, freeze_attention, freeze_norms)
+    tap = ReplacementTap(ts, edit, sf, freeze_attention, freeze_norms, skips=ts.W_skip)
     out = forward(model, tokens, tap=tap, xs=(_frozen_layers(frozen, model.cfg.n_layers), errors))
     return out.logits, out.ys
 
 
-def linear_forward(model: Transformer, frozen: Frozen, mlp_out: Array, embed: Array, stop=None) -> tuple[Array, Array]:
+def linear_forward(model: Transformer, frozen: Frozen, mlp_out: Array, embed: Array, stop=None,
+                   skips: Array | None = None) -> tuple[Array, Array]:  # fmt: skip
     """The model with every nonlinearity frozen, as a linear (affine) map of its MLP outputs
     `[L, B, T, D]` and token embeddings `[B, T, D]`: returns every transcoder input
     (`ln2.hook_normalized`, `[L, B, T, D]`) and the final norm's input divided by its frozen
@@ -272,8 +278,10 @@ def linear_forward(model: Transformer, frozen: Frozen, mlp_out: Array, embed: Ar
 
     stop: run layers `0 .. stop-1` only (a traced int: one program serves every value); the
     reads of later layers are zero. A backward pass for targets below `stop` then skips the
-    layers above them (the transpose of a `lax.cond` is a `lax.cond`)."""
-    tap = ReplacementTap(None, None, frozen.scale_final, True, True, linear=True)
+    layers above them (the transpose of a `lax.cond` is a `lax.cond`).
+
+    skips: skip transcoders' `W_skip` `[L, D, D]`: each layer's MLP output also carries `read @ W_skip[l]`."""
+    tap = ReplacementTap(None, None, frozen.scale_final, True, True, linear=True, skips=skips)
     out = forward(model, tap=tap, xs=(_frozen_layers(frozen, model.cfg.n_layers), mlp_out), resid=embed,
                   stop_layer=stop, logits=False)  # fmt: skip
     if model.cfg.normalization is None:
@@ -328,7 +336,7 @@ def trace(model: Transformer, ts: Transcoders, tokens: Array) -> Trace:
     T = tokens.shape[1]
     nonbos = (jnp.arange(T) > 0).astype(reads.dtype)[None, :, None]
     acts = jax.vmap(lambda l, x: ts.at(l).encode(x) * nonbos)(jnp.arange(L), reads)
-    recon = jax.vmap(lambda l, a: ts.at(l).decode(a))(jnp.arange(L), acts)
+    recon = jax.vmap(lambda l, a, x: ts.at(l).decode(a) + ts.at(l).skip(x))(jnp.arange(L), acts, reads)
     return Trace(tokens, out.logits, frozen, reads, mlp_out, acts, mlp_out - recon)
 
 

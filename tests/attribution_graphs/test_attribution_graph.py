@@ -86,7 +86,7 @@ def test_linear_forward_reproduces_the_reads(setup):
 def _constants(model, ts, tr, g):
     """Each node's affine constant: the read-out of the linear model fed only the transcoders' b_dec."""
     bd = jnp.broadcast_to((ts.b_dec / ts.out_scale[:, None])[:, None, None, :], tr.mlp_out.shape)
-    reads0, final0 = R.linear_forward(model, tr.frozen, bd, jnp.zeros((1, *tr.mlp_out.shape[2:])))
+    reads0, final0 = R.linear_forward(model, tr.frozen, bd, jnp.zeros((1, *tr.mlp_out.shape[2:])), skips=ts.W_skip)
     enc = ts.encode_vectors()
     feat = np.array([float(reads0[l, 0, p] @ enc[l][:, f] + ts.b_enc[l, f]) for l, p, f in g.features])
     c = final0[0, -1] * (1.0 if model.lnf_w is None else model.lnf_w) + (0.0 if model.lnf_b is None else model.lnf_b)
@@ -141,6 +141,29 @@ def test_graphs_from_a_token_a_logit_difference_and_a_direction(setup):
         cj.attribution_graph(model, ts, TOKENS, target=np.ones(3), progress=False)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         cj.attribution_graph(model, ts, TOKENS, target=(a, 10**6), progress=False)
+
+
+def test_a_skip_transcoders_skip_path_is_a_linear_path_not_error():
+    """Skip transcoders (`W_skip`): the replacement model with errors still reproduces the logits, the error
+    terms exclude the skip path (they equal the MLP output minus decode minus skip), and every node's incoming
+    edges still sum to its linear decomposition: the skip path is inside the linear map the edges are taken from
+    (dropping it there breaks the sums)."""
+    cfg = tiny_configs()["llamalike"]
+    model = cj.init_model(cfg, key=jax.random.key(0), std=0.3)
+    dicts = [dataclasses.replace(d, W_skip=0.3 * jax.random.normal(jax.random.key(50 + l), (cfg.d_model, cfg.d_model)))
+             for l, d in enumerate(_transcoders(cfg))]  # fmt: skip
+    ts = cj.stack_transcoders(dicts, model_name="tiny")
+    tr = cj.trace_replacement(model, ts, TOKENS[None])
+    logits, _ = cj.intervene(model, ts, tr, R.no_edit(tr.acts.shape))
+    np.testing.assert_allclose(logits, model(TOKENS[None]), atol=1e-4, rtol=0)
+    recon = np.stack([np.asarray(ts.at(l).decode(tr.acts[l]) + tr.reads[l] @ ts.W_skip[l]) for l in range(cfg.n_layers)])
+    np.testing.assert_allclose(np.asarray(tr.errors), np.asarray(tr.mlp_out) - recon, atol=1e-5)
+    g = cj.attribution_graph(model, ts, TOKENS, batch_size=8, progress=False)
+    c_feat, c_logit = _constants(model, ts, tr, g)
+    np.testing.assert_allclose(g.adjacency[: g.n_features].sum(1) + c_feat, g.activations, atol=1e-4)
+    np.testing.assert_allclose(g.adjacency[g.logit_slice].sum(1) + c_logit, g.logit_values, atol=1e-4)
+    with pytest.raises(ValueError, match=r"layers \[0\] have a skip connection"):
+        cj.stack_transcoders([dicts[0], *_transcoders(cfg)[1:]])
 
 
 @pytest.mark.slow
