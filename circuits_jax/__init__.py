@@ -67,6 +67,7 @@ from .dictionaries import (
 # attribution_graphs: the replacement model and attribution graphs
 from .attribution_graphs import (
     attribute as attribution_graph, AttributionGraph as AttributionGraph, edit_features as edit_features,
+    steer_features as steer_features,
     evaluate_transcoders as evaluate_transcoders, feature_examples as feature_examples, FeatureEdit as FeatureEdit,
     graph_html as graph_html, graph_json as graph_json, graph_scores as graph_scores, GraphScores as GraphScores,
     inject_features as inject_features, intervene as intervene, load_transcoders as load_transcoders,
@@ -170,6 +171,7 @@ __all__ = [
     'EDGE_METHODS',
     'edge_patch_all',
     'EdgeScores',
+    'steer_features',
     'edit_features',
     'EditScores',
     'evaluate_dictionary',

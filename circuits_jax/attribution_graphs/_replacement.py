@@ -395,6 +395,59 @@ def intervene(model: Transformer, ts: Transcoders, tr: Trace, edit: FeatureEdit,
                                freeze_attention=freeze_attention, freeze_norms=freeze_norms)  # fmt: skip
 
 
+class FeatureSteerTap(Tap):
+    """Transcoder features set or scaled inside the real model, for generation (`cj.generate(..., tap=)`): at
+    each layer the MLP output gets `(edited - acts) @ W_dec / out_scale`, where `acts` are the layer's
+    transcoder features of the live MLP input and `edited = where(set_mask, set_value, acts * scale)`
+    (`[L, F]` each). So the model runs as it is everywhere the edit is silent, and an edited feature's
+    decoder row moves the output exactly as much as its activation changed. The first position of a prompt
+    (BOS) carries no features, as in `trace`."""
+
+    ts: Transcoders
+    set_mask: Array
+    set_value: Array
+    scale: Array
+
+    def observes(self, kinds):
+        return any(k in ("ln2.hook_normalized", "hook_mlp_out") for k in kinds)
+
+    def rewrites(self, kinds):
+        return "hook_mlp_out" in tuple(kinds)
+
+    def enter(self, layer, carry, xs):
+        return dict(layer=layer, read=None)
+
+    def __call__(self, kind, x, st):
+        if st["layer"] is None:
+            return x, st
+        if kind == "ln2.hook_normalized":
+            return x, {**st, "read": x}
+        if kind != "hook_mlp_out":
+            return x, st
+        l, sae = st["layer"], self.ts.at(st["layer"])
+        acts = sae.encode(st["read"])
+        edited = jnp.where(self.set_mask[l], self.set_value[l], acts * self.scale[l])
+        delta = (edited - acts) @ sae.W_dec / sae.out_scale
+        if x.shape[1] > 1:  # a prompt: nothing at its first position
+            delta = delta.at[:, 0].set(0.0)
+        return x + delta.astype(x.dtype), st
+
+    def leave(self, st):
+        return None, None
+
+
+def steer_features(ts: Transcoders, *, set=(), scale=()) -> FeatureSteerTap:
+    """A `FeatureSteerTap`: `set` `(layer, feature, value)` and `scale` `(layer, feature, factor)` at every
+    position (but a prompt's first), for `cj.generate(model, tokens, n, tap=...)`: the steered continuation."""
+    L, F = ts.n_layers, ts.width
+    mask, value, factor = np.zeros((L, F), bool), np.zeros((L, F), np.float32), np.ones((L, F), np.float32)
+    for l, f, v in set:
+        mask[l, f], value[l, f] = True, v
+    for l, f, s in scale:
+        factor[l, f] *= s
+    return FeatureSteerTap(ts, jnp.asarray(mask), jnp.asarray(value), jnp.asarray(factor))
+
+
 # ---------------------------------------------------------------- evaluation of a set
 
 

@@ -64,13 +64,16 @@ class KVCacheTap(Tap):
         return None, kv
 
 
-def _step(model: Transformer, tokens, positions, key_mask, cache, slot, hooks, decode: bool):
-    """Logits at the last position `[B, V]` and the updated cache, for `tokens` `[B, T]` written at `slot`."""
+def _step(model: Transformer, tokens, positions, key_mask, cache, slot, hooks, decode: bool, extra=None):
+    """Logits at the last position `[B, V]` and the updated cache, for `tokens` `[B, T]` written at `slot`;
+    `extra`: another tap, after the hooks (its layer inputs None)."""
     key_kind = "attn.hook_rot_k" if model.cfg.positional == "rotary" else "attn.hook_k"
-    tap = Taps((HookTap(hooks), KVCacheTap(slot, decode, key_kind)))
-    out = forward(model, tokens, tap=tap, xs=(None, cache), positions=positions, key_mask=key_mask, logits=False)
+    parts = (HookTap(hooks),) + (() if extra is None else (extra,)) + (KVCacheTap(slot, decode, key_kind),)
+    tap = Taps(parts)
+    xs = (None,) * (len(parts) - 1) + (cache,)
+    out = forward(model, tokens, tap=tap, xs=xs, positions=positions, key_mask=key_mask, logits=False)
     logits, _ = final(model, out.resid[:, -1:], tap, tap.enter(None, out.carry, None))
-    return logits[:, 0], out.ys[1]
+    return logits[:, 0], out.ys[-1]
 
 
 def _sample(logits: Array, key, temperature: float, top_k: int | None, top_p: float | None) -> Array:
@@ -90,7 +93,8 @@ def _sample(logits: Array, key, temperature: float, top_k: int | None, top_p: fl
 
 
 @eqx.filter_jit
-def _generate(model, tokens, attention_mask, hooks, max_new_tokens: int, hooks_on: str, temperature: float, top_k, top_p, key):
+def _generate(model, tokens, attention_mask, hooks, max_new_tokens: int, hooks_on: str, temperature: float, top_k, top_p, key,
+              tap=None):  # fmt: skip
     cfg = model.cfg
     B, T = tokens.shape
     S = T + max_new_tokens
@@ -99,8 +103,8 @@ def _generate(model, tokens, attention_mask, hooks, max_new_tokens: int, hooks_o
     cache = (jnp.zeros((cfg.n_layers, B, S, K, E), dtype), jnp.zeros((cfg.n_layers, B, S, K, E), dtype))
     mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask
     positions = positions_from_mask(attention_mask, B, T)
-    logits, cache = _step(model, tokens, positions, mask, cache, 0, hooks, decode=False)
-    step_hooks = hooks if hooks_on == "all" else ()
+    logits, cache = _step(model, tokens, positions, mask, cache, 0, hooks, decode=False, extra=tap)
+    step_hooks, step_tap = (hooks, tap) if hooks_on == "all" else ((), None)
     key_mask = jnp.concatenate([mask, jnp.zeros((B, max_new_tokens), bool)], 1)
     next_pos = positions[:, -1] + 1
 
@@ -109,7 +113,8 @@ def _generate(model, tokens, attention_mask, hooks, max_new_tokens: int, hooks_o
         tok = _sample(logits, jax.random.fold_in(key, i), temperature, top_k, top_p)
         slot = T + i
         key_mask = key_mask.at[:, slot].set(True)
-        new_logits, cache = _step(model, tok[:, None], pos[:, None], key_mask, cache, slot, step_hooks, decode=True)
+        new_logits, cache = _step(model, tok[:, None], pos[:, None], key_mask, cache, slot, step_hooks, decode=True,
+                                  extra=step_tap)  # fmt: skip
         return (new_logits, cache, key_mask, pos + 1), (tok, logits)
 
     _, (toks, lgs) = lax.scan(step, (logits, cache, key_mask, next_pos), jnp.arange(max_new_tokens))
@@ -128,11 +133,13 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    tap: Tap | None = None,
 ) -> Generation:
     """Generate `max_new_tokens` after `tokens` `[B, T]` (left-pad a batch and pass its
     `attention_mask`), greedily (`temperature=0`) or by sampling with optional top-k / top-p,
     seeded. `hooks` (as in `run`) apply at the prompt and every new token (`hooks_on="all"`) or
-    at the prompt only (`"prompt"`)."""
+    at the prompt only (`"prompt"`). `tap`: any other intervention written as a `Tap` (for instance
+    `attribution_graphs.steer_features`, transcoder features set or scaled), applied where the hooks are."""
     if hooks_on not in ("all", "prompt"):
         raise ValueError(f"hooks_on must be 'all' or 'prompt', got {hooks_on!r}")
     if max_new_tokens < 1:
@@ -153,4 +160,4 @@ def generate(
     if any(h.kind in ("hook_q_input", "hook_k_input", "hook_v_input") for h in hooks):
         raise ValueError("generation does not support the split q/k/v input sites; hook ln1 or the residual stream instead")
     return _generate(model, tokens, attention_mask, hooks, max_new_tokens, hooks_on, float(temperature), top_k,
-                     None if top_p is None else float(top_p), jax.random.key(seed))  # fmt: skip
+                     None if top_p is None else float(top_p), jax.random.key(seed), tap)  # fmt: skip

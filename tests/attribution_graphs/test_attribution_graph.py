@@ -309,6 +309,27 @@ def test_feature_interventions(setup):
     assert float(jnp.max(jnp.abs(moved[:, 4:] - tr.logits[:, 4:]))) > 1e-3
 
 
+def test_generation_under_feature_interventions(setup):
+    """`cj.generate(..., tap=cj.steer_features(...))`: a silent edit generates what the model does; an edit at
+    the last layer gives, at the first new token, the replacement model's logits under the same edit
+    (`intervene`, attention and norms live, errors held: the two agree exactly when nothing after the edited
+    layer is recomputed); and the steered continuation differs from the plain one."""
+    model, ts = setup
+    L = model.cfg.n_layers
+    plain = cj.generate(model, TOKENS[None], 4)
+    silent = cj.generate(model, TOKENS[None], 4, tap=cj.steer_features(ts, scale=[(0, 3, 1.0)]))
+    np.testing.assert_array_equal(np.asarray(silent.tokens), np.asarray(plain.tokens))
+    np.testing.assert_allclose(np.asarray(silent.logits), np.asarray(plain.logits), atol=1e-4)
+
+    tr = cj.trace_replacement(model, ts, TOKENS[None])
+    f = int(np.argmax(np.asarray(tr.acts[L - 1, 0]).sum(0)))  # the last layer's busiest feature
+    steered = cj.generate(model, TOKENS[None], 4, tap=cj.steer_features(ts, set=[(L - 1, f, 25.0)]))
+    edit = cj.edit_features(tr.acts.shape, set=[(L - 1, slice(1, None), f, 25.0)])
+    want, _ = cj.intervene(model, ts, tr, edit, freeze_attention=False)
+    np.testing.assert_allclose(np.asarray(steered.logits[0, 0]), np.asarray(want[0, -1]), atol=1e-4)
+    assert float(jnp.max(jnp.abs(steered.logits[0, 0] - plain.logits[0, 0]))) > 1e-2
+
+
 # ---------------------------------------------------------------- loading, refusals, CLI
 
 
