@@ -39,7 +39,9 @@ def add_train_sae(sub) -> None:
                     help="site the dictionary reads (an SAE also writes it), e.g. blocks.6.hook_resid_post; a comma list "
                          "trains an SAE at each")  # fmt: skip
     ts.add_argument("--target", help="site a transcoder writes (e.g. blocks.6.hook_mlp_out)")
-    ts.add_argument("--transcoder", type=count(0), metavar="L", help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out)")
+    ts.add_argument("--transcoder", type=listof(count(0)), metavar="L",
+                    help="a transcoder of layer L's MLP (ln2.hook_normalized -> hook_mlp_out); a comma list trains one "
+                         "per layer, together")  # fmt: skip
     ts.add_argument("--clt-layers", metavar="A-B", help="a cross-layer transcoder over layers A..B")
     ts.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "matryoshka", "gated"])
     ts.add_argument("--k", type=listof(int), default=(32,), help="active latents per token (topk, batchtopk); a comma list "
@@ -141,9 +143,13 @@ def _train_sae(args) -> int:
     from ..models import load
 
     sites = args.site or (None,)
-    site, target, layers = sites[0], args.target, None
+    if len(sites) > 1 and (args.target or args.transcoder is not None):
+        raise ValueError("several --site values train an SAE at each; with --target or --transcoder give one --site")
+    pairs = [(s, args.target or s) for s in sites]  # (reads, writes) of each dictionary
     if args.transcoder is not None:
-        site, target = transcoder_sites(args.transcoder)
+        pairs = [transcoder_sites(l) for l in args.transcoder]
+    (site, target), layers = pairs[0], None
+    target = target if (args.target or args.transcoder is not None) else None
     if args.clt_layers is not None:
         layers = layer_list(args.clt_layers)
     if site is None and layers is None:
@@ -155,13 +161,12 @@ def _train_sae(args) -> int:
             check_site_name(name, flag)  # the layer is checked once the model has loaded
     import itertools
 
-    combos = list(itertools.product(sites, args.k, args.l1_coeff, args.seed))
+    combos = list(itertools.product(pairs, args.k, args.l1_coeff, args.seed))
     if len(combos) > 1 and layers is not None:
         raise ValueError("comma lists train SAEs or per-layer transcoders together; not with --clt-layers")
-    if len(sites) > 1 and (args.target or args.transcoder is not None):
-        raise ValueError("several --site values train an SAE at each; with --target or --transcoder give one --site")
     variants = None if len(combos) == 1 else [
-        {**({"site": s} if len(sites) > 1 else {}), "k": k, "l1_coeff": l1, "seed": seed} for s, k, l1, seed in combos]
+        {**({"site": s, "target": t} if len(pairs) > 1 else {}), "k": k, "l1_coeff": l1, "seed": seed}
+        for (s, t), k, l1, seed in combos]  # fmt: skip
     mesh = mesh_of(args)
     out_dir(args.out)  # a place this run can write, before the model loads (the run folder itself comes later)
     model, tok = load(args.model, dtype=args.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -207,10 +208,15 @@ def _member_specs(model, variants, **base) -> list[dict]:
             m["target"] = v["site"]  # an SAE at that site
         check_sites(model, [m["site"], m["target"]])
         specs.append(m)
-    varying = [key for key in ("site", "target", "k", "l1_coeff", "seed") if len({str(m[key]) for m in specs}) > 1]
-    short = {"site": "", "target": "to-", "k": "k", "l1_coeff": "l1-", "seed": "seed"}
+    for m in specs:  # where it reads and writes, briefly: the site of an SAE, tc<l> for layer l's MLP transcoder
+        tc = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", m["site"])
+        m["where"] = (m["site"] if m["site"] == m["target"] else f"tc{tc.group(1)}"
+                      if tc and m["target"] == f"blocks.{tc.group(1)}.hook_mlp_out" else f"{m['site']}_to-{m['target']}")
+    varying = [key for key in ("where", "k", "l1_coeff", "seed") if len({str(m[key]) for m in specs}) > 1]
+    short = {"where": "", "k": "k", "l1_coeff": "l1-", "seed": "seed"}
     for m in specs:
         m["label"] = "_".join(f"{short[key]}{m[key]}" for key in varying) or "member"
+        del m["where"]
     labels = [m["label"] for m in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"variants repeat one another: {labels}")

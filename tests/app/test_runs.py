@@ -317,3 +317,15 @@ def test_comma_lists_train_every_combination_in_one_run_equal_to_separate_runs(m
     ev = json.loads((alone / "eval.json").read_text())
     assert summary["members"][0]["fve"] == pytest.approx(ev["fve"], rel=1e-3, abs=1e-4)
     assert cj.load_dictionary(many / "k4_seed1" / "dictionary").k == 4
+
+
+def test_a_transcoder_list_trains_one_per_layer_together(model_dir, tmp_path, capsys):
+    """`--transcoder 0,2`: both layers' transcoders from one store and one step, saved as OUT/tc0 and OUT/tc2."""
+    from circuits_jax.app.cli import main
+
+    base = args(model_dir, tmp_path / "tc")
+    at = base.index("--site")
+    assert main(base[:at] + ["--transcoder", "0,2"] + base[at + 2 :]) == 0
+    assert "tc0:" in capsys.readouterr().out
+    d = cj.load_dictionary(tmp_path / "tc" / "tc2" / "dictionary")
+    assert (d.in_site, d.out_site) == ("blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out")
