@@ -102,8 +102,9 @@ def train_dictionary(
     """Train one dictionary end to end and return its summary (also written to `out/eval.json`).
 
     `variants`: train several SAEs / transcoders together, in one compiled step from one pass of the model
-    (`Stacked`): each a dict overriding any of `k`, `seed`, `l1_coeff` and `site` (an SAE's) of the call's
-    own; each member is evaluated and saved in `out/<label>/` (its label names what varies, e.g. `k16`), and
+    (`Stacked`): each a dict overriding any of `k`, `seed`, `l1_coeff`, `site` and `target` (an SAE at `site`
+    when only `site` is given) of the call's own; each member is evaluated and saved in `out/<label>/` (its
+    label names what varies, e.g. `k16`, `tc3`), and
     `out/eval.json` lists them with the shared training throughput.
 
     `n_tokens` activations are stored; training sees them `epochs` times (reshuffled each time).
