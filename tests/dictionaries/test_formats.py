@@ -4,6 +4,7 @@ ours, exported to SAELens's format, is what SAELens reads back (its activations 
 Gemma Scope 2 and circuit-tracer files are written here from their documented layouts (neither library is on
 PyPI with a writer)."""
 
+import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -134,7 +135,7 @@ def test_a_folder_in_no_known_format_names_the_formats_checked(tmp_path):
         cj.load_dictionary(tmp_path / "t")
 
 
-def test_a_skip_transcoder_saves_trains_and_is_refused_by_graphs_by_name(tmp_path):
+def test_a_skip_transcoder_saves_trains_and_stacks_for_graphs(tmp_path):
     d = fixture_dictionary("jumprelu_skip_transcoder")
     again = cj.load_dictionary(cj.save_dictionary(tmp_path / "d", d))
     assert again.W_skip is not None and cj.tree_allclose(again, d)
@@ -146,5 +147,5 @@ def test_a_skip_transcoder_saves_trains_and_is_refused_by_graphs_by_name(tmp_pat
     assert float(d.loss(x, y, dead, hp)[1].mse) < 1e-9 < float(no_skip.loss(x, y, dead, hp)[1].mse)
     from circuits_jax.attribution_graphs import stack_transcoders
 
-    with pytest.raises(NotImplementedError, match=r"layers \[0\] have a skip connection"):
-        stack_transcoders([d])
+    stacked = stack_transcoders([dataclasses.replace(d, in_site="blocks.0.ln2.hook_normalized", out_site="blocks.0.hook_mlp_out")])
+    np.testing.assert_array_equal(np.asarray(stacked.W_skip[0]), np.asarray(d.W_skip))  # graphs keep the skip path
