@@ -31,6 +31,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from ..models import read_json
 from ._sae import SAE
 
 FORMATS = (
@@ -58,16 +59,6 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         return {k: np.asarray(v, np.float32) for k, v in load_file(str(path)).items()}
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the file is truncated or damaged") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path} holds a JSON {type(doc).__name__}, not an object of settings")
-    return doc
 
 
 def _need(arrays: dict, keys, where: Path, fmt: str) -> None:
@@ -108,7 +99,7 @@ def _sae(W_enc, b_enc, W_dec, b_dec, *, arch, threshold=None, k=None, W_skip=Non
 
 def read_saelens(path: Path, *, site: str | None = None, out_site: str | None = None) -> SAE:
     path = Path(path)
-    cfg = _read_json(path / "cfg.json")
+    cfg = read_json(path / "cfg.json")
     w = _read_safetensors(path / "sae_weights.safetensors")
     kind = cfg.get("architecture", "standard")
     if kind not in SAELENS_ARCHS:
@@ -207,7 +198,7 @@ def _sparsify_site(name: str) -> str | None:
 
 def read_sparsify(path: Path, *, site: str | None = None, out_site: str | None = None) -> SAE:
     path = Path(path)
-    cfg = _read_json(path / "cfg.json")
+    cfg = read_json(path / "cfg.json")
     w = _read_safetensors(path / "sae.safetensors")
     if cfg.get("activation", "topk") != "topk":
         raise ValueError(f"{path}: sparsify activation {cfg['activation']!r} is not supported; supported: topk")
@@ -271,7 +262,7 @@ def read_gemma_scope_2(path: Path, *, site: str | None = None, out_site: str | N
     path = Path(path)
     if path.is_file():
         path = path.parent
-    cfg = _read_json(path / "config.json") if (path / "config.json").exists() else {}
+    cfg = read_json(path / "config.json") if (path / "config.json").exists() else {}
     if cfg.get("architecture", "jump_relu") != "jump_relu":
         raise ValueError(f"{path}: Gemma Scope 2 architecture {cfg['architecture']!r}; only jump_relu is published")
     w = _read_safetensors(path / "params.safetensors")

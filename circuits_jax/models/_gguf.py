@@ -22,7 +22,7 @@ import numpy as np
 
 from ..core import ROPE_TYPES, Config, Transformer
 from ._finite import NonFiniteWeights, check_finite
-from ._hf import llama_blocks
+from ._hf import fused_rows, llama_blocks
 from ._tokenizer import Tokenizer
 
 FETCH_HINT = (
@@ -163,18 +163,15 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
         raise ValueError(f"{path}: {e}") from e
 
 
+_PHI3_PARTS = {"self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v",
+               "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up"}  # fmt: skip
+
+
 def _phi3_part(w: np.ndarray, name: str, cfg: Config) -> np.ndarray:
-    """The rows of Phi-3's fused tensors that `name` asks for: attn_qkv is [q (H*E) | k (K*E) | v (K*E)],
-    ffn_up is [gate (M) | up (M)] (llama.cpp's SwiGLU and transformers' Phi3MLP both take the first half as
-    the gate); any other tensor as it is. A fused tensor is dequantized once per part asked (three reads of a
-    layer's attn_qkv), a cost paid once: the float weights are cached after the first load."""
-    H, K, E, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
-    qkv = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 1, "self_attn.v_proj.weight": 2}
-    if name in qkv:
-        return np.split(w, [H * E, (H + K) * E])[qkv[name]]
-    if name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-        return w[:M] if name == "mlp.gate_proj.weight" else w[M:]
-    return w
+    """The rows of Phi-3's fused `attn_qkv` / `ffn_up` that `name` asks for (`fused_rows`, shared with the
+    Hugging Face loader); any other tensor as it is. A fused tensor is dequantized once per part asked (three
+    reads of a layer's attn_qkv), a cost paid once: the float weights are cached after the first load."""
+    return w[fused_rows(cfg)[_PHI3_PARTS[name]]] if name in _PHI3_PARTS else w
 
 
 def _config(r, arch: str, tensors: dict) -> Config:

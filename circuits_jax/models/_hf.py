@@ -398,10 +398,19 @@ def llama_blocks(cfg: Config, get, norm_offset: float = 0.0, dtype=None, mesh=No
     return Blocks(**parts)
 
 
+def fused_rows(cfg: Config) -> dict[str, slice]:
+    """The row blocks of Phi-3's fused weights (Hugging Face's `qkv_proj` / `gate_up_proj`, GGUF's `attn_qkv` /
+    `ffn_up`): `q | k | v` and `gate | up` (the gate first, as transformers' Phi3MLP and llama.cpp's SwiGLU
+    read it)."""
+    H, K, E, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+    return {"q": slice(0, H * E), "k": slice(H * E, (H + K) * E), "v": slice((H + K) * E, (H + 2 * K) * E),
+            "gate": slice(0, M), "up": slice(M, 2 * M)}  # fmt: skip
+
+
 def _canonical(cfg: Config, w: Weights) -> Weights:
     """HF weights renamed and split into the Llama layout `llama_blocks` reads (no `model.` prefix); still read
     lazily (a fused tensor once, `_split`)."""
-    H, K, E, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+    H, E, rows = cfg.n_heads, cfg.d_head, fused_rows(cfg)
     out: dict[str, Callable[[], np.ndarray]] = {}
 
     if cfg.family == "gpt_neox":
@@ -421,13 +430,11 @@ def _canonical(cfg: Config, w: Weights) -> Weights:
         return Weights(out)
     for key in w:
         k = key.removeprefix("model.")
-        if k.endswith("self_attn.qkv_proj.weight"):  # Phi-3: rows [q (H*E) | k (K*E) | v (K*E)]
-            split = [lambda v, i=i: np.split(v, [H * E, (H + K) * E])[i] for i in range(3)]
-            for name, get in zip("qkv", _split(w.reader(key), split)):
-                out[k.replace("qkv_proj", f"{name}_proj")] = get
-        elif k.endswith("mlp.gate_up_proj.weight"):  # Phi-3: rows [gate (M) | up (M)]
-            gate, up = _split(w.reader(key), [lambda v: v[:M], lambda v: v[M:]])
-            out[k.replace("gate_up_proj", "gate_proj")], out[k.replace("gate_up_proj", "up_proj")] = gate, up
+        if k.endswith(("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")):  # Phi-3's fused weights
+            fused, parts = ("qkv_proj", "qkv") if "qkv" in k else ("gate_up_proj", ("gate", "up"))
+            split = [lambda v, n=n: v[rows[n]] for n in parts]
+            for name, get in zip(parts, _split(w.reader(key), split)):
+                out[k.replace(fused, f"{name}_proj")] = get
         else:
             out[k] = w.reader(key)
     return Weights(out)
