@@ -433,10 +433,14 @@ class Stacked(eqx.Module):
     def out_sites(self) -> list[str]:
         return list(dict.fromkeys(s for _, s in self.sites))
 
-    def member(self, i: int, members: SAE | None = None) -> SAE:
-        """Member i (of `members`, default this stack's), with its own k and sites."""
-        one = jax.tree.map(lambda a: a[i], self.members if members is None else members)
-        return dataclasses.replace(one, k=self.ks[i], in_site=self.sites[i][0], out_site=self.sites[i][1])
+    def slot(self, i: int) -> SAE:
+        """Member i's arrays as stored, with the stack's k and sites (one tree structure for every slot, which
+        the optimiser states of the members share)."""
+        return jax.tree.map(lambda a: a[i], self.members)
+
+    def member(self, i: int) -> SAE:
+        """Member i, with its own k and sites."""
+        return dataclasses.replace(self.slot(i), k=self.ks[i], in_site=self.sites[i][0], out_site=self.sites[i][1])
 
     def unstack(self) -> list[SAE]:
         """The N dictionaries, each with its own k and sites."""

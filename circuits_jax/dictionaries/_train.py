@@ -127,7 +127,7 @@ def init_state(d, cfg: TrainConfig) -> TrainState:
     """A fresh train state; for `Stacked` dictionaries, one optimiser state per member (a leading axis)."""
     init = optimizer(cfg).init
     if isinstance(d, Stacked):  # one optimiser state per member, stacked
-        parts = [jax.tree.map(lambda a: a[i], d.members) for i in range(d.n)]
+        parts = [d.slot(i) for i in range(d.n)]
         opt_state = jax.tree.map(lambda *a: jnp.stack(a), *[init(eqx.filter(m, trainable(m))) for m in parts])
     else:
         opt_state = init(eqx.filter(d, trainable(d)))
@@ -172,7 +172,7 @@ def make_step(cfg: TrainConfig) -> Callable[[TrainState, Any, Any], tuple[TrainS
         outs = []
         for i in range(d.n):
             xi, yi = (x[i], y[i]) if d.own_inputs else (x, y)
-            mine = TrainState(at(d.members, i), at(state.opt_state, i), state.since_fired[i], state.step)
+            mine = TrainState(d.slot(i), at(state.opt_state, i), state.since_fired[i], state.step)
             outs.append(one(mine, xi, yi, d.l1s[i], d.ks[i]))
         news = [o[0] for o in outs]
         members = dataclasses.replace(d, members=stack(*[n.dictionary for n in news]))
