@@ -31,7 +31,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from ..models import read_json
+from ..models import atomic_path, read_json, write_text
 from ._sae import SAE
 
 FORMATS = (
@@ -59,6 +59,19 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         return {k: np.asarray(v, np.float32) for k, v in load_file(str(path)).items()}
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _write(path, weights: dict[str, np.ndarray], name: str, cfg: dict, indent=None) -> Path:
+    """A folder of one safetensors file and `cfg.json`, each written whole (a temporary name, then a rename), as
+    every file the project writes."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / name) as tmp:
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()}, str(tmp))
+    write_text(path / "cfg.json", json.dumps(cfg, indent=indent))
+    return path
 
 
 def _need(arrays: dict, keys, where: Path, fmt: str) -> None:
@@ -147,8 +160,6 @@ def _unscaled(d: SAE) -> tuple[np.ndarray, ...]:
 def save_saelens(d: SAE, path, *, model_name: str = "") -> Path:
     """Write `d` as SAELens saves an inference SAE (`SAE.load_from_disk` reads it). Our batchtopk and matryoshka
     run as JumpReLU at inference, which is how SAELens stores its own; a topk transcoder has no SAELens form."""
-    from safetensors.numpy import save_file
-
     if not isinstance(d, SAE):
         raise TypeError(f"save_saelens writes an SAE or per-layer transcoder, got {type(d).__name__}")
     transcoder, skip = d.is_transcoder or d.W_skip is not None, d.W_skip is not None
@@ -180,11 +191,7 @@ def save_saelens(d: SAE, path, *, model_name: str = "") -> Path:
         cfg["d_out"] = int(W_dec.shape[1])
     if d.arch == "topk":
         cfg.update(k=d.k, rescale_acts_by_decoder_norm=False)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path / "sae_weights.safetensors"))
-    (path / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    return path
+    return _write(path, weights, "sae_weights.safetensors", cfg, indent=1)
 
 
 # ---------------------------------------------------------------- EleutherAI sparsify
@@ -217,8 +224,6 @@ def read_sparsify(path: Path, *, site: str | None = None, out_site: str | None =
 
 def save_sparsify(d: SAE, path) -> Path:
     """Write a topk `d` as sparsify's `SparseCoder.save_to_disk` does (`SparseCoder.load_from_disk` reads it)."""
-    from safetensors.numpy import save_file
-
     if not isinstance(d, SAE) or d.arch != "topk":
         raise NotImplementedError(f"sparsify stores TopK dictionaries only; this one is {getattr(d, 'arch', d)!r}")
     W_enc, b_enc, W_dec, b_dec, _ = _unscaled(d)
@@ -233,11 +238,7 @@ def save_sparsify(d: SAE, path) -> Path:
     cfg = {"activation": "topk", "expansion_factor": max(1, d.width // W_enc.shape[0]), "normalize_decoder": True,
            "num_latents": d.width, "k": d.k, "multi_topk": False, "skip_connection": d.W_skip is not None,
            "transcode": transcode, "d_in": int(W_enc.shape[0])}  # fmt: skip
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path / "sae.safetensors"))
-    (path / "cfg.json").write_text(json.dumps(cfg))
-    return path
+    return _write(path, weights, "sae.safetensors", cfg)
 
 
 # ---------------------------------------------------------------- Gemma Scope 2, circuit-tracer
