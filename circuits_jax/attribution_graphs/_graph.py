@@ -183,12 +183,13 @@ def _targets(model: Transformer, tokens: np.ndarray, logits_last: np.ndarray, ta
     ids [K] (-1 for a target that is not one token), labels, weights [K] (summing to 1 where they are
     probabilities), values [K])`. `target`: None (the top logits covering `logit_mass`), a token id, a pair of
     token ids (the logit difference), or a `[D]` direction."""
-    W_U = np.asarray(model.W_U, np.float64)
+    D, V = model.W_U.shape
     dm = logits_last - logits_last.mean()
-    V, D = W_U.shape[1], W_U.shape[0]
+    cols = lambda ids: np.asarray(model.W_U[:, np.asarray(ids)], np.float64).T  # noqa: E731  the columns asked for only
+    mean = lambda: np.asarray(jnp.mean(model.W_U.astype(jnp.float32), 1), np.float64)[None]  # noqa: E731
     if target is None:
         ids, probs = _logit_targets(logits_last, logit_mass, max_logits)
-        dirs = W_U[:, ids].T - W_U.mean(1)[None]
+        dirs = cols(ids) - mean()
         return dirs, np.asarray(ids, np.int64), [decode(int(t)) for t in ids], probs[ids], dm[ids]
     if isinstance(target, (int, np.integer)) or (isinstance(target, tuple) and len(target) == 2):
         pair = target if isinstance(target, tuple) else (int(target),)
@@ -197,10 +198,9 @@ def _targets(model: Transformer, tokens: np.ndarray, logits_last: np.ndarray, ta
             raise ValueError(f"target token ids {bad} are outside the vocabulary of {V}")
         if len(pair) == 1:
             t = pair[0]
-            return (W_U[:, [t]].T - W_U.mean(1)[None], np.asarray([t], np.int64), [decode(int(t))], np.ones(1),
-                    dm[[t]])  # fmt: skip
+            return cols([t]) - mean(), np.asarray([t], np.int64), [decode(int(t))], np.ones(1), dm[[t]]
         a, b = pair
-        return ((W_U[:, a] - W_U[:, b])[None], np.asarray([-1], np.int64), [f"{decode(int(a))} - {decode(int(b))}"],
+        return (cols([a]) - cols([b]), np.asarray([-1], np.int64), [f"{decode(int(a))} - {decode(int(b))}"],
                 np.ones(1), np.asarray([logits_last[a] - logits_last[b]]))  # fmt: skip
     v = np.asarray(target, np.float64)
     if v.shape != (D,):
